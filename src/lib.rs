@@ -1,0 +1,12 @@
+//! lorafold: LoRA adapters for Hugging Face decoder-only models, trained with DPO on candle.
+//!
+//! The base model is loaded once. With an adapter slot switched on it is the policy; with all
+//! adapters off it is the frozen DPO reference.
+
+pub mod error;
+pub mod hub;
+pub mod lora;
+pub mod model;
+pub mod rng;
+
+pub use error::{Error, Result};

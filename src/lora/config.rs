@@ -1,0 +1,235 @@
+//! `adapter_config.json` as PEFT writes it, and target-module selection with PEFT's semantics.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{read_json, Error, Result};
+use crate::model::config::LINEAR_MODULES;
+
+/// `target_modules`: one string (a regex matched against the whole module path, or the keywords
+/// `all-linear` / `ALL`), or a list of module names matched as path suffixes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    Pattern(String),
+    Modules(Vec<String>),
+}
+
+impl TargetModules {
+    /// Every linear layer of the decoder blocks (`all-linear`; ms-swift calls it `ALL`).
+    pub fn all_linear() -> Self {
+        TargetModules::Pattern("all-linear".into())
+    }
+
+    /// Parse a command-line value: `ALL`/`all-linear`, a comma-separated list, or a regex.
+    pub fn parse_cli(values: &[String]) -> Self {
+        let parts: Vec<String> = values
+            .iter()
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if parts.len() == 1 {
+            let p = &parts[0];
+            if is_all_keyword(p) {
+                return Self::all_linear();
+            }
+            if LINEAR_MODULES.contains(&p.as_str()) {
+                return TargetModules::Modules(parts);
+            }
+            return TargetModules::Pattern(p.clone());
+        }
+        if parts.iter().any(|p| is_all_keyword(p)) {
+            return Self::all_linear();
+        }
+        TargetModules::Modules(parts)
+    }
+
+    /// A compiled matcher; a bad regex is an error naming it.
+    pub fn matcher(&self) -> Result<TargetMatcher> {
+        Ok(match self {
+            TargetModules::Pattern(p) if is_all_keyword(p) => TargetMatcher::All,
+            TargetModules::Pattern(p) => {
+                let re = regex::Regex::new(&format!("^(?:{p})$"))
+                    .map_err(|e| Error::Msg(format!("target_modules: invalid regex {p:?}: {e}")))?;
+                TargetMatcher::Regex(re)
+            }
+            TargetModules::Modules(list) => {
+                if list.iter().any(|m| is_all_keyword(m)) {
+                    TargetMatcher::All
+                } else {
+                    TargetMatcher::Suffix(list.clone())
+                }
+            }
+        })
+    }
+
+    /// The short module names (q_proj, ...) that this selection hits in a decoder.
+    pub fn resolved_names(&self, num_layers: usize) -> Result<Vec<String>> {
+        let m = self.matcher()?;
+        Ok(LINEAR_MODULES
+            .iter()
+            .filter(|name| (0..num_layers).any(|l| m.matches(&crate::model::config::module_path(l, name))))
+            .map(|s| s.to_string())
+            .collect())
+    }
+}
+
+fn is_all_keyword(s: &str) -> bool {
+    s.eq_ignore_ascii_case("all-linear") || s.eq_ignore_ascii_case("all_linear") || s == "ALL"
+}
+
+pub enum TargetMatcher {
+    All,
+    Regex(regex::Regex),
+    Suffix(Vec<String>),
+}
+
+impl TargetMatcher {
+    /// Does the module at `path` (e.g. `model.layers.0.self_attn.q_proj`) get an adapter?
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            TargetMatcher::All => true,
+            TargetMatcher::Regex(re) => re.is_match(path),
+            TargetMatcher::Suffix(list) => list
+                .iter()
+                .any(|t| path == t || path.ends_with(&format!(".{t}"))),
+        }
+    }
+}
+
+/// The fields of PEFT's LoraConfig that lorafold reads and writes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoraConfig {
+    #[serde(default = "default_peft_type")]
+    pub peft_type: String,
+    #[serde(default)]
+    pub task_type: Option<String>,
+    pub r: usize,
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    pub target_modules: Option<TargetModules>,
+    #[serde(default = "default_bias")]
+    pub bias: String,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    pub inference_mode: bool,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub layers_to_transform: Option<Value>,
+    #[serde(default)]
+    pub revision: Option<String>,
+}
+
+fn default_peft_type() -> String {
+    "LORA".into()
+}
+fn default_bias() -> String {
+    "none".into()
+}
+
+impl LoraConfig {
+    pub fn new(r: usize, lora_alpha: f64, lora_dropout: f64, target_modules: TargetModules) -> Self {
+        LoraConfig {
+            peft_type: default_peft_type(),
+            task_type: Some("CAUSAL_LM".into()),
+            r,
+            lora_alpha,
+            lora_dropout,
+            target_modules: Some(target_modules),
+            bias: default_bias(),
+            use_rslora: false,
+            use_dora: false,
+            fan_in_fan_out: false,
+            base_model_name_or_path: None,
+            inference_mode: true,
+            modules_to_save: None,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            layers_to_transform: None,
+            revision: None,
+        }
+    }
+
+    /// Read and check an adapter_config.json; options lorafold cannot honour are errors.
+    pub fn from_file(path: &Path) -> Result<LoraConfig> {
+        let cfg: LoraConfig = read_json(path)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |key: &str, msg: String| Error::Config {
+            path: path.into(),
+            key: key.into(),
+            msg,
+        };
+        if self.peft_type != "LORA" {
+            return Err(bad("peft_type", format!("{:?} is not supported (LORA only)", self.peft_type)));
+        }
+        if self.r == 0 {
+            return Err(bad("r", "must be positive".into()));
+        }
+        if self.use_dora {
+            return Err(bad("use_dora", "DoRA adapters are not supported".into()));
+        }
+        if self.fan_in_fan_out {
+            return Err(bad("fan_in_fan_out", "true is not supported (Conv1D models)".into()));
+        }
+        if self.bias != "none" {
+            return Err(bad("bias", format!("{:?} is not supported (\"none\" only)", self.bias)));
+        }
+        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+            return Err(bad("modules_to_save", "fully trained extra modules are not supported".into()));
+        }
+        if self.layers_to_transform.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(bad("layers_to_transform", "is not supported".into()));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(bad("lora_dropout", format!("{} is outside [0, 1)", self.lora_dropout)));
+        }
+        if let Some(t) = &self.target_modules {
+            t.matcher().map_err(|e| bad("target_modules", e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The LoRA scale for a module of rank `r` (alpha/r, or alpha/sqrt(r) with rsLoRA), honouring
+    /// `alpha_pattern` the way PEFT does (a key matches the module path or a dotted suffix of it).
+    pub fn scale_for(&self, module_path: &str, r: usize) -> f64 {
+        let alpha = pattern_lookup(&self.alpha_pattern, module_path).unwrap_or(self.lora_alpha);
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+
+    /// The rank for a module, honouring `rank_pattern`.
+    pub fn rank_for(&self, module_path: &str) -> usize {
+        pattern_lookup(&self.rank_pattern, module_path).unwrap_or(self.r)
+    }
+}
+
+fn pattern_lookup<V: Copy>(patterns: &BTreeMap<String, V>, module_path: &str) -> Option<V> {
+    patterns.iter().find_map(|(pat, v)| {
+        let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{pat})$")).ok()?;
+        re.is_match(module_path).then_some(*v)
+    })
+}

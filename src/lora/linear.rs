@@ -1,0 +1,150 @@
+//! `LoraLinear`: a frozen base linear layer plus any number of LoRA adapter slots, of which the
+//! forward context selects at most one.
+//!
+//! y = x Wᵀ (+ bias) + scale · dropout(x) Aᵀ Bᵀ, with A [r, in] and B [out, r] kept in f32.
+
+use candle_core::{DType, Result, Tensor};
+
+use crate::rng::Rng;
+
+/// Which adapter (if any) is active for a forward pass, and whether adapter dropout applies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fwd {
+    /// Adapter slot to apply; `None` runs the bare base model (the DPO reference).
+    pub adapter: Option<usize>,
+    /// Seed for LoRA dropout masks; `None` disables dropout (evaluation).
+    pub dropout_seed: Option<u64>,
+}
+
+impl Fwd {
+    /// The base model with every adapter off.
+    pub fn base() -> Fwd {
+        Fwd::default()
+    }
+
+    /// Adapter `slot` on, no dropout.
+    pub fn eval(slot: usize) -> Fwd {
+        Fwd {
+            adapter: Some(slot),
+            dropout_seed: None,
+        }
+    }
+
+    /// Adapter `slot` on, dropout masks drawn from `seed`.
+    pub fn train(slot: usize, seed: u64) -> Fwd {
+        Fwd {
+            adapter: Some(slot),
+            dropout_seed: Some(seed),
+        }
+    }
+}
+
+/// One low-rank adapter on one linear layer.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// [r, in], f32. Backed by a `Var` when trainable.
+    pub a: Tensor,
+    /// [out, r], f32. Backed by a `Var` when trainable.
+    pub b: Tensor,
+    pub scale: f64,
+    pub dropout: f32,
+}
+
+impl LoraAdapter {
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+
+    /// ΔW = scale · B A, [out, in], f32.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        self.b.matmul(&self.a)? * self.scale
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    /// Module path in the checkpoint, e.g. `model.layers.0.self_attn.q_proj`.
+    pub path: String,
+    /// Index of this layer in the model, used to derive its dropout stream.
+    pub index: usize,
+    /// Frozen [out, in] weight in the base dtype; a plain tensor, never a `Var`.
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    /// Adapters by slot; `None` where the slot does not target this layer.
+    pub adapters: Vec<Option<LoraAdapter>>,
+}
+
+impl LoraLinear {
+    pub fn new(path: String, index: usize, weight: Tensor, bias: Option<Tensor>) -> Self {
+        LoraLinear {
+            path,
+            index,
+            weight,
+            bias,
+            adapters: Vec::new(),
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// Put `adapter` into `slot` (growing the slot list as needed).
+    pub fn set_adapter(&mut self, slot: usize, adapter: Option<LoraAdapter>) {
+        if self.adapters.len() <= slot {
+            self.adapters.resize(slot + 1, None);
+        }
+        self.adapters[slot] = adapter;
+    }
+
+    pub fn adapter(&self, slot: usize) -> Option<&LoraAdapter> {
+        self.adapters.get(slot).and_then(|a| a.as_ref())
+    }
+
+    /// x [..., in] -> [..., out].
+    pub fn forward(&self, x: &Tensor, ctx: &Fwd) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_f = self.in_features();
+        let n: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((n, in_f))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(ad) = ctx.adapter.and_then(|s| self.adapter(s)) {
+            let mut xa = x2.to_dtype(DType::F32)?;
+            if let (Some(seed), true) = (ctx.dropout_seed, ad.dropout > 0.0) {
+                xa = (xa * dropout_mask(n, in_f, ad.dropout, seed, self.index, x.device())?)?;
+            }
+            let h = xa.matmul(&ad.a.t()?)?.matmul(&ad.b.t()?)?;
+            let h = (h * ad.scale)?.to_dtype(y.dtype())?;
+            y = (y + h)?;
+        }
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.out_features();
+        }
+        y.reshape(out_dims)
+    }
+}
+
+/// Inverted-dropout mask [n, d] with entries 0 or 1/(1-p), reproducible from (seed, layer).
+fn dropout_mask(
+    n: usize,
+    d: usize,
+    p: f32,
+    seed: u64,
+    layer: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let mut rng = Rng::stream(seed, layer as u64 + 1);
+    let keep = 1.0 / (1.0 - p);
+    let v: Vec<f32> = (0..n * d)
+        .map(|_| if rng.next_f32() < p { 0.0 } else { keep })
+        .collect();
+    Tensor::from_vec(v, (n, d), device)
+}

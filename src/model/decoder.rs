@@ -1,0 +1,338 @@
+//! One generic pre-norm decoder for the Llama, Mistral, Qwen2 and Qwen3 families. Every linear
+//! layer is a [`LoraLinear`]; the adapter slot selected in [`Fwd`] is applied, or none (the
+//! frozen reference). The base weights exist once.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::{module_path, ModelConfig, LINEAR_MODULES};
+use super::ops::{apply_rope, rms_norm, softmax_last_dim, Rope, MASK_VALUE};
+use super::weights::WeightSource;
+use crate::error::{Error, Result};
+use crate::lora::linear::{Fwd, LoraLinear};
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: LoraLinear,
+    k: LoraLinear,
+    v: LoraLinear,
+    o: LoraLinear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    sliding_window: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: LoraLinear,
+    up: LoraLinear,
+    down: LoraLinear,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn linears(&self) -> [&LoraLinear; 7] {
+        let (a, m) = (&self.attn, &self.mlp);
+        [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
+    }
+
+    fn linears_mut(&mut self) -> [&mut LoraLinear; 7] {
+        let (a, m) = (&mut self.attn, &mut self.mlp);
+        [&mut a.q, &mut a.k, &mut a.v, &mut a.o, &mut m.gate, &mut m.up, &mut m.down]
+    }
+}
+
+/// A loaded decoder-only causal LM.
+pub struct Model {
+    pub cfg: ModelConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+/// Load options.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+        }
+    }
+}
+
+impl Model {
+    /// Load config.json and the safetensors weights of a model folder.
+    pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Model> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let files = WeightSource::files_in(dir)?;
+        let ws = WeightSource::open(&files)?;
+        Self::load(cfg, &ws, opts)
+    }
+
+    pub fn load(cfg: ModelConfig, ws: &WeightSource, opts: &LoadOptions) -> Result<Model> {
+        let (dt, dev) = (opts.dtype, &opts.device);
+        let h = cfg.hidden_size;
+        let embed = ws.load("model.embed_tokens.weight", &[cfg.vocab_size, h], dt, dev)?;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let linear = |m: &str, bias: bool| -> Result<LoraLinear> {
+                let path = module_path(l, m);
+                let (i, o) = cfg.linear_shape(m).ok_or_else(|| Error::Msg(format!("unknown module {m}")))?;
+                let w = ws.load(&format!("{path}.weight"), &[o, i], dt, dev)?;
+                let b = if bias {
+                    Some(ws.load(&format!("{path}.bias"), &[o], dt, dev)?)
+                } else {
+                    None
+                };
+                let idx = l * LINEAR_MODULES.len() + LINEAR_MODULES.iter().position(|x| *x == m).unwrap_or(0);
+                Ok(LoraLinear::new(path, idx, w, b))
+            };
+            let norm_w = |name: &str, size: usize| ws.load(&format!("{p}.{name}.weight"), &[size], dt, dev);
+            let attn = Attention {
+                q: linear("q_proj", cfg.qkv_bias)?,
+                k: linear("k_proj", cfg.qkv_bias)?,
+                v: linear("v_proj", cfg.qkv_bias)?,
+                o: linear("o_proj", cfg.o_bias)?,
+                q_norm: if cfg.qk_norm { Some(norm_w("self_attn.q_norm", cfg.head_dim)?) } else { None },
+                k_norm: if cfg.qk_norm { Some(norm_w("self_attn.k_norm", cfg.head_dim)?) } else { None },
+                sliding_window: cfg.sliding_window.get(l).copied().flatten(),
+            };
+            let mlp = Mlp {
+                gate: linear("gate_proj", cfg.mlp_bias)?,
+                up: linear("up_proj", cfg.mlp_bias)?,
+                down: linear("down_proj", cfg.mlp_bias)?,
+            };
+            blocks.push(Block {
+                input_norm: norm_w("input_layernorm", h)?,
+                attn,
+                post_norm: norm_w("post_attention_layernorm", h)?,
+                mlp,
+            });
+        }
+        let norm = ws.load("model.norm.weight", &[h], dt, dev)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            ws.load("lm_head.weight", &[cfg.vocab_size, h], dt, dev)?
+        };
+        let rope = Rope::new(&cfg);
+        Ok(Model {
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+            dtype: dt,
+            device: dev.clone(),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Every linear layer, in layer order and PEFT's module order.
+    pub fn linears(&self) -> impl Iterator<Item = &LoraLinear> {
+        self.blocks.iter().flat_map(|b| b.linears())
+    }
+
+    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut LoraLinear> {
+        self.blocks.iter_mut().flat_map(|b| b.linears_mut())
+    }
+
+    /// Frozen base tensors by checkpoint name (tied lm_head not repeated).
+    pub fn base_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (l, b) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            out.push((format!("{p}.input_layernorm.weight"), b.input_norm.clone()));
+            out.push((format!("{p}.post_attention_layernorm.weight"), b.post_norm.clone()));
+            if let Some(n) = &b.attn.q_norm {
+                out.push((format!("{p}.self_attn.q_norm.weight"), n.clone()));
+            }
+            if let Some(n) = &b.attn.k_norm {
+                out.push((format!("{p}.self_attn.k_norm.weight"), n.clone()));
+            }
+            for lin in b.linears() {
+                out.push((format!("{}.weight", lin.path), lin.weight.clone()));
+                if let Some(bias) = &lin.bias {
+                    out.push((format!("{}.bias", lin.path), bias.clone()));
+                }
+            }
+        }
+        out.push(("model.norm.weight".into(), self.norm.clone()));
+        if !self.cfg.tie_word_embeddings {
+            out.push(("lm_head.weight".into(), self.lm_head.clone()));
+        }
+        out
+    }
+
+    /// Hidden states after the final norm for every position: [B, T, H].
+    ///
+    /// `input_ids` [B, T] (u32); `attention_mask` [B, T] with 1 for real tokens and 0 for padding
+    /// (any numeric dtype), or `None` when no row is padded. Positions are 0..T for every row.
+    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, ctx: &Fwd) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let mut x = self.embed.index_select(&ids, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let (cos, sin) = self.rope.tables(0, t, self.dtype, &self.device)?;
+        let pad = match attention_mask {
+            Some(m) => Some(padding_mask(m)?),
+            None => None,
+        };
+        let mut causal_cache: Vec<(Option<usize>, Tensor)> = Vec::new();
+        for block in &self.blocks {
+            let w = block.attn.sliding_window;
+            let causal = match causal_cache.iter().find(|(k, _)| *k == w) {
+                Some((_, m)) => m.clone(),
+                None => {
+                    let m = causal_mask(t, w, &self.device)?;
+                    causal_cache.push((w, m.clone()));
+                    m
+                }
+            };
+            x = self.block_forward(block, &x, &cos, &sin, &causal, pad.as_ref(), ctx)?;
+        }
+        Ok(rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        causal: &Tensor,
+        pad: Option<&Tensor>,
+        ctx: &Fwd,
+    ) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        let h = rms_norm(x, &block.input_norm, eps)?;
+        let a = self.attention(&block.attn, &h, cos, sin, causal, pad, ctx)?;
+        let x = (x + a)?;
+        let h = rms_norm(&x, &block.post_norm, eps)?;
+        let m = &block.mlp;
+        let g = m.gate.forward(&h, ctx)?.silu()?;
+        let u = m.up.forward(&h, ctx)?;
+        let d = m.down.forward(&(g * u)?, ctx)?;
+        Ok((x + d)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        causal: &Tensor,
+        pad: Option<&Tensor>,
+        ctx: &Fwd,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let eps = self.cfg.rms_norm_eps;
+        let heads = |y: Tensor, n: usize, norm: &Option<Tensor>| -> Result<Tensor> {
+            let mut y = y.reshape((b, t, n, hd))?;
+            if let Some(w) = norm {
+                y = rms_norm(&y, w, eps)?;
+            }
+            Ok(y.transpose(1, 2)?)
+        };
+        let q = heads(attn.q.forward(x, ctx)?, nh, &attn.q_norm)?;
+        let k = heads(attn.k.forward(x, ctx)?, nkv, &attn.k_norm)?;
+        let v = heads(attn.v.forward(x, ctx)?, nkv, &None)?.contiguous()?;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
+        // Grouped-query attention without repeating K/V: fold the query heads that share a K/V
+        // head into the sequence axis, [B, nkv, rep*T, hd].
+        let rep = nh / nkv;
+        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, rep * t, hd))?;
+        let scores = q.matmul(&k.t()?.contiguous()?)?.reshape((b, nh, t, t))?;
+        let mut scores = scores.to_dtype(DType::F32)?.broadcast_add(causal)?;
+        if let Some(p) = pad {
+            scores = scores.broadcast_add(p)?;
+        }
+        let probs = softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        let probs = probs.reshape((b, nkv, rep * t, t))?;
+        let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
+        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        Ok(attn.o.forward(&out, ctx)?)
+    }
+
+    /// Logits for every position: hidden [B, T, H] -> [B, T, V] (model dtype).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.broadcast_matmul(&self.lm_head.t()?)?)
+    }
+
+    /// Logits at selected flat positions only: hidden [B, T, H], `positions` u32 indices into
+    /// the B*T flattened positions -> [N, V]. The vocabulary projection is the widest matmul, so
+    /// training computes it only where a token is scored.
+    pub fn logits_at(&self, hidden: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let (b, t, h) = hidden.dims3()?;
+        let rows = hidden.reshape((b * t, h))?.index_select(positions, 0)?;
+        Ok(rows.matmul(&self.lm_head.t()?)?)
+    }
+
+    /// Full forward to logits [B, T, V] in f32.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, ctx: &Fwd) -> Result<Tensor> {
+        let h = self.forward_hidden(input_ids, attention_mask, ctx)?;
+        Ok(self.logits(&h)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// Additive causal mask [T, T] (f32): 0 where key j may be seen from query i, i.e. j <= i and,
+/// with a sliding window w, i - j < w.
+fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+    let mut m = vec![0f32; t * t];
+    for i in 0..t {
+        for j in 0..t {
+            let visible = j <= i && window.is_none_or(|w| i - j < w);
+            if !visible {
+                m[i * t + j] = MASK_VALUE;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (1, 1, t, t), device)?)
+}
+
+/// Additive padding mask [B, 1, 1, T] (f32) from a 0/1 attention mask [B, T].
+fn padding_mask(mask: &Tensor) -> Result<Tensor> {
+    let (b, t) = mask.dims2()?;
+    let m = mask.to_dtype(DType::F32)?;
+    let add = ((m - 1.0)? * (-(MASK_VALUE as f64)))?;
+    Ok(add.reshape((b, 1, 1, t))?)
+}
+
+/// Gather per-token log-probs of `labels` from logits: logits [N, V] (any float dtype),
+/// labels [N] (u32) -> [N] f32.
+pub fn token_logps(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let lp = super::ops::log_softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+    let idx = labels.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?;
+    Ok(lp.gather(&idx, D::Minus1)?.squeeze(D::Minus1)?)
+}

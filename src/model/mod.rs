@@ -1,0 +1,16 @@
+//! The decoder: config, differentiable ops, weights, and the model itself.
+
+pub mod config;
+pub mod decoder;
+pub mod ops;
+pub mod weights;
+
+pub use config::{Arch, ModelConfig};
+pub use decoder::{token_logps, LoadOptions, Model};
+
+impl Model {
+    /// Number of adapter slots in use (the next free slot index).
+    pub fn num_adapter_slots(&self) -> usize {
+        self.linears().map(|l| l.adapters.len()).max().unwrap_or(0)
+    }
+}

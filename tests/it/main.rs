@@ -1,0 +1,9 @@
+//! lorafold's integration tests: one binary, modules by area, shared fixtures.
+//!
+//! Golden values come from `tests/golden/generate.py` (transformers + peft); see its docstring.
+
+mod adapters;
+mod common;
+mod errors;
+mod golden;
+mod hub;
