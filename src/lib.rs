@@ -3,10 +3,14 @@
 //! The base model is loaded once. With an adapter slot switched on it is the policy; with all
 //! adapters off it is the frozen DPO reference.
 
+pub mod data;
+pub mod dpo;
 pub mod error;
 pub mod hub;
 pub mod lora;
 pub mod model;
+pub mod recipe;
 pub mod rng;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -4,6 +4,9 @@
 
 mod adapters;
 mod common;
+mod data;
 mod errors;
 mod golden;
 mod hub;
+mod losses;
+mod train;

@@ -1,0 +1,3 @@
+//! DPO: per-sequence log-probs, loss functions, metrics.
+
+pub mod loss;
