@@ -1,12 +1,18 @@
 //! Command-line definitions. Flags use ms-swift's names; each accepts both the underscore and the
-//! dash spelling.
+//! dash spelling (`--max_length` and `--max-length`).
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use lorafold::recipe::DpoOptions;
 
 #[derive(Debug, Parser)]
-#[command(name = "lorafold", version, about = "Train LoRA adapters with DPO, merge them, and run inference")]
+#[command(
+    name = "lorafold",
+    version,
+    about = "Train LoRA adapters with DPO, merge them, and run inference",
+    after_help = "Every flag accepts both spellings: --max_length and --max-length."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -22,7 +28,7 @@ pub enum Command {
     Merge(MergeArgs),
     /// Generate text with a model, optionally with an adapter.
     Infer(InferArgs),
-    /// Print a model's architecture, sizes and the adapter it would get.
+    /// Print a model's architecture and sizes, and check an adapter against it.
     Inspect(InspectArgs),
 }
 
@@ -30,7 +36,7 @@ pub enum Command {
 pub struct ModelArgs {
     /// Model: a local folder laid out like a hub snapshot, or a hub id such as
     /// Qwen/Qwen2.5-0.5B-Instruct (resolved through HF_HOME; HF_ENDPOINT and HF_HUB_OFFLINE apply).
-    #[arg(long, alias = "model_id_or_path", alias = "model-id-or-path")]
+    #[arg(long, alias = "model-id-or-path")]
     pub model: String,
     /// Hub revision (branch, tag or commit).
     #[arg(long)]
@@ -39,15 +45,29 @@ pub struct ModelArgs {
 
 #[derive(Debug, Args)]
 pub struct DpoArgs {
-    /// YAML recipe; flags given on the command line override its keys.
+    /// YAML recipe (see recipes/); flags given on the command line override its keys.
     #[arg(long)]
     pub recipe: Option<PathBuf>,
+    /// Only print the resolved settings as YAML, do not train.
+    #[arg(long)]
+    pub print_settings: bool,
+    #[command(flatten)]
+    pub options: DpoOptions,
 }
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
+    /// YAML recipe; flags override its keys. Training keys are ignored.
+    #[arg(long)]
+    pub recipe: Option<PathBuf>,
+    /// Print one JSON object with TRL's metric names instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Write per-pair log-probs and rewards to this JSONL file.
+    #[arg(long)]
+    pub per_pair: Option<PathBuf>,
     #[command(flatten)]
-    pub model: ModelArgs,
+    pub options: DpoOptions,
 }
 
 #[derive(Debug, Args)]

@@ -6,9 +6,10 @@ mod cli;
 
 use cli::{Cli, Command};
 use lorafold::model::{LoadOptions, Model};
+use lorafold::recipe::{normalize_flag_spelling, DpoOptions, Settings};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(normalize_flag_spelling(std::env::args()));
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -21,11 +22,71 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect(args),
-        Command::Dpo(_) => anyhow::bail!("`lorafold dpo` is not implemented yet"),
-        Command::Eval(_) => anyhow::bail!("`lorafold eval` is not implemented yet"),
+        Command::Dpo(args) => dpo(args),
+        Command::Eval(args) => eval(args),
         Command::Merge(_) => anyhow::bail!("`lorafold merge` is not implemented yet"),
         Command::Infer(_) => anyhow::bail!("`lorafold infer` is not implemented yet"),
     }
+}
+
+/// Recipe (if any) overlaid with the flags given, resolved into settings.
+fn settings(recipe: Option<&std::path::Path>, flags: &DpoOptions) -> anyhow::Result<Settings> {
+    let base = match recipe {
+        Some(p) => DpoOptions::from_yaml_file(p)?,
+        None => DpoOptions::default(),
+    };
+    Ok(base.overlay(flags)?.resolve()?)
+}
+
+fn dpo(args: cli::DpoArgs) -> anyhow::Result<()> {
+    let s = settings(args.recipe.as_deref(), &args.options)?;
+    if args.print_settings {
+        print!("{}", serde_yaml::to_string(&s)?);
+        return Ok(());
+    }
+    let t0 = std::time::Instant::now();
+    let summary = lorafold::train::run::run_dpo(&s, false)?;
+    let o = &summary.outcome;
+    eprintln!(
+        "trained {} steps on {} pairs in {:.1}s; adapter written to {}",
+        o.last_step,
+        summary.train_pairs,
+        t0.elapsed().as_secs_f64(),
+        summary.output_dir.display()
+    );
+    if let Some((step, e)) = o.evals.last() {
+        eprintln!(
+            "eval at step {step}: loss {:.4}, reward accuracy {:.3}, margin {:.4}",
+            e.get("eval_loss").copied().unwrap_or(f64::NAN),
+            e.get("eval_rewards/accuracies").copied().unwrap_or(f64::NAN),
+            e.get("eval_rewards/margins").copied().unwrap_or(f64::NAN)
+        );
+    }
+    Ok(())
+}
+
+fn eval(args: cli::EvalArgs) -> anyhow::Result<()> {
+    let s = settings(args.recipe.as_deref(), &args.options)?;
+    let (rec, n, report) = lorafold::train::run::run_eval(&s, args.per_pair.as_deref())?;
+    let rec: std::collections::BTreeMap<String, f64> =
+        rec.into_iter().map(|(k, v)| (k.trim_start_matches("eval_").to_string(), v)).collect();
+    if args.json {
+        let mut obj = serde_json::Map::new();
+        obj.insert("pairs".into(), n.into());
+        for (k, v) in &rec {
+            obj.insert(k.clone(), serde_json::Number::from_f64(*v).map(Into::into).unwrap_or(serde_json::Value::Null));
+        }
+        println!("{}", serde_json::Value::Object(obj));
+    } else {
+        for line in report {
+            eprintln!("{line}");
+        }
+        println!("{:<22} {}", "pairs", n);
+        for (k, v) in &rec {
+            println!("{k:<22} {v:.6}");
+        }
+    }
+    Ok(())
 }
 
 fn inspect(args: cli::InspectArgs) -> anyhow::Result<()> {

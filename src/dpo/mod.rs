@@ -1,3 +1,4 @@
-//! DPO: per-sequence log-probs, loss functions, metrics.
+//! DPO: batching and per-sequence log-probs, loss functions.
 
+pub mod batch;
 pub mod loss;

@@ -1,1 +1,9 @@
-// placeholder
+//! Training: optimizer, schedules, checkpoints and the DPO trainer.
+
+pub mod checkpoint;
+pub mod metrics;
+pub mod optim;
+pub mod plot;
+pub mod run;
+pub mod schedule;
+pub mod trainer;

@@ -1,1 +1,286 @@
-// placeholder
+//! DPO training: step-for-step agreement with TRL, the ln 2 start, what changes and what does not,
+//! exact resume, and the `dpo` / `eval` commands.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use lorafold::dpo::batch::{sequence_logps, Batch, PairIds};
+use lorafold::lora::config::{LoraConfig, TargetModules};
+use lorafold::lora::io::load_adapter;
+use lorafold::lora::linear::Fwd;
+use lorafold::lora::{attach_new, LoraInit};
+use lorafold::recipe::{DpoOptions, Settings};
+use lorafold::train::trainer::{train, DpoRun, LoopConfig, RunOutput};
+use serde_json::Value;
+
+use crate::common::*;
+
+fn golden_run() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(root().join("tests/golden/dpo_run.json")).unwrap()).unwrap()
+}
+
+fn golden_pairs(g: &Value) -> Vec<PairIds> {
+    let ids = |v: &Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    g["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| PairIds { prompt: ids(&p["prompt_ids"]), chosen: ids(&p["chosen_ids"]), rejected: ids(&p["rejected_ids"]), rejected_prompt: None })
+        .collect()
+}
+
+/// Settings equal to the TRL run's.
+fn golden_settings(g: &Value) -> Settings {
+    let st = &g["settings"];
+    let f = |k: &str| st[k].as_f64().unwrap_or_else(|| panic!("settings.{k}"));
+    let u = |k: &str| st[k].as_u64().unwrap_or_else(|| panic!("settings.{k}")) as usize;
+    DpoOptions {
+        model: Some("tests/fixtures/models/qwen2".into()),
+        dataset: Some(vec!["unused".into()]),
+        beta: Some(f("beta")),
+        learning_rate: Some(f("learning_rate")),
+        lr_scheduler_type: Some(st["lr_scheduler_type"].as_str().unwrap().into()),
+        warmup_steps: Some(u("warmup_steps")),
+        weight_decay: Some(f("weight_decay")),
+        adam_beta1: Some(f("adam_beta1")),
+        adam_beta2: Some(f("adam_beta2")),
+        adam_epsilon: Some(f("adam_epsilon")),
+        max_grad_norm: Some(f("max_grad_norm")),
+        batch_size: Some(u("per_device_train_batch_size")),
+        gradient_accumulation_steps: Some(u("gradient_accumulation_steps")),
+        max_steps: Some(u("max_steps")),
+        shuffle: Some(false),
+        logging_steps: Some(1),
+        save_steps: Some(1000),
+        eval_steps: Some(1000),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap()
+}
+
+fn quiet_loop(s: &Settings, n: usize) -> LoopConfig {
+    let mut c = LoopConfig::from_settings(s, n).unwrap();
+    c.quiet = true;
+    c
+}
+
+#[test]
+fn sequence_logps_match_trl() {
+    let g = golden_run();
+    let pairs = golden_pairs(&g);
+    let want = candle_core::safetensors::load(root().join("tests/golden/dpo_run_logps.safetensors"), &Device::Cpu).unwrap();
+    let mut model = load_model("qwen2");
+    let ad = load_adapter(&mut model, &adapter_dir("qwen2_peft"), false).unwrap();
+    let batch = Batch::new(&pairs[..4].iter().collect::<Vec<_>>(), 0, &Device::Cpu).unwrap();
+    let pol = sequence_logps(&model, &batch, &Fwd::eval(ad.slot)).unwrap();
+    let rf = sequence_logps(&model, &batch, &Fwd::base()).unwrap();
+    for (got, key) in [
+        (pol.chosen(4).unwrap(), "policy_chosen_logps"),
+        (pol.rejected(4).unwrap(), "policy_rejected_logps"),
+        (rf.chosen(4).unwrap(), "ref_chosen_logps"),
+        (rf.rejected(4).unwrap(), "ref_rejected_logps"),
+    ] {
+        let err = max_abs_diff(&got, &want[key]);
+        let rel = err / max_abs(&want[key]);
+        println!("{key}: max abs error {err:.3e} (relative {rel:.3e})");
+        // Sums of up to ten f32 log-probs of magnitude ~6: 1e-5 relative to the sum.
+        assert!(rel <= 1e-5, "{key}: {err}");
+    }
+}
+
+#[test]
+fn twenty_steps_match_trl_step_for_step() {
+    let g = golden_run();
+    let pairs = golden_pairs(&g);
+    let s = golden_settings(&g);
+    let mut model = load_model("qwen2");
+    let ad = load_adapter(&mut model, &root().join(g["init_adapter"].as_str().unwrap()), true).unwrap();
+    let run = DpoRun::new(&model, Some(ad), None, &s).unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let cfg = quiet_loop(&s, pairs.len());
+    let o = train(&run, &pairs, &[], &cfg, &RunOutput { dir: out_dir.path(), base_model: "qwen2", recipe_yaml: "", resume_from: None }).unwrap();
+    let steps = g["steps"].as_array().unwrap();
+    assert_eq!(o.steps.len(), steps.len());
+    let mut worst = 0f64;
+    for (i, (ours, theirs)) in o.steps.iter().zip(steps).enumerate() {
+        let l = theirs["loss"].as_f64().unwrap();
+        let err = (ours["loss"] - l).abs();
+        worst = worst.max(err);
+        println!(
+            "step {:2}: loss {:.6} vs TRL {:.6} | grad_norm {:.5} vs {:.5} | lr {:.3e}",
+            i + 1,
+            ours["loss"],
+            l,
+            ours["grad_norm"],
+            theirs["grad_norm"].as_f64().unwrap(),
+            ours["learning_rate"]
+        );
+        assert!(err <= 1e-4, "step {}: loss {} vs TRL {l}", i + 1, ours["loss"]);
+        let gn = theirs["grad_norm"].as_f64().unwrap();
+        assert!((ours["grad_norm"] - gn).abs() <= 1e-3 * gn.max(1e-3), "step {}: grad_norm {} vs {gn}", i + 1, ours["grad_norm"]);
+        for key in ["rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"] {
+            if let Some(t) = theirs[key].as_f64() {
+                assert!((ours[key] - t).abs() <= 1e-3 * t.abs().max(1.0), "step {} {key}: {} vs {t}", i + 1, ours[key]);
+            }
+        }
+    }
+    println!("worst per-step loss error {worst:.3e}");
+    // The final adapter agrees with TRL's.
+    let want = candle_core::safetensors::load(root().join("tests/golden/dpo_run_final_adapter.safetensors"), &Device::Cpu).unwrap();
+    for p in &run.adapter.as_ref().unwrap().params {
+        let w = &want[&p.key];
+        let rel = max_abs_diff(&p.tensor, w) / max_abs(w);
+        assert!(rel <= 1e-3, "{}: relative error {rel}", p.key);
+    }
+}
+
+fn snapshot(ts: &[(String, Tensor)]) -> HashMap<String, Vec<f32>> {
+    ts.iter().map(|(k, t)| (k.clone(), t.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
+}
+
+#[test]
+fn fresh_adapter_starts_at_ln2_and_training_moves_only_lora() {
+    let g = golden_run();
+    let pairs = golden_pairs(&g);
+    let mut s = golden_settings(&g);
+    s.max_steps = Some(3);
+    s.weight_decay = 0.0;
+    let mut model = load_model("llama");
+    let base_before = snapshot(&model.base_tensors());
+    let cfg = LoraConfig::new(4, 8.0, 0.1, TargetModules::all_linear());
+    let ad = attach_new(&mut model, &cfg, LoraInit::Peft { seed: 1 }).unwrap();
+    let lora_before = snapshot(&ad.params.iter().map(|p| (p.key.clone(), p.tensor.clone())).collect::<Vec<_>>());
+    let run = DpoRun::new(&model, Some(ad), None, &s).unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let o = train(&run, &pairs, &[], &quiet_loop(&s, pairs.len()), &RunOutput { dir: out_dir.path(), base_model: "llama", recipe_yaml: "", resume_from: None }).unwrap();
+    let first = &o.steps[0];
+    assert!((first["loss"] - std::f64::consts::LN_2).abs() < 1e-6, "first loss {}", first["loss"]);
+    assert!(first["rewards/chosen"].abs() < 1e-6 && first["rewards/rejected"].abs() < 1e-6);
+    for p in &run.adapter.as_ref().unwrap().params {
+        let now = p.tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_ne!(now, lora_before[&p.key], "{} did not change", p.key);
+    }
+    assert_eq!(snapshot(&model.base_tensors()), base_before, "a base tensor changed");
+}
+
+fn resume_run(dir: &Path, stop_after: Option<usize>, resume: bool) -> Vec<(String, Vec<f32>)> {
+    let g = golden_run();
+    let pairs = golden_pairs(&g);
+    let mut s = golden_settings(&g);
+    s.max_steps = Some(10);
+    s.shuffle = true;
+    s.save_steps = 5;
+    s.lora_dropout_p = 0.1;
+    let mut model = load_model("qwen2");
+    let cfg = LoraConfig::new(4, 8.0, 0.1, TargetModules::all_linear());
+    let ad = attach_new(&mut model, &cfg, LoraInit::Peft { seed: 7 }).unwrap();
+    let run = DpoRun::new(&model, Some(ad), None, &s).unwrap();
+    let mut c = quiet_loop(&s, pairs.len());
+    c.stop_after = stop_after;
+    let resume_from = resume.then(|| lorafold::train::checkpoint::resolve("latest", dir).unwrap());
+    train(&run, &pairs, &[], &c, &RunOutput { dir, base_model: "qwen2", recipe_yaml: "", resume_from }).unwrap();
+    run.adapter.unwrap().params.iter().map(|p| (p.key.clone(), p.tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
+}
+
+#[test]
+fn resume_gives_the_same_adapter_as_an_uninterrupted_run() {
+    let a = tempfile::tempdir().unwrap();
+    let full = resume_run(a.path(), None, false);
+    let b = tempfile::tempdir().unwrap();
+    resume_run(b.path(), Some(5), false);
+    assert!(b.path().join("checkpoint-5/trainer_state.json").exists());
+    let resumed = resume_run(b.path(), None, true);
+    assert_eq!(full, resumed, "resumed run differs from the uninterrupted one");
+    // save_total_limit 2 keeps the newest two.
+    let names: Vec<String> = lorafold::train::checkpoint::list(b.path()).iter().map(|(s, _)| s.to_string()).collect();
+    assert_eq!(names, ["5", "10"]);
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn dpo_command_runs_the_quickstart_recipe_with_flag_overrides() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let r = lorafold(
+        &[
+            "dpo", "--recipe", root().join("recipes/quickstart.yaml").to_str().unwrap(),
+            "--max_steps", "4", "--logging-steps", "2", "--eval_steps", "4", "--max_eval_pairs", "8",
+            "--output_dir", out.to_str().unwrap(), "--sft_type", "lora",
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{stderr}");
+    for f in ["adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "metrics.png", "recipe.yaml", "checkpoint-4/trainer_state.json"] {
+        assert!(out.join(f).exists(), "{f} missing; stderr: {stderr}");
+    }
+    let lines: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let train_lines: Vec<&Value> = lines.iter().filter(|l| l.get("loss").is_some()).collect();
+    assert_eq!(train_lines.len(), 2, "logging every 2 of 4 steps");
+    for key in ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "grad_norm", "learning_rate", "epoch", "step", "tokens_per_second"] {
+        assert!(train_lines[0].get(key).is_some(), "metrics.jsonl lacks {key}");
+    }
+    assert!(lines.iter().any(|l| l.get("eval_loss").is_some()), "no eval line");
+    // The resolved recipe shows the override.
+    let recipe = std::fs::read_to_string(out.join("recipe.yaml")).unwrap();
+    assert!(recipe.contains("max_steps: 4"), "{recipe}");
+    // The saved adapter loads in eval, with JSON output and per-pair scores.
+    let per_pair = tmp.path().join("pairs.jsonl");
+    let r = lorafold(
+        &[
+            "eval", "--model", root().join("tests/fixtures/models/qwen2").to_str().unwrap(),
+            "--adapters", out.to_str().unwrap(),
+            "--dataset", root().join("tests/fixtures/data/quickstart/eval.jsonl").to_str().unwrap(),
+            "--max_eval_pairs", "6", "--json", "--per_pair", per_pair.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let v: Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(v["pairs"], 6);
+    assert!(v["loss"].is_number() && v["rewards/accuracies"].is_number(), "{v}");
+    assert_eq!(std::fs::read_to_string(per_pair).unwrap().lines().count(), 6);
+}
+
+#[test]
+fn recipe_and_flag_errors_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = write(tmp.path(), "r.yaml", "model: x\ndataset: y.jsonl\nlerning_rate: 0.1\n");
+    let r = lorafold(&["dpo", "--recipe", recipe.to_str().unwrap()], &[]);
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && e.contains("lerning_rate") && e.contains("r.yaml"), "{e}");
+
+    let recipe = write(tmp.path(), "t.yaml", "model: x\ndataset: y.jsonl\nbeta: high\n");
+    let r = lorafold(&["dpo", "--recipe", recipe.to_str().unwrap()], &[]);
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && e.contains("beta") && e.contains("t.yaml"), "{e}");
+
+    let r = lorafold(&["dpo", "--model", "x", "--dataset", "y.jsonl", "--sft_type", "full"], &[]);
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && e.contains("sft_type") && e.contains("lora"), "{e}");
+
+    let r = lorafold(&["dpo", "--model", "x", "--dataset", "y.jsonl", "--loss_type", "sigmoid", "hinge", "--loss_weights", "1.0"], &[]);
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && e.contains("loss_weights"), "{e}");
+}
+
+#[test]
+fn both_flag_spellings_and_recipe_override_resolve_the_same() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = write(tmp.path(), "r.yaml", "model: m\ndataset: d.jsonl\nlora-rank: 4\nlearning_rate: 0.5\nlora_target_modules: [q_proj, v_proj]\n");
+    let a = lorafold(&["dpo", "--recipe", recipe.to_str().unwrap(), "--learning_rate", "0.25", "--lora_dropout", "0.2", "--print-settings"], &[]);
+    let b = lorafold(&["dpo", "--recipe", recipe.to_str().unwrap(), "--learning-rate=0.25", "--lora-dropout-p", "0.2", "--print_settings"], &[]);
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    assert_eq!(a.stdout, b.stdout);
+    let s: Settings = serde_yaml::from_slice(&a.stdout).unwrap();
+    assert_eq!((s.learning_rate, s.lora_rank, s.lora_dropout_p), (0.25, 4, 0.2));
+    assert_eq!(s.lora_target_modules, ["q_proj", "v_proj"]);
+    assert!(s.shuffle, "shuffle defaults to true");
+}

@@ -1,0 +1,586 @@
+//! Chat templates: Hugging Face Jinja templates rendered with minijinja the way transformers'
+//! `apply_chat_template` renders them, plus named fallbacks for models without one.
+//!
+//! Environment as in transformers: trim_blocks and lstrip_blocks on, no trailing newline kept,
+//! loop controls, Python string/dict methods (`.strip()`, `.startswith()`, `.items()` ...),
+//! `raise_exception`, `strftime_now`, and a `tojson` filter that writes like Python's
+//! `json.dumps(..., ensure_ascii=False)`. The context holds `messages`, `add_generation_prompt`,
+//! `tools`/`documents` (none) and the special tokens that are set. Work is bounded: a template
+//! that loops for too long runs out of fuel, and output is capped.
+
+use std::path::Path;
+
+use minijinja::value::{Kwargs, Value};
+use minijinja::{Environment, ErrorKind};
+use serde_json::Value as Json;
+
+use super::Message;
+use crate::error::{Error, Result};
+
+/// Instructions a single render may execute. Real templates need a few hundred per message.
+const FUEL: u64 = 5_000_000;
+/// Output larger than this (plus the size of the messages) is refused.
+const MAX_OUTPUT: usize = 16 << 20;
+
+/// Special-token strings from tokenizer_config.json (each may be unset).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecialTokens {
+    pub bos: Option<String>,
+    pub eos: Option<String>,
+    pub pad: Option<String>,
+    pub unk: Option<String>,
+}
+
+/// What tokenizer_config.json (and chat_template.jinja / chat_template.json beside it) says
+/// about chat rendering.
+#[derive(Debug, Clone, Default)]
+pub struct TokenizerConfig {
+    pub chat_template: Option<String>,
+    /// The file the template came from, for messages.
+    pub template_file: Option<String>,
+    pub tokens: SpecialTokens,
+}
+
+/// A token in tokenizer_config.json: a string, an AddedToken object `{"content": ...}`, or null.
+fn token_string(v: Option<&Json>) -> Option<String> {
+    match v? {
+        Json::String(s) => Some(s.clone()),
+        Json::Object(o) => o.get("content").and_then(Json::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+/// `chat_template`: a string, or a list of `{name, template}` (the one named "default").
+fn template_value(v: &Json, file: &str) -> Result<Option<String>> {
+    match v {
+        Json::Null => Ok(None),
+        Json::String(s) => Ok(Some(s.clone())),
+        Json::Array(items) => {
+            let mut names = Vec::new();
+            for it in items {
+                let name = it.get("name").and_then(Json::as_str).unwrap_or("");
+                if name == "default" {
+                    return match it.get("template") {
+                        Some(Json::String(t)) => Ok(Some(t.clone())),
+                        _ => Err(Error::Config {
+                            path: file.into(),
+                            key: "chat_template".into(),
+                            msg: "the `default` entry has no string `template`".into(),
+                        }),
+                    };
+                }
+                names.push(name.to_string());
+            }
+            Err(Error::Config {
+                path: file.into(),
+                key: "chat_template".into(),
+                msg: format!(
+                    "a list of templates without one named `default` (found: {}); choose one with a template override",
+                    names.join(", ")
+                ),
+            })
+        }
+        _ => Err(Error::Config {
+            path: file.into(),
+            key: "chat_template".into(),
+            msg: "must be a string or a list of {name, template}".into(),
+        }),
+    }
+}
+
+/// Read the chat template and special tokens of a model folder. Missing files mean "not set".
+/// Like transformers, `chat_template.jinja` (then `chat_template.json`) beside the tokenizer
+/// takes precedence over tokenizer_config.json's `chat_template`.
+pub fn read_tokenizer_config(dir: &Path) -> Result<TokenizerConfig> {
+    let mut cfg = TokenizerConfig::default();
+    let tc = dir.join("tokenizer_config.json");
+    if tc.exists() {
+        let v: Json = crate::error::read_json(&tc)?;
+        let name = tc.display().to_string();
+        cfg.tokens = SpecialTokens {
+            bos: token_string(v.get("bos_token")),
+            eos: token_string(v.get("eos_token")),
+            pad: token_string(v.get("pad_token")),
+            unk: token_string(v.get("unk_token")),
+        };
+        if let Some(t) = v.get("chat_template") {
+            cfg.chat_template = template_value(t, &name)?;
+            cfg.template_file = Some(name);
+        }
+    }
+    let jinja = dir.join("chat_template.jinja");
+    let json = dir.join("chat_template.json");
+    if jinja.exists() {
+        cfg.chat_template = Some(crate::error::read_to_string(&jinja)?);
+        cfg.template_file = Some(jinja.display().to_string());
+    } else if json.exists() {
+        let v: Json = crate::error::read_json(&json)?;
+        let name = json.display().to_string();
+        if let Some(t) = v.get("chat_template") {
+            cfg.chat_template = template_value(t, &name)?;
+            cfg.template_file = Some(name);
+        }
+    }
+    if cfg.chat_template.is_none() {
+        cfg.template_file = None;
+    }
+    Ok(cfg)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Named templates
+// ---------------------------------------------------------------------------------------------
+
+/// The names accepted by [`named_template`].
+pub const NAMED_TEMPLATES: [&str; 4] = ["chatml", "llama3", "mistral", "raw"];
+
+/// The source of a named fallback template: `chatml`, `llama3`, `mistral`, or `raw` (BOS, then
+/// the message contents concatenated, for base models).
+pub fn named_template(name: &str) -> Option<&'static str> {
+    match name {
+        "chatml" => Some(include_str!("templates/chatml.jinja")),
+        "llama3" => Some(include_str!("templates/llama3.jinja")),
+        "mistral" => Some(include_str!("templates/mistral.jinja")),
+        "raw" => Some(include_str!("templates/raw.jinja")),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rendering
+// ---------------------------------------------------------------------------------------------
+
+/// A compiled chat template with the special tokens it is rendered with.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    origin: String,
+    tokens: SpecialTokens,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate").field("origin", &self.origin).field("tokens", &self.tokens).finish()
+    }
+}
+
+#[derive(serde::Serialize)]
+struct Context<'a> {
+    messages: &'a [Message],
+    add_generation_prompt: bool,
+    tools: Option<()>,
+    documents: Option<()>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bos_token: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eos_token: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pad_token: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unk_token: Option<&'a str>,
+}
+
+impl ChatTemplate {
+    /// Compile `source`. `origin` names where it came from in error messages (a file, or
+    /// "the chatml fallback").
+    pub fn new(source: &str, origin: impl Into<String>, tokens: SpecialTokens) -> Result<Self> {
+        let origin = origin.into();
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_keep_trailing_newline(false);
+        env.set_fuel(Some(FUEL));
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        minijinja_contrib::add_to_environment(&mut env);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
+        env.add_template_owned("chat_template", rewrite_generation_tags(source))
+            .map_err(|e| Error::Msg(format!("{origin}: cannot parse the chat template: {e}")))?;
+        Ok(ChatTemplate { env, origin, tokens })
+    }
+
+    /// A named fallback template (see [`named_template`]).
+    pub fn named(name: &str, tokens: SpecialTokens) -> Result<Self> {
+        let src = named_template(name).ok_or_else(|| {
+            Error::Msg(format!(
+                "unknown chat template name `{name}` (known: {}; or give a Jinja file path)",
+                NAMED_TEMPLATES.join(", ")
+            ))
+        })?;
+        Self::new(src, format!("the `{name}` chat template"), tokens)
+    }
+
+    /// Where the template came from.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    pub fn tokens(&self) -> &SpecialTokens {
+        &self.tokens
+    }
+
+    /// Render `messages` as transformers' `apply_chat_template(messages, tokenize=False,
+    /// add_generation_prompt=...)` does.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let err = |msg: String| Error::Msg(format!("{}: chat template: {msg}", self.origin));
+        let tmpl = self.env.get_template("chat_template").map_err(|e| err(e.to_string()))?;
+        let ctx = Context {
+            messages,
+            add_generation_prompt,
+            tools: None,
+            documents: None,
+            bos_token: self.tokens.bos.as_deref(),
+            eos_token: self.tokens.eos.as_deref(),
+            pad_token: self.tokens.pad.as_deref(),
+            unk_token: self.tokens.unk.as_deref(),
+        };
+        let limit = MAX_OUTPUT + 4 * messages.iter().map(|m| m.content.len()).sum::<usize>();
+        let mut out = CappedWriter {
+            buf: Vec::new(),
+            limit,
+        };
+        match tmpl.render_captured_to(Value::from_serialize(&ctx), &mut out) {
+            Ok(_) => {}
+            Err(e) => {
+                return Err(err(match e.kind() {
+                    ErrorKind::OutOfFuel => "the template ran too long (out of fuel) and was stopped; \
+                                             does it loop without end?"
+                        .to_string(),
+                    ErrorKind::WriteFailure if out.buf.len() >= limit => {
+                        format!("the output grew past {limit} bytes and was stopped")
+                    }
+                    _ => describe(&e),
+                }))
+            }
+        }
+        String::from_utf8(out.buf).map_err(|_| err("rendered text is not valid UTF-8".into()))
+    }
+}
+
+/// A template error as one line: the message (a `raise_exception` text verbatim) and where.
+fn describe(e: &minijinja::Error) -> String {
+    let mut s = match (e.kind(), e.detail()) {
+        (ErrorKind::InvalidOperation, Some(d)) if e.name().is_some() || e.line().is_some() => {
+            format!("raised: {d}")
+        }
+        _ => e.to_string(),
+    };
+    if let (Some(line), false) = (e.line(), s.contains("(in ")) {
+        s.push_str(&format!(" (template line {line})"));
+    }
+    s
+}
+
+/// Output buffer that refuses to grow past `limit`.
+struct CappedWriter {
+    buf: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > self.limit {
+            self.buf.resize(self.limit, 0);
+            return Err(std::io::Error::other("chat template output too large"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// transformers' `{% generation %}...{% endgeneration %}` marks assistant text for masks; here it
+/// renders its body unchanged (an always-true `if` keeps the whitespace control as written).
+fn rewrite_generation_tags(src: &str) -> String {
+    if !src.contains("generation") {
+        return src.to_string();
+    }
+    let mut out = String::with_capacity(src.len());
+    let mut rest = src;
+    while let Some(start) = rest.find("{%") {
+        out.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        let Some(end) = tail.find("%}") else {
+            out.push_str(tail);
+            return out;
+        };
+        let tag = &tail[..end + 2];
+        let inner = tag[2..tag.len() - 2].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
+        let (lead, trail) = (
+            if tag[2..].starts_with(['-', '+']) { &tag[2..3] } else { "" },
+            if tag[..tag.len() - 2].ends_with(['-', '+']) { &tag[tag.len() - 3..tag.len() - 2] } else { "" },
+        );
+        match inner {
+            "generation" => out.push_str(&format!("{{%{lead} if true {trail}%}}")),
+            "endgeneration" => out.push_str(&format!("{{%{lead} endif {trail}%}}")),
+            _ => out.push_str(tag),
+        }
+        rest = &tail[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> {
+    Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+// ---------------------------------------------------------------------------------------------
+// tojson, as Python's json.dumps(x, ensure_ascii=False, indent=..., sort_keys=...)
+// ---------------------------------------------------------------------------------------------
+
+fn tojson(value: Value, indent: Option<Value>, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Error> {
+    let indent: Option<Value> = match indent {
+        Some(v) => Some(v),
+        None => kwargs.get::<Option<Value>>("indent")?,
+    };
+    let indent = match indent {
+        None => None,
+        Some(v) if v.is_none() || v.is_undefined() => None,
+        Some(v) => match v.as_i64() {
+            Some(n) => Some(" ".repeat(n.clamp(0, 64) as usize)),
+            None => match v.as_str() {
+                Some(s) => Some(s.to_string()),
+                None => return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: indent must be a number or a string")),
+            },
+        },
+    };
+    let sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
+    let _ensure_ascii = kwargs.get::<Option<bool>>("ensure_ascii")?;
+    let mut out = String::new();
+    py_json(&value, indent.as_deref(), sort_keys, 0, &mut out)?;
+    Ok(Value::from(out))
+}
+
+/// Python's json.dumps layout: `", "` and `": "` without indent, newlines and `","` with it.
+/// Maps keep their order (as Python dicts do).
+pub fn py_json(v: &Value, indent: Option<&str>, sort_keys: bool, depth: usize, out: &mut String) -> std::result::Result<(), minijinja::Error> {
+    use minijinja::value::ValueKind;
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(ind) = indent {
+            out.push('\n');
+            for _ in 0..depth {
+                out.push_str(ind);
+            }
+        }
+    };
+    let item_sep = if indent.is_some() { "," } else { ", " };
+    match v.kind() {
+        ValueKind::Undefined | ValueKind::None => out.push_str("null"),
+        ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
+        ValueKind::Number => match (v.is_integer(), v.as_i64()) {
+            (true, Some(n)) => out.push_str(&n.to_string()),
+            (true, None) => out.push_str(&v.to_string()),
+            (false, _) => out.push_str(&py_float(f64::try_from(v.clone())?)),
+        },
+        ValueKind::String => py_string(v.as_str().unwrap_or_default(), out),
+        ValueKind::Map => {
+            let mut keys: Vec<Value> = v.try_iter()?.collect();
+            if keys.is_empty() {
+                out.push_str("{}");
+                return Ok(());
+            }
+            if sort_keys {
+                keys.sort();
+            }
+            out.push('{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, depth + 1);
+                match k.as_str() {
+                    Some(s) => py_string(s, out),
+                    None => py_string(&k.to_string(), out),
+                }
+                out.push_str(": ");
+                py_json(&v.get_item(k)?, indent, sort_keys, depth + 1, out)?;
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+        ValueKind::Seq | ValueKind::Iterable => {
+            let items: Vec<Value> = v.try_iter()?.collect();
+            if items.is_empty() {
+                out.push_str("[]");
+                return Ok(());
+            }
+            out.push('[');
+            for (i, it) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, depth + 1);
+                py_json(it, indent, sort_keys, depth + 1, out)?;
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        _ => {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("tojson: cannot serialize a value of type {}", v.kind()),
+            ))
+        }
+    }
+    Ok(())
+}
+
+fn py_float(f: f64) -> String {
+    if f.is_finite() && f == f.trunc() && f.abs() < 1e16 {
+        format!("{f:.1}")
+    } else {
+        format!("{f}")
+    }
+}
+
+fn py_string(s: &str, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+// ---------------------------------------------------------------------------------------------
+// strftime_now
+// ---------------------------------------------------------------------------------------------
+
+fn strftime_now(format: String) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    strftime(&format, secs)
+}
+
+/// (year, month 1-12, day 1-31) of a day count since 1970-01-01 (proleptic Gregorian).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Days since 1970-01-01 of a (year, month, day) date.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// A UTC subset of C's strftime: %Y %y %m %d %e %H %I %M %S %p %b %B %h %a %A %j %F %T %%, and
+/// glibc's `%-d`-style unpadded forms.
+pub fn strftime(format: &str, unix_secs: i64) -> String {
+    const MONTHS: [&str; 12] = [
+        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+    let days = unix_secs.div_euclid(86_400);
+    let secs = unix_secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    let (hh, mm, ss) = (secs / 3600, (secs / 60) % 60, secs % 60);
+    let weekday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
+    let yday = days - days_from_civil(y, 1, 1) + 1;
+    let mut out = String::new();
+    let mut chars = format.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let unpadded = chars.peek() == Some(&'-');
+        if unpadded {
+            chars.next();
+        }
+        let num = |n: i64, w: usize| if unpadded { n.to_string() } else { format!("{n:0w$}") };
+        match chars.next() {
+            Some('Y') => out.push_str(&y.to_string()),
+            Some('y') => out.push_str(&num(y.rem_euclid(100), 2)),
+            Some('m') => out.push_str(&num(i64::from(m), 2)),
+            Some('d') => out.push_str(&num(i64::from(d), 2)),
+            Some('e') => out.push_str(&format!("{d:>2}")),
+            Some('H') => out.push_str(&num(hh, 2)),
+            Some('I') => out.push_str(&num(if hh % 12 == 0 { 12 } else { hh % 12 }, 2)),
+            Some('M') => out.push_str(&num(mm, 2)),
+            Some('S') => out.push_str(&num(ss, 2)),
+            Some('p') => out.push_str(if hh < 12 { "AM" } else { "PM" }),
+            Some('b') | Some('h') => out.push_str(&MONTHS[m as usize - 1][..3]),
+            Some('B') => out.push_str(MONTHS[m as usize - 1]),
+            Some('a') => out.push_str(&DAYS[weekday][..3]),
+            Some('A') => out.push_str(DAYS[weekday]),
+            Some('j') => out.push_str(&num(yday, 3)),
+            Some('F') => out.push_str(&format!("{y}-{m:02}-{d:02}")),
+            Some('T') => out.push_str(&format!("{hh:02}:{mm:02}:{ss:02}")),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strftime_formats_known_dates() {
+        // 2024-02-29 13:05:09 UTC, a Thursday, day 60 of the year.
+        let t = 1_709_211_909;
+        assert_eq!(strftime("%d %b %Y", t), "29 Feb 2024");
+        assert_eq!(strftime("%A %-d %B %y %H:%M:%S %j %p", t), "Thursday 29 February 24 13:05:09 060 PM");
+        assert_eq!(strftime("%F %T %%", 0), "1970-01-01 00:00:00 %");
+        assert_eq!(strftime("%j %a", 0), "001 Thu");
+    }
+
+    #[test]
+    fn py_json_matches_python_layout() {
+        let env = Environment::new();
+        let v = env.compile_expression(r#"{"b": [1, 2.0, "x\"y\n", none, true], "a": {}, "c": "é"}"#).unwrap().eval(()).unwrap();
+        let mut s = String::new();
+        py_json(&v, None, false, 0, &mut s).unwrap();
+        assert_eq!(s, r#"{"b": [1, 2.0, "x\"y\n", null, true], "a": {}, "c": "é"}"#);
+        let v = env.compile_expression(r#"{"b": [1, 2.0, "x\"y\n"], "a": {}, "c": "é"}"#).unwrap().eval(()).unwrap();
+        let mut s = String::new();
+        py_json(&v, Some("  "), true, 0, &mut s).unwrap();
+        assert_eq!(s, "{\n  \"a\": {},\n  \"b\": [\n    1,\n    2.0,\n    \"x\\\"y\\n\"\n  ],\n  \"c\": \"é\"\n}");
+    }
+
+    #[test]
+    fn generation_tags_render_their_body() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{%- generation -%} {{ m.content }} {%- endgeneration -%}{% endfor %}",
+            "test",
+            SpecialTokens::default(),
+        )
+        .unwrap();
+        assert_eq!(t.render(&[Message::user("a"), Message::user("b")], false).unwrap(), "ab");
+    }
+}

@@ -1,0 +1,137 @@
+//! Collating preference pairs into one right-padded batch of [chosen; rejected] sequences, and
+//! computing per-sequence response log-probs (TRL's `concatenated_forward` + `get_batch_logps`).
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::error::Result;
+use crate::lora::linear::Fwd;
+use crate::model::{token_logps, Model};
+
+/// Token ids of one pair: sequences are `prompt + chosen` and `(rejected_prompt or prompt) + rejected`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PairIds {
+    pub prompt: Vec<u32>,
+    pub chosen: Vec<u32>,
+    pub rejected: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_prompt: Option<Vec<u32>>,
+}
+
+impl PairIds {
+    /// Real (non-pad) tokens in both sequences.
+    pub fn num_tokens(&self) -> usize {
+        let rp = self.rejected_prompt.as_ref().unwrap_or(&self.prompt).len();
+        self.prompt.len() + self.chosen.len() + rp + self.rejected.len()
+    }
+}
+
+/// A batch of B pairs as 2B sequences: rows 0..B chosen, rows B..2B rejected.
+pub struct Batch {
+    pub pairs: usize,
+    /// [2B, T] u32, right-padded.
+    pub input_ids: Tensor,
+    /// [2B, T] f32 (1 real, 0 pad); `None` when no row is padded.
+    pub attention_mask: Option<Tensor>,
+    /// Flat positions (row*T + t) whose logits predict a scored token: [N] u32.
+    pub positions: Tensor,
+    /// The scored tokens: [N] u32.
+    pub targets: Tensor,
+    /// [2B, N] f32 selection matrix: row r has 1 at the scored tokens of sequence r.
+    pub select: Tensor,
+    /// Scored tokens per sequence: [2B] f32.
+    pub lengths: Tensor,
+    /// Real tokens in the batch.
+    pub num_tokens: usize,
+}
+
+impl Batch {
+    pub fn new(pairs: &[&PairIds], pad_id: u32, device: &Device) -> Result<Batch> {
+        let b = pairs.len();
+        let mut seqs: Vec<(Vec<u32>, usize)> = Vec::with_capacity(2 * b);
+        for p in pairs {
+            seqs.push(([p.prompt.as_slice(), &p.chosen].concat(), p.prompt.len()));
+        }
+        for p in pairs {
+            let pr = p.rejected_prompt.as_ref().unwrap_or(&p.prompt);
+            seqs.push(([pr.as_slice(), &p.rejected].concat(), pr.len()));
+        }
+        let t = seqs.iter().map(|(s, _)| s.len()).max().unwrap_or(0).max(1);
+        let rows = seqs.len();
+        let mut ids = vec![pad_id; rows * t];
+        let mut mask = vec![0f32; rows * t];
+        let (mut positions, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+        let mut lengths = vec![0f32; rows];
+        let mut padded = false;
+        let mut num_tokens = 0;
+        for (r, (s, plen)) in seqs.iter().enumerate() {
+            ids[r * t..r * t + s.len()].copy_from_slice(s);
+            mask[r * t..r * t + s.len()].iter_mut().for_each(|m| *m = 1.0);
+            padded |= s.len() < t;
+            num_tokens += s.len();
+            // The token at position i is predicted by the logits at i-1.
+            for i in (*plen).max(1)..s.len() {
+                positions.push((r * t + i - 1) as u32);
+                targets.push(s[i]);
+                owner.push(r);
+                lengths[r] += 1.0;
+            }
+        }
+        let n = positions.len();
+        let mut select = vec![0f32; rows * n];
+        for (k, &r) in owner.iter().enumerate() {
+            select[r * n + k] = 1.0;
+        }
+        Ok(Batch {
+            pairs: b,
+            input_ids: Tensor::from_vec(ids, (rows, t), device)?,
+            attention_mask: if padded { Some(Tensor::from_vec(mask, (rows, t), device)?) } else { None },
+            positions: Tensor::from_vec(positions, n, device)?,
+            targets: Tensor::from_vec(targets, n, device)?,
+            select: Tensor::from_vec(select, (rows, n), device)?,
+            lengths: Tensor::from_vec(lengths, rows, device)?,
+            num_tokens,
+        })
+    }
+}
+
+/// Per-sequence outputs of one forward pass over a batch.
+pub struct SeqLogps {
+    /// Summed response log-probs [2B] (f32; carries the graph when adapters are trainable).
+    pub logps: Tensor,
+    /// Sum of all logits at scored positions of the chosen / rejected rows (for TRL's
+    /// logits/chosen and logits/rejected means) and the number of (position, vocab) entries.
+    pub logits_sum: [f64; 2],
+    pub logits_count: [f64; 2],
+}
+
+impl SeqLogps {
+    pub fn chosen(&self, b: usize) -> Result<Tensor> {
+        Ok(self.logps.narrow(0, 0, b)?)
+    }
+    pub fn rejected(&self, b: usize) -> Result<Tensor> {
+        Ok(self.logps.narrow(0, b, b)?)
+    }
+}
+
+/// Forward the batch with `ctx` and sum log p(token | prefix) over each sequence's response.
+/// The vocabulary projection is applied only at scored positions.
+pub fn sequence_logps(model: &Model, batch: &Batch, ctx: &Fwd) -> Result<SeqLogps> {
+    let hidden = model.forward_hidden(&batch.input_ids, batch.attention_mask.as_ref(), ctx)?;
+    let logits = model.logits_at(&hidden, &batch.positions)?;
+    let tok = token_logps(&logits, &batch.targets)?;
+    let logps = batch.select.matmul(&tok.unsqueeze(1)?)?.squeeze(1)?;
+    // Logit statistics, detached.
+    let per_pos = logits.detach().to_dtype(DType::F32)?.sum(D::Minus1)?;
+    let per_seq = batch.select.matmul(&per_pos.unsqueeze(1)?)?.squeeze(1)?.to_vec1::<f32>()?;
+    let lens = batch.lengths.to_vec1::<f32>()?;
+    let v = model.cfg.vocab_size as f64;
+    let b = batch.pairs;
+    let half = |from: usize| -> (f64, f64) {
+        let s: f64 = per_seq[from..from + b].iter().map(|&x| x as f64).sum();
+        let c: f64 = lens[from..from + b].iter().map(|&x| x as f64 * v).sum();
+        (s, c)
+    };
+    let (cs, cc) = half(0);
+    let (rs, rc) = half(b);
+    Ok(SeqLogps { logps, logits_sum: [cs, rs], logits_count: [cc, rc] })
+}

@@ -1,0 +1,268 @@
+//! `lorafold dpo` and `lorafold eval` end to end: resolve the model, read and tokenise the data,
+//! attach the adapters, train or score.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::DType;
+
+use crate::data::tokenize::{Preprocessor, TokenizeOptions, TruncationMode};
+use crate::data::{load_pairs, LoadOptions as DataOptions};
+use crate::dpo::batch::PairIds;
+use crate::error::{Error, Result};
+use crate::hub::{resolve_model, ModelFiles};
+use crate::lora::config::{LoraConfig, TargetModules};
+use crate::lora::{attach_new, io::load_adapter, LoraInit};
+use crate::model::{LoadOptions, Model};
+use crate::recipe::Settings;
+use crate::rng::Rng;
+use crate::train::trainer::{train, DpoRun, LoopConfig, Outcome, RunOutput};
+
+/// Map `--dtype` to the base weights' dtype. `auto` keeps f32 on CPU (fastest there) and the
+/// checkpoint's dtype on accelerators.
+pub fn parse_dtype(name: &str, saved: Option<&str>, device: &candle_core::Device) -> Result<DType> {
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "fp32" | "f32" | "float32" => DType::F32,
+        "bf16" | "bfloat16" => DType::BF16,
+        "fp16" | "f16" | "float16" => DType::F16,
+        "auto" => match (device.is_cpu(), saved) {
+            (false, Some("bfloat16")) => DType::BF16,
+            (false, Some("float16")) => DType::F16,
+            _ => DType::F32,
+        },
+        other => return Err(Error::Msg(format!("--dtype {other:?} must be AUTO, fp32, bf16 or fp16"))),
+    })
+}
+
+/// The compute device: the first CUDA or Metal device when built with those features.
+pub fn default_device() -> Result<candle_core::Device> {
+    #[cfg(feature = "cuda")]
+    {
+        return Ok(candle_core::Device::new_cuda(0)?);
+    }
+    #[cfg(feature = "metal")]
+    {
+        return Ok(candle_core::Device::new_metal(0)?);
+    }
+    #[allow(unreachable_code)]
+    Ok(candle_core::Device::Cpu)
+}
+
+pub fn load_model(files: &ModelFiles, dtype: &str) -> Result<Model> {
+    let device = default_device()?;
+    let cfg = crate::model::ModelConfig::from_file(&files.config)?;
+    let dt = parse_dtype(dtype, cfg.saved_dtype.as_deref(), &device)?;
+    let ws = crate::model::weights::WeightSource::open(&files.weights)?;
+    Model::load(cfg, &ws, &LoadOptions { dtype: dt, device })
+}
+
+/// Tokenised data of a run.
+pub struct Prepared {
+    pub train: Vec<PairIds>,
+    pub eval: Vec<PairIds>,
+    pub report: Vec<String>,
+}
+
+fn to_ids(t: crate::data::tokenize::TokenizedPair) -> PairIds {
+    PairIds { prompt: t.prompt, chosen: t.chosen, rejected: t.rejected, rejected_prompt: t.rejected_prompt }
+}
+
+/// Read, normalise and tokenise every dataset spec.
+pub fn prepare_specs(pre: &Preprocessor, specs: &[String], opts: &TokenizeOptions, skip_bad_rows: bool, report: &mut Vec<String>) -> Result<Vec<PairIds>> {
+    let mut out = Vec::new();
+    for spec in specs {
+        let (rows, stats) = load_pairs(spec, &DataOptions { skip_bad_rows, revision: None })?;
+        let (tok, ps) = pre.prepare(&rows, opts)?;
+        let fmts: Vec<String> = stats.formats.iter().map(|(_, f)| f.clone()).collect();
+        report.push(format!(
+            "{spec}: {} rows ({}), {} pairs kept; dropped {} identical, {} with nothing to score; {} truncated; {} bad rows skipped",
+            stats.rows,
+            fmts.join(", "),
+            ps.kept,
+            ps.dropped_identical,
+            ps.dropped_empty,
+            ps.truncated,
+            stats.skipped_bad_rows
+        ));
+        out.extend(tok.into_iter().map(to_ids));
+    }
+    Ok(out)
+}
+
+pub fn tokenize_options(s: &Settings) -> TokenizeOptions {
+    TokenizeOptions {
+        max_length: s.max_length,
+        max_prompt_length: s.max_prompt_length,
+        truncation_mode: if s.truncation_mode == "keep_start" { TruncationMode::KeepStart } else { TruncationMode::KeepEnd },
+    }
+}
+
+pub fn prepare_data(files: &ModelFiles, s: &Settings) -> Result<Prepared> {
+    let pre = Preprocessor::from_model_dir(&files.dir, s.template.as_deref())?;
+    let opts = tokenize_options(s);
+    let mut report = Vec::new();
+    let mut train = prepare_specs(&pre, &s.dataset, &opts, s.skip_bad_rows, &mut report)?;
+    let mut eval = prepare_specs(&pre, &s.val_dataset, &opts, s.skip_bad_rows, &mut report)?;
+    if eval.is_empty() && s.split_dataset_ratio > 0.0 {
+        let n_eval = ((train.len() as f64) * s.split_dataset_ratio).ceil() as usize;
+        let mut idx: Vec<usize> = (0..train.len()).collect();
+        Rng::stream(s.seed, 0x5711_7000).shuffle(&mut idx);
+        let held: std::collections::HashSet<usize> = idx[..n_eval.min(train.len().saturating_sub(1))].iter().copied().collect();
+        let (mut tr, mut ev) = (Vec::new(), Vec::new());
+        for (i, p) in train.into_iter().enumerate() {
+            if held.contains(&i) { ev.push(p) } else { tr.push(p) }
+        }
+        train = tr;
+        eval = ev;
+        report.push(format!("held out {} pairs for evaluation (split_dataset_ratio {})", eval.len(), s.split_dataset_ratio));
+    }
+    if let Some(m) = s.max_eval_pairs {
+        eval.truncate(m);
+    }
+    Ok(Prepared { train, eval, report })
+}
+
+pub struct DpoSummary {
+    pub output_dir: PathBuf,
+    pub outcome: Outcome,
+    pub train_pairs: usize,
+    pub eval_pairs: usize,
+}
+
+/// Run `lorafold dpo` with resolved settings.
+pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
+    let files = resolve_model(&s.model, s.revision.as_deref())?;
+    let out_dir = s.output_dir.clone();
+    let resume_from = match &s.resume_from_checkpoint {
+        Some(spec) => Some(crate::train::checkpoint::resolve(spec, &out_dir)?),
+        None => None,
+    };
+    if resume_from.is_none() && out_dir.join(crate::lora::io::WEIGHTS_FILE).exists() {
+        return Err(Error::Msg(format!(
+            "{} already holds a trained adapter; choose another --output_dir or pass --resume_from_checkpoint",
+            out_dir.display()
+        )));
+    }
+    std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+    check_writable(&out_dir)?;
+    let recipe_yaml = serde_yaml::to_string(s).map_err(|e| Error::Msg(e.to_string()))?;
+    crate::lora::io::write_atomic(&out_dir.join("recipe.yaml"), recipe_yaml.as_bytes())?;
+
+    let mut model = load_model(&files, &s.dtype)?;
+    let data = prepare_data(&files, s)?;
+    if !quiet {
+        for line in &data.report {
+            eprintln!("{line}");
+        }
+    }
+    let adapter = match &s.adapters {
+        Some(dir) => load_adapter(&mut model, dir, true)?,
+        None => {
+            let mut cfg = LoraConfig::new(s.lora_rank, s.lora_alpha, s.lora_dropout_p, TargetModules::parse_cli(&s.lora_target_modules));
+            cfg.use_rslora = s.use_rslora;
+            attach_new(&mut model, &cfg, LoraInit::Peft { seed: s.seed })?
+        }
+    };
+    let ref_slot = match &s.ref_adapters {
+        Some(dir) => Some(load_adapter(&mut model, dir, false)?.slot),
+        None => None,
+    };
+    if !quiet {
+        eprintln!(
+            "model {} ({:?}, {} parameters, {:?}); adapter {} trainable parameters; {} train / {} eval pairs",
+            files.name,
+            model.cfg.arch,
+            model.cfg.num_params(),
+            model.dtype(),
+            adapter.num_params(),
+            data.train.len(),
+            data.eval.len()
+        );
+    }
+    let run = DpoRun::new(&model, Some(adapter), ref_slot, s)?;
+    let mut cfg = LoopConfig::from_settings(s, data.train.len())?;
+    cfg.quiet = quiet;
+    let outcome = train(
+        &run,
+        &data.train,
+        &data.eval,
+        &cfg,
+        &RunOutput { dir: &out_dir, base_model: &files.name, recipe_yaml: &recipe_yaml, resume_from },
+    )?;
+    if let Some(a) = &run.adapter {
+        a.save(&out_dir, Some(&files.name))?;
+    }
+    if let Err(e) = crate::train::plot::write_plot(&out_dir.join("metrics.jsonl"), &out_dir.join("metrics.png")) {
+        if !quiet {
+            eprintln!("warning: could not draw metrics.png: {e}");
+        }
+    }
+    Ok(DpoSummary { output_dir: out_dir, outcome, train_pairs: data.train.len(), eval_pairs: data.eval.len() })
+}
+
+/// Fail before training when the output folder cannot be written.
+fn check_writable(dir: &Path) -> Result<()> {
+    let probe = dir.join(".lorafold-write-test");
+    std::fs::write(&probe, b"ok").map_err(|e| Error::io(&probe, e))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Per-pair scores written by `lorafold eval --per_pair`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PairScore {
+    pub index: usize,
+    pub policy_chosen_logps: f32,
+    pub policy_rejected_logps: f32,
+    pub ref_chosen_logps: Option<f32>,
+    pub ref_rejected_logps: Option<f32>,
+    pub chosen_reward: f32,
+    pub rejected_reward: f32,
+}
+
+/// Run `lorafold eval`: the DPO metrics of an adapter (or the bare model) on preference pairs.
+pub fn run_eval(s: &Settings, per_pair: Option<&Path>) -> Result<(crate::train::metrics::Record, usize, Vec<String>)> {
+    let files = resolve_model(&s.model, s.revision.as_deref())?;
+    let mut model = load_model(&files, &s.dtype)?;
+    let pre = Preprocessor::from_model_dir(&files.dir, s.template.as_deref())?;
+    let mut report = Vec::new();
+    let specs: Vec<String> = s.dataset.iter().chain(&s.val_dataset).cloned().collect();
+    let mut pairs = prepare_specs(&pre, &specs, &tokenize_options(s), s.skip_bad_rows, &mut report)?;
+    if let Some(m) = s.max_eval_pairs {
+        pairs.truncate(m);
+    }
+    if pairs.is_empty() {
+        return Err(Error::Msg("no pairs to evaluate after preprocessing".into()));
+    }
+    let adapter = match &s.adapters {
+        Some(dir) => Some(load_adapter(&mut model, dir, false)?),
+        None => None,
+    };
+    let ref_slot = match &s.ref_adapters {
+        Some(dir) => Some(load_adapter(&mut model, dir, false)?.slot),
+        None => None,
+    };
+    let run = DpoRun::new(&model, adapter, ref_slot, s)?;
+    let mut scores = Vec::new();
+    let rec = run.evaluate_pairs(&pairs, None, s.eval_batch_size, &Default::default(), |m| {
+        for i in 0..m.chosen_logps.len() {
+            scores.push(PairScore {
+                index: scores.len(),
+                policy_chosen_logps: m.chosen_logps[i],
+                policy_rejected_logps: m.rejected_logps[i],
+                ref_chosen_logps: m.ref_chosen_logps.as_ref().map(|v| v[i]),
+                ref_rejected_logps: m.ref_rejected_logps.as_ref().map(|v| v[i]),
+                chosen_reward: m.chosen_rewards[i],
+                rejected_reward: m.rejected_rewards[i],
+            });
+        }
+    })?;
+    if let Some(p) = per_pair {
+        let mut text = String::new();
+        for sc in &scores {
+            text += &serde_json::to_string(sc).map_err(|e| Error::Msg(e.to_string()))?;
+            text.push('\n');
+        }
+        std::fs::write(p, text).map_err(|e| Error::io(p, e))?;
+    }
+    Ok((rec, pairs.len(), report))
+}
