@@ -126,14 +126,19 @@ impl Format {
 
     fn has_required_keys(self, row: &Row) -> bool {
         match self {
-            Format::SwiftV4 => row.contains_key("messages") && (row.contains_key("rejected_response") || row.contains_key("rejected_messages")),
+            Format::SwiftV4 => {
+                row.contains_key("messages")
+                    && (row.contains_key("rejected_response") || row.contains_key("rejected_messages"))
+            }
             _ => self.required_keys().iter().all(|k| row.contains_key(*k)),
         }
     }
 
     fn missing_keys(self, row: &Row) -> String {
         let missing: Vec<String> = match self {
-            Format::SwiftV4 if row.contains_key("messages") => vec!["`rejected_response` or `rejected_messages`".into()],
+            Format::SwiftV4 if row.contains_key("messages") => {
+                vec!["`rejected_response` or `rejected_messages`".into()]
+            }
             _ => self
                 .required_keys()
                 .iter()
@@ -185,7 +190,15 @@ impl Format {
                     format!("; missing {}", self.missing_keys(row))
                 }
             )),
-            None => Err(format!("missing key {} (format {})", self.missing_keys(row), self.name())),
+            None => {
+                let n = self.required_keys().iter().filter(|k| !row.contains_key(**k)).count();
+                Err(format!(
+                    "missing key{} {} (format {})",
+                    if n > 1 { "s" } else { "" },
+                    self.missing_keys(row),
+                    self.name()
+                ))
+            }
         }
     }
 }
@@ -203,7 +216,10 @@ fn key_list(row: &Row) -> String {
 
 /// The "unknown format" message for a file's first row.
 fn unknown_format(row: &Row) -> String {
-    let mut msg = format!("unknown preference-data format: the first row has keys {}", key_list(row));
+    let mut msg = format!(
+        "unknown preference-data format: the first row has keys {}",
+        key_list(row)
+    );
     if let (Some(c), Some(r)) = (row.get("chosen"), row.get("rejected")) {
         msg.push_str(&format!(
             "; `chosen` is {} and `rejected` is {}: both must be strings (hh-rlhf) or both message lists (trl-implicit-prompt)",
@@ -225,9 +241,7 @@ fn unknown_format(row: &Row) -> String {
 
 /// Read one data file, detect its format from the first row and normalise every row.
 pub fn load_file(path: &Path, display: &str, opts: &LoadOptions) -> Result<(Vec<(RowRef, PreferencePair)>, LoadStats)> {
-    let rows = read_rows(path, display)?;
-    let (pairs, stats) = normalise_rows(rows, display, opts)?;
-    Ok((pairs, stats))
+    normalise_rows(read_rows(path, display)?, display, opts)
 }
 
 /// Detect the format of `rows` (from the first readable row) and normalise them all.
@@ -320,7 +334,9 @@ fn opt_string(row: &Row, key: &str) -> RowResult<Option<String>> {
 
 /// A system prompt: an empty string means "none".
 fn system(row: &Row) -> RowResult<Option<Message>> {
-    Ok(opt_string(row, "system")?.filter(|s| !s.is_empty()).map(Message::system))
+    Ok(opt_string(row, "system")?
+        .filter(|s| !s.is_empty())
+        .map(Message::system))
 }
 
 /// Map a role name to system/user/assistant.
@@ -345,7 +361,10 @@ fn message(v: &Value, key: &str, idx: Option<usize>) -> RowResult<Message> {
         None => format!("key `{key}`"),
     };
     let Value::Object(m) = v else {
-        return Err(format!("{at} must be an object with role/content (or from/value), got {}", kind(v)));
+        return Err(format!(
+            "{at} must be an object with role/content (or from/value), got {}",
+            kind(v)
+        ));
     };
     let (role_key, content_key) = if m.contains_key("role") {
         ("role", "content")
@@ -362,12 +381,7 @@ fn message(v: &Value, key: &str, idx: Option<usize>) -> RowResult<Message> {
         None => return Err(format!("{at} has no `{content_key}` key")),
         Some(Value::String(s)) => s.clone(),
         Some(Value::Array(parts)) => text_parts(parts).map_err(|e| format!("{at}: `{content_key}`: {e}"))?,
-        Some(other) => {
-            return Err(format!(
-                "{at}: `{content_key}` must be a string, got {}",
-                kind(other)
-            ))
-        }
+        Some(other) => return Err(format!("{at}: `{content_key}` must be a string, got {}", kind(other))),
     };
     Ok(Message {
         role: role.into(),
@@ -399,7 +413,11 @@ fn text_parts(parts: &[Value]) -> RowResult<String> {
 
 fn messages(v: &Value, key: &str) -> RowResult<Vec<Message>> {
     match v {
-        Value::Array(items) => items.iter().enumerate().map(|(i, m)| message(m, key, Some(i))).collect(),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, m)| message(m, key, Some(i)))
+            .collect(),
         other => Err(format!("key `{key}` must be a list of messages, got {}", kind(other))),
     }
 }
@@ -409,7 +427,10 @@ fn text_or_messages(row: &Row, key: &str, role: &str) -> RowResult<Vec<Message>>
     match get(row, key)? {
         Value::String(s) => Ok(vec![Message::new(role, s.clone())]),
         Value::Array(_) => messages(&row[key], key),
-        other => Err(format!("key `{key}` must be a string or a list of messages, got {}", kind(other))),
+        other => Err(format!(
+            "key `{key}` must be a string or a list of messages, got {}",
+            kind(other)
+        )),
     }
 }
 
@@ -418,7 +439,10 @@ fn text_or_message(row: &Row, key: &str, role: &str) -> RowResult<Message> {
     match get(row, key)? {
         Value::String(s) => Ok(Message::new(role, s.clone())),
         v @ Value::Object(_) => message(v, key, None),
-        other => Err(format!("key `{key}` must be a string or a message object, got {}", kind(other))),
+        other => Err(format!(
+            "key `{key}` must be a string or a message object, got {}",
+            kind(other)
+        )),
     }
 }
 
@@ -428,7 +452,10 @@ fn history(row: &Row) -> RowResult<Vec<Message>> {
         return Ok(Vec::new());
     };
     let Value::Array(items) = v else {
-        return Err(format!("key `history` must be a list of [query, response] pairs, got {}", kind(v)));
+        return Err(format!(
+            "key `history` must be a list of [query, response] pairs, got {}",
+            kind(v)
+        ));
     };
     let mut out = Vec::with_capacity(items.len() * 2);
     for (i, item) in items.iter().enumerate() {
@@ -451,7 +478,9 @@ fn history(row: &Row) -> RowResult<Vec<Message>> {
 /// Split a conversation at its last assistant turn: (turns before it, that turn).
 fn split_last_assistant(mut conv: Vec<Message>, key: &str) -> RowResult<(Vec<Message>, Vec<Message>)> {
     let Some(last) = conv.iter().rposition(|m| m.role == "assistant") else {
-        return Err(format!("key `{key}` has no assistant (gpt) turn to use as the response"));
+        return Err(format!(
+            "key `{key}` has no assistant (gpt) turn to use as the response"
+        ));
     };
     if last + 1 != conv.len() {
         return Err(format!(
@@ -627,7 +656,9 @@ fn hh_turns(text: &str, key: &str) -> RowResult<(Vec<Message>, Vec<Message>)> {
     }
     marks.sort_unstable();
     let Some(first) = marks.first() else {
-        return Err(format!("key `{key}` has no `\\n\\nHuman:` / `\\n\\nAssistant:` turns (hh-rlhf text)"));
+        return Err(format!(
+            "key `{key}` has no `\\n\\nHuman:` / `\\n\\nAssistant:` turns (hh-rlhf text)"
+        ));
     };
     if !text[..first.0].trim().is_empty() {
         return Err(format!("key `{key}` has text before its first `Human:` turn"));
@@ -666,15 +697,30 @@ mod tests {
     #[test]
     fn detects_each_format() {
         let cases = [
-            (json!({"prompt": "q", "chosen": "a", "rejected": "b"}), Format::TrlExplicit),
+            (
+                json!({"prompt": "q", "chosen": "a", "rejected": "b"}),
+                Format::TrlExplicit,
+            ),
             (json!({"chosen": [], "rejected": []}), Format::TrlImplicit),
             (json!({"chosen": "x", "rejected": "y"}), Format::HhRlhf),
-            (json!({"chosen_conversations": [], "rejected_conversations": []}), Format::Xtuner),
-            (json!({"query": "", "response": "", "rejected_response": ""}), Format::SwiftV2),
+            (
+                json!({"chosen_conversations": [], "rejected_conversations": []}),
+                Format::Xtuner,
+            ),
+            (
+                json!({"query": "", "response": "", "rejected_response": ""}),
+                Format::SwiftV2,
+            ),
             (json!({"messages": [], "rejected_response": ""}), Format::SwiftV4),
             (json!({"messages": [], "rejected_messages": []}), Format::SwiftV4),
-            (json!({"conversations": [], "chosen": {}, "rejected": {}}), Format::Sharegpt),
-            (json!({"instruction": "", "input": "", "chosen": "", "rejected": ""}), Format::Alpaca),
+            (
+                json!({"conversations": [], "chosen": {}, "rejected": {}}),
+                Format::Sharegpt,
+            ),
+            (
+                json!({"instruction": "", "input": "", "chosen": "", "rejected": ""}),
+                Format::Alpaca,
+            ),
             (
                 json!({"question": "", "response_1": "", "response_2": "", "overall_response": 1, "x": 0}),
                 Format::AlignAnything,
@@ -689,9 +735,15 @@ mod tests {
 
     #[test]
     fn alpaca_input_is_appended_on_a_new_line() {
-        let p = alpaca(&row(json!({"instruction": "Translate", "input": "hello", "chosen": "a", "rejected": "b"}))).unwrap();
+        let p = alpaca(&row(
+            json!({"instruction": "Translate", "input": "hello", "chosen": "a", "rejected": "b"}),
+        ))
+        .unwrap();
         assert_eq!(p.prompt, vec![Message::user("Translate\nhello")]);
-        let p = alpaca(&row(json!({"instruction": "Translate", "input": "", "chosen": "a", "rejected": "b", "system": ""}))).unwrap();
+        let p = alpaca(&row(
+            json!({"instruction": "Translate", "input": "", "chosen": "a", "rejected": "b", "system": ""}),
+        ))
+        .unwrap();
         assert_eq!(p.prompt, vec![Message::user("Translate")]);
     }
 
@@ -705,16 +757,33 @@ mod tests {
 
     #[test]
     fn content_parts_are_joined_text() {
-        let m = message(&json!({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}), "prompt", Some(0)).unwrap();
+        let m = message(
+            &json!({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}),
+            "prompt",
+            Some(0),
+        )
+        .unwrap();
         assert_eq!(m.content, "ab");
-        let e = message(&json!({"role": "user", "content": [{"type": "image"}]}), "prompt", Some(0)).unwrap_err();
+        let e = message(
+            &json!({"role": "user", "content": [{"type": "image"}]}),
+            "prompt",
+            Some(0),
+        )
+        .unwrap_err();
         assert!(e.contains("image") && e.contains("message 1"), "{e}");
     }
 
     #[test]
     fn hh_text_is_split_into_turns() {
-        let (p, r) = hh_turns("\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye?\n\nAssistant: Bye.", "chosen").unwrap();
-        assert_eq!(p, vec![Message::user("Hi"), Message::assistant("Hello."), Message::user("Bye?")]);
+        let (p, r) = hh_turns(
+            "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye?\n\nAssistant: Bye.",
+            "chosen",
+        )
+        .unwrap();
+        assert_eq!(
+            p,
+            vec![Message::user("Hi"), Message::assistant("Hello."), Message::user("Bye?")]
+        );
         assert_eq!(r, vec![Message::assistant("Bye.")]);
         assert!(hh_turns("Human: Hi\n\nAssistant: x", "chosen").is_ok());
         assert!(hh_turns("no turns", "chosen").unwrap_err().contains("no"));

@@ -51,7 +51,10 @@ fn file_err(display: &str, msg: impl std::fmt::Display) -> Error {
 /// Read every row of a data file. `display` names the file in rows and messages.
 pub fn read_rows(path: &Path, display: &str) -> Result<Vec<RawRow>> {
     let kind = FileKind::of(path).ok_or_else(|| {
-        file_err(display, "unsupported data file extension (expected .json, .jsonl or .parquet)")
+        file_err(
+            display,
+            "unsupported data file extension (expected .json, .jsonl or .parquet)",
+        )
     })?;
     match kind {
         FileKind::Parquet => read_parquet(path, display),
@@ -99,7 +102,10 @@ pub fn read_jsonl(bytes: &[u8], display: &str) -> Vec<RawRow> {
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         let line_no = i + 1;
         let value = match std::str::from_utf8(line) {
-            Err(e) => Err(format!("not valid UTF-8 text (byte {} of the line)", e.valid_up_to() + 1)),
+            Err(e) => Err(format!(
+                "not valid UTF-8 text (byte {} of the line)",
+                e.valid_up_to() + 1
+            )),
             Ok(text) => {
                 let text = text.trim();
                 if text.is_empty() {
@@ -121,7 +127,11 @@ pub fn read_jsonl(bytes: &[u8], display: &str) -> Vec<RawRow> {
 }
 
 fn line_of(text: &str, byte: usize) -> usize {
-    text.as_bytes()[..byte.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..byte.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
@@ -254,8 +264,7 @@ pub fn read_parquet(path: &Path, display: &str) -> Result<Vec<RawRow>> {
             Error::io(path, e)
         }
     })?;
-    let reader =
-        SerializedFileReader::new(file).map_err(|e| file_err(display, format!("cannot read Parquet: {e}")))?;
+    let reader = SerializedFileReader::new(file).map_err(|e| file_err(display, format!("cannot read Parquet: {e}")))?;
     let iter = reader
         .get_row_iter(None)
         .map_err(|e| file_err(display, format!("cannot read Parquet: {e}")))?;
@@ -306,9 +315,12 @@ fn parquet_field(field: &parquet::record::Field) -> std::result::Result<Value, S
             Err(_) => return Err("binary data that is not UTF-8 text".into()),
         },
         F::Group(row) => parquet_row(row)?,
-        F::ListInternal(list) => {
-            Value::Array(list.elements().iter().map(parquet_field).collect::<std::result::Result<_, _>>()?)
-        }
+        F::ListInternal(list) => Value::Array(
+            list.elements()
+                .iter()
+                .map(parquet_field)
+                .collect::<std::result::Result<_, _>>()?,
+        ),
         F::MapInternal(map) => {
             let mut out = serde_json::Map::new();
             for (k, v) in map.entries() {
@@ -447,7 +459,10 @@ pub fn resolve_hub_dataset_in(
         Ok(info) => info,
         Err(e) => {
             return from_cache().map_err(|cache_err| {
-                hub_err(&spec.id, format!("cannot list the repository (revision {rev}): {e}; and {cache_err}"))
+                hub_err(
+                    &spec.id,
+                    format!("cannot list the repository (revision {rev}): {e}; and {cache_err}"),
+                )
             })
         }
     };
@@ -486,7 +501,11 @@ pub fn list_files(dir: &Path) -> std::io::Result<Vec<String>> {
         if depth > 16 {
             return Ok(());
         }
-        let here = if rel.is_empty() { root.to_path_buf() } else { root.join(rel) };
+        let here = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(rel)
+        };
         for entry in std::fs::read_dir(&here)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -521,9 +540,7 @@ const NOT_DATA: [&str; 5] = [
 
 fn is_data_file(rel: &str) -> bool {
     let name = rel.rsplit('/').next().unwrap_or(rel);
-    FileKind::of(Path::new(name)).is_some()
-        && !NOT_DATA.contains(&name)
-        && !rel.split('/').any(|c| c.starts_with('.'))
+    FileKind::of(Path::new(name)).is_some() && !NOT_DATA.contains(&name) && !rel.split('/').any(|c| c.starts_with('.'))
 }
 
 fn list_some(files: &[&String]) -> String {
@@ -548,24 +565,37 @@ pub fn pick_data_files(files: &[String], subset: Option<&str>) -> std::result::R
         Some(sub) => {
             let folder = format!("{sub}/");
             let inner = format!("/{sub}/");
-            let under: Vec<&String> =
-                data.iter().copied().filter(|f| f.starts_with(&folder) || f.contains(&inner)).collect();
+            let under: Vec<&String> = data
+                .iter()
+                .copied()
+                .filter(|f| f.starts_with(&folder) || f.contains(&inner))
+                .collect();
             let under = if under.is_empty() {
                 data.iter().copied().filter(|f| f.contains(sub)).collect()
             } else {
                 under
             };
             if under.is_empty() {
-                return Err(format!("no data file for subset `{sub}` (data files: {})", list_some(&data)));
+                return Err(format!(
+                    "no data file for subset `{sub}` (data files: {})",
+                    list_some(&data)
+                ));
             }
             under
         }
         None => data.clone(),
     };
-    let train: Vec<&String> = candidates.iter().copied().filter(|f| f.to_ascii_lowercase().contains("train")).collect();
+    let train: Vec<&String> = candidates
+        .iter()
+        .copied()
+        .filter(|f| f.to_ascii_lowercase().contains("train"))
+        .collect();
     let chosen = if train.is_empty() { candidates } else { train };
     if subset.is_none() {
-        let mut tops: Vec<&str> = chosen.iter().filter_map(|f| f.split_once('/').map(|(top, _)| top)).collect();
+        let mut tops: Vec<&str> = chosen
+            .iter()
+            .filter_map(|f| f.split_once('/').map(|(top, _)| top))
+            .collect();
         tops.sort();
         tops.dedup();
         if tops.len() > 1 {

@@ -159,7 +159,10 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("origin", &self.origin).field("tokens", &self.tokens).finish()
+        f.debug_struct("ChatTemplate")
+            .field("origin", &self.origin)
+            .field("tokens", &self.tokens)
+            .finish()
     }
 }
 
@@ -235,10 +238,7 @@ impl ChatTemplate {
             unk_token: self.tokens.unk.as_deref(),
         };
         let limit = MAX_OUTPUT + 4 * messages.iter().map(|m| m.content.len()).sum::<usize>();
-        let mut out = CappedWriter {
-            buf: Vec::new(),
-            limit,
-        };
+        let mut out = CappedWriter { buf: Vec::new(), limit };
         match tmpl.render_captured_to(Value::from_serialize(&ctx), &mut out) {
             Ok(_) => {}
             Err(e) => {
@@ -257,13 +257,14 @@ impl ChatTemplate {
     }
 }
 
+/// Marks errors made by `raise_exception`, so they print as the template's own message.
+const RAISED: &str = "raise_exception: ";
+
 /// A template error as one line: the message (a `raise_exception` text verbatim) and where.
 fn describe(e: &minijinja::Error) -> String {
-    let mut s = match (e.kind(), e.detail()) {
-        (ErrorKind::InvalidOperation, Some(d)) if e.name().is_some() || e.line().is_some() => {
-            format!("raised: {d}")
-        }
-        _ => e.to_string(),
+    let mut s = match e.detail().and_then(|d| d.strip_prefix(RAISED)) {
+        Some(msg) => format!("the template raised an exception: {msg}"),
+        None => e.to_string(),
     };
     if let (Some(line), false) = (e.line(), s.contains("(in ")) {
         s.push_str(&format!(" (template line {line})"));
@@ -309,8 +310,16 @@ fn rewrite_generation_tags(src: &str) -> String {
         let tag = &tail[..end + 2];
         let inner = tag[2..tag.len() - 2].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
         let (lead, trail) = (
-            if tag[2..].starts_with(['-', '+']) { &tag[2..3] } else { "" },
-            if tag[..tag.len() - 2].ends_with(['-', '+']) { &tag[tag.len() - 3..tag.len() - 2] } else { "" },
+            if tag[2..].starts_with(['-', '+']) {
+                &tag[2..3]
+            } else {
+                ""
+            },
+            if tag[..tag.len() - 2].ends_with(['-', '+']) {
+                &tag[tag.len() - 3..tag.len() - 2]
+            } else {
+                ""
+            },
         );
         match inner {
             "generation" => out.push_str(&format!("{{%{lead} if true {trail}%}}")),
@@ -324,7 +333,10 @@ fn rewrite_generation_tags(src: &str) -> String {
 }
 
 fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> {
-    Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+    Err(minijinja::Error::new(
+        ErrorKind::InvalidOperation,
+        format!("{RAISED}{msg}"),
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -343,7 +355,12 @@ fn tojson(value: Value, indent: Option<Value>, kwargs: Kwargs) -> std::result::R
             Some(n) => Some(" ".repeat(n.clamp(0, 64) as usize)),
             None => match v.as_str() {
                 Some(s) => Some(s.to_string()),
-                None => return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: indent must be a number or a string")),
+                None => {
+                    return Err(minijinja::Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson: indent must be a number or a string",
+                    ))
+                }
             },
         },
     };
@@ -356,7 +373,13 @@ fn tojson(value: Value, indent: Option<Value>, kwargs: Kwargs) -> std::result::R
 
 /// Python's json.dumps layout: `", "` and `": "` without indent, newlines and `","` with it.
 /// Maps keep their order (as Python dicts do).
-pub fn py_json(v: &Value, indent: Option<&str>, sort_keys: bool, depth: usize, out: &mut String) -> std::result::Result<(), minijinja::Error> {
+pub fn py_json(
+    v: &Value,
+    indent: Option<&str>,
+    sort_keys: bool,
+    depth: usize,
+    out: &mut String,
+) -> std::result::Result<(), minijinja::Error> {
     use minijinja::value::ValueKind;
     let newline = |out: &mut String, depth: usize| {
         if let Some(ind) = indent {
@@ -495,10 +518,28 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 /// glibc's `%-d`-style unpadded forms.
 pub fn strftime(format: &str, unix_secs: i64) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
         "December",
     ];
-    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
     let days = unix_secs.div_euclid(86_400);
     let secs = unix_secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
@@ -555,7 +596,10 @@ mod tests {
         // 2024-02-29 13:05:09 UTC, a Thursday, day 60 of the year.
         let t = 1_709_211_909;
         assert_eq!(strftime("%d %b %Y", t), "29 Feb 2024");
-        assert_eq!(strftime("%A %-d %B %y %H:%M:%S %j %p", t), "Thursday 29 February 24 13:05:09 060 PM");
+        assert_eq!(
+            strftime("%A %-d %B %y %H:%M:%S %j %p", t),
+            "Thursday 29 February 24 13:05:09 060 PM"
+        );
         assert_eq!(strftime("%F %T %%", 0), "1970-01-01 00:00:00 %");
         assert_eq!(strftime("%j %a", 0), "001 Thu");
     }
@@ -563,14 +607,25 @@ mod tests {
     #[test]
     fn py_json_matches_python_layout() {
         let env = Environment::new();
-        let v = env.compile_expression(r#"{"b": [1, 2.0, "x\"y\n", none, true], "a": {}, "c": "é"}"#).unwrap().eval(()).unwrap();
+        let v = env
+            .compile_expression(r#"{"b": [1, 2.0, "x\"y\n", none, true], "a": {}, "c": "é"}"#)
+            .unwrap()
+            .eval(())
+            .unwrap();
         let mut s = String::new();
         py_json(&v, None, false, 0, &mut s).unwrap();
         assert_eq!(s, r#"{"b": [1, 2.0, "x\"y\n", null, true], "a": {}, "c": "é"}"#);
-        let v = env.compile_expression(r#"{"b": [1, 2.0, "x\"y\n"], "a": {}, "c": "é"}"#).unwrap().eval(()).unwrap();
+        let v = env
+            .compile_expression(r#"{"b": [1, 2.0, "x\"y\n"], "a": {}, "c": "é"}"#)
+            .unwrap()
+            .eval(())
+            .unwrap();
         let mut s = String::new();
         py_json(&v, Some("  "), true, 0, &mut s).unwrap();
-        assert_eq!(s, "{\n  \"a\": {},\n  \"b\": [\n    1,\n    2.0,\n    \"x\\\"y\\n\"\n  ],\n  \"c\": \"é\"\n}");
+        assert_eq!(
+            s,
+            "{\n  \"a\": {},\n  \"b\": [\n    1,\n    2.0,\n    \"x\\\"y\\n\"\n  ],\n  \"c\": \"é\"\n}"
+        );
     }
 
     #[test]
@@ -581,6 +636,9 @@ mod tests {
             SpecialTokens::default(),
         )
         .unwrap();
-        assert_eq!(t.render(&[Message::user("a"), Message::user("b")], false).unwrap(), "ab");
+        assert_eq!(
+            t.render(&[Message::user("a"), Message::user("b")], false).unwrap(),
+            "ab"
+        );
     }
 }

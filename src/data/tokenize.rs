@@ -153,9 +153,11 @@ impl Preprocessor {
                 ChatTemplate::new(&src, path, cfg.tokens.clone())?
             }
             None => match (&cfg.chat_template, &cfg.template_file) {
-                (Some(src), file) => {
-                    ChatTemplate::new(src, file.clone().unwrap_or_else(|| "tokenizer_config.json".into()), cfg.tokens.clone())?
-                }
+                (Some(src), file) => ChatTemplate::new(
+                    src,
+                    file.clone().unwrap_or_else(|| "tokenizer_config.json".into()),
+                    cfg.tokens.clone(),
+                )?,
                 (None, _) => {
                     let name = guess_template(&tokenizer);
                     eprintln!(
@@ -271,6 +273,7 @@ impl Preprocessor {
         };
         let (mut prompt, mut chosen, mut rejected_prompt, mut rejected, fallback) = inner().map_err(at_row)?;
 
+        // Same prompt (no separate rejected prompt survives when the ids agree) and same response.
         let identical = |c: &[u32], r: &[u32], rp: &Option<Vec<u32>>| c == r && rp.is_none();
         if identical(&chosen, &rejected, &rejected_prompt) {
             stats.dropped_identical += 1;
@@ -280,6 +283,9 @@ impl Preprocessor {
         let mut truncated = cut_prompt(&mut prompt, opts.max_prompt_length, opts.truncation_mode);
         if let Some(rp) = &mut rejected_prompt {
             truncated |= cut_prompt(rp, opts.max_prompt_length, opts.truncation_mode);
+        }
+        if rejected_prompt.as_ref() == Some(&prompt) {
+            rejected_prompt = None;
         }
         if let Some(max) = opts.max_length {
             let rp_len = rejected_prompt.as_ref().map_or(prompt.len(), Vec::len);
@@ -295,7 +301,7 @@ impl Preprocessor {
             return Ok(None);
         }
         // Cutting both responses to the same length can make them equal.
-        if truncated && identical(&chosen, &rejected, &rejected_prompt) && rejected_prompt.is_none() {
+        if truncated && identical(&chosen, &rejected, &rejected_prompt) {
             stats.dropped_identical += 1;
             return Ok(None);
         }
@@ -337,7 +343,10 @@ impl Preprocessor {
                 let handles: Vec<_> = pairs.chunks(chunk).map(|part| s.spawn(move || run(part))).collect();
                 handles
                     .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|_| Err(Error::Msg("tokenising thread panicked".into()))))
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(Error::Msg("tokenising thread panicked".into())))
+                    })
                     .collect()
             })
         };
@@ -375,8 +384,15 @@ mod tests {
     #[test]
     fn truncation_mode_parses() {
         assert_eq!("keep_end".parse::<TruncationMode>().unwrap(), TruncationMode::KeepEnd);
-        assert_eq!("keep-start".parse::<TruncationMode>().unwrap(), TruncationMode::KeepStart);
-        assert!("middle".parse::<TruncationMode>().unwrap_err().to_string().contains("keep_end"));
+        assert_eq!(
+            "keep-start".parse::<TruncationMode>().unwrap(),
+            TruncationMode::KeepStart
+        );
+        assert!("middle"
+            .parse::<TruncationMode>()
+            .unwrap_err()
+            .to_string()
+            .contains("keep_end"));
         assert_eq!(TruncationMode::KeepStart.to_string(), "keep_start");
     }
 

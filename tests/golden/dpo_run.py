@@ -59,7 +59,7 @@ N_PAIRS = 16
 PROMPT_LEN = (5, 12)  # inclusive
 COMPLETION_LEN = (3, 10)  # inclusive, chosen and rejected lengths always differ
 ID_RANGE = (20, 400)  # half-open: ordinary (non-special) tokenizer ids
-DATA_SEED = 5150
+DATA_SEED = 392  # picked (with the lr) so that some, not all, steps clip while the run stays well-conditioned
 INIT_SEED = 6060  # torch seed for PEFT's A init
 INIT_B_SEED = 6061  # generator seed for B = 0.01 * randn
 LOGPS_N_PAIRS = 4
@@ -69,7 +69,7 @@ LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", ta
 TRAIN = dict(
     beta=0.1,
     loss_type="sigmoid",
-    learning_rate=5e-3,
+    learning_rate=5e-2,
     lr_scheduler_type="cosine",
     warmup_steps=2,
     weight_decay=0.1,
@@ -346,9 +346,6 @@ def run_training(pairs, init_sd, workdir):
     clip_info = []
 
     class Snap(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-            pass
-
         def on_optimizer_step(self, args, state, control, model=None, **kw):
             snapshots.append({disk_key(n): p.detach().clone() for n, p in lora_params(model).items()})
 
@@ -398,14 +395,17 @@ def run_training(pairs, init_sd, workdir):
     for h in hist:
         row = {"step": h["step"]}
         for k in LOG_KEYS:
-            v = h[k]
-            row[k] = float(v) if not isinstance(v, int) or isinstance(v, bool) else v
+            row[k] = float(h[k])
         steps.append(row)
     assert len(clip_info) == TRAIN["max_steps"] and len(snapshots) == TRAIN["max_steps"]
     for row, c in zip(steps, clip_info):
         assert abs(row["grad_norm"] - c["pre"]) <= 1e-6 * max(1.0, c["pre"]), (row["grad_norm"], c)
         row["grad_norm_post_clip"] = c["post"]
         row["clipped"] = c["pre"] > TRAIN["max_grad_norm"]
+        row["clip_coef"] = min(1.0, TRAIN["max_grad_norm"] / (c["pre"] + 1e-6))
+        # The lr the optimizer used for this update (scheduler value before its step); TRL logs the same number.
+        row["lr_used_for_update"] = lr_at(row["step"])
+        assert abs(row["lr_used_for_update"] - row["learning_rate"]) <= 1e-12, row
 
     # --- data order and batch layout, verified on every micro-batch and forward ---
     n_micro = TRAIN["max_steps"] * TRAIN["gradient_accumulation_steps"]
@@ -803,7 +803,12 @@ def main():
             "B": "0.01 * torch.randn(shape, generator=torch.Generator().manual_seed(%d)), drawn in sorted parameter-name order" % INIT_B_SEED,
         },
         "training": {k: v for k, v in TRAIN.items() if k not in ("report_to", "disable_tqdm")},
-        "lr_note": "5e-3 chosen so that some but not all steps clip (see clipped_steps)",
+        "lr_note": (
+            "learning_rate 5e-2 (not the 5e-3 first proposed): with 5e-3 no step clips (pre-clip grad norms 0.2-0.8). "
+            "The data seed and the lr were chosen together so that some steps clip (see clipped_steps) while the run "
+            "stays well-conditioned: with lr >= ~0.06 the trajectory becomes chaotic and an independent float32 "
+            "re-implementation drifts from TRL by 1e-4..1e-2 within 20 steps; here it stays within a few 1e-6 (see replay)."
+        ),
         "optimizer_resolved": run["optimizer"],
         "lr_scheduler_resolved": run["lr_scheduler"],
         "pad_token_id": PAD_ID,
@@ -820,6 +825,7 @@ def main():
         "pairs": pairs,
         "order": run["order"],
         "example_batch_micro_batch_1": run["example_batch"],
+        "backbone_forward_kwargs_besides_input_ids_attention_mask": run["extra_forward_kwargs"],
         "steps": steps,
         "clipped_steps": clipped,
         "notes": NOTES,

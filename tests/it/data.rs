@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use lorafold::data::formats::load_file;
 use lorafold::data::source::{pick_data_files, resolve_hub_dataset_in, HubSpec};
 use lorafold::data::{
-    load_pairs, LoadOptions, Message, PrepareStats, PreferencePair, Preprocessor, RowRef, TokenizeOptions,
+    load_pairs, LoadOptions, Message, PreferencePair, PrepareStats, Preprocessor, RowRef, TokenizeOptions,
     TruncationMode,
 };
 
@@ -92,7 +92,14 @@ fn every_format_parses_to_the_same_pair() {
         assert_eq!(pairs.len(), rows, "{name}");
         assert_eq!(stats.rows, rows, "{name}");
         assert_eq!(stats.formats, vec![(spec.clone(), format.to_string())], "{name}");
-        assert_eq!(pairs[0].0, RowRef { file: spec.clone(), line: 1 }, "{name}");
+        assert_eq!(
+            pairs[0].0,
+            RowRef {
+                file: spec.clone(),
+                line: 1
+            },
+            "{name}"
+        );
         assert_eq!(pairs[0].1, expected_pair(), "{name}");
     }
     // ms-swift v4 with rejected_messages sharing the prompt.
@@ -140,7 +147,11 @@ fn hh_rlhf_and_align_anything_parse_to_their_own_pairs() {
 fn json_files_may_wrap_rows_or_hold_json_lines() {
     let dir = tempfile::tempdir().unwrap();
     let row = r#"{"prompt": "q", "chosen": "a", "rejected": "b"}"#;
-    let wrapped = temp_file(&dir, "wrapped.json", format!(r#"{{"train": [{row}, {row}]}}"#).as_bytes());
+    let wrapped = temp_file(
+        &dir,
+        "wrapped.json",
+        format!(r#"{{"train": [{row}, {row}]}}"#).as_bytes(),
+    );
     assert_eq!(load(&wrapped).0.len(), 2);
     let lines = temp_file(&dir, "lines.json", format!("{row}\n\n{row}\n").as_bytes());
     let (pairs, _) = load(&lines);
@@ -177,11 +188,18 @@ fn assert_contains(msg: &str, parts: &[&str]) {
 fn bad_rows_are_errors_naming_file_line_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let cases: Vec<(&str, String, Vec<&str>)> = vec![
-        ("malformed.jsonl", format!("{GOOD}\n{GOOD}\n{{\"prompt\": \"q\", \"chosen\": \n"), vec!["malformed.jsonl:3", "invalid JSON"]),
+        (
+            "malformed.jsonl",
+            format!("{GOOD}\n{GOOD}\n{{\"prompt\": \"q\", \"chosen\": \n"),
+            vec!["malformed.jsonl:3", "invalid JSON"],
+        ),
         (
             "wrong_type.jsonl",
             format!("{GOOD}\n{{\"prompt\": \"q\", \"chosen\": 42, \"rejected\": \"b\"}}\n"),
-            vec!["wrong_type.jsonl:2", "key `chosen` must be a string or a list of messages, got a number"],
+            vec![
+                "wrong_type.jsonl:2",
+                "key `chosen` must be a string or a list of messages, got a number",
+            ],
         ),
         (
             "missing.jsonl",
@@ -216,7 +234,10 @@ fn bad_rows_are_errors_naming_file_line_and_key() {
         (
             "xtuner_no_gpt.jsonl",
             r#"{"chosen_conversations": [{"from": "human", "value": "q"}], "rejected_conversations": []}"#.to_string(),
-            vec!["xtuner_no_gpt.jsonl:1", "`chosen_conversations` has no assistant (gpt) turn"],
+            vec![
+                "xtuner_no_gpt.jsonl:1",
+                "`chosen_conversations` has no assistant (gpt) turn",
+            ],
         ),
         (
             "hh_bad.jsonl",
@@ -226,9 +247,16 @@ fn bad_rows_are_errors_naming_file_line_and_key() {
         (
             "array.json",
             format!("[\n  {GOOD},\n  {{\"prompt\": \"q\",\n   \"chosen\": null, \"rejected\": \"b\"}}\n]"),
-            vec!["array.json: row 2 (line 3)", "key `chosen` must be a string or a list of messages, got null"],
+            vec![
+                "array.json: row 2 (line 3)",
+                "key `chosen` must be a string or a list of messages, got null",
+            ],
         ),
-        ("broken_array.json", format!("[\n  {GOOD},\n  {{\"prompt\": }}\n]"), vec!["broken_array.json:3", "invalid JSON"]),
+        (
+            "broken_array.json",
+            format!("[\n  {GOOD},\n  {{\"prompt\": }}\n]"),
+            vec!["broken_array.json:3", "invalid JSON"],
+        ),
     ];
     for (name, content, parts) in cases {
         let spec = temp_file(&dir, name, content.as_bytes());
@@ -261,17 +289,50 @@ fn empty_unknown_and_mixed_files_are_errors() {
     let msg = load_err(&unknown, true);
     assert_contains(
         &msg,
-        &["unknown.jsonl:1", "unknown preference-data format", "[label, text]", "trl-explicit-prompt", "hh-rlhf", "xtuner"],
+        &[
+            "unknown.jsonl:1",
+            "unknown preference-data format",
+            "[label, text]",
+            "trl-explicit-prompt",
+            "hh-rlhf",
+            "xtuner",
+        ],
     );
-    let half = temp_file(&dir, "half.jsonl", b"{\"chosen\": \"x\", \"rejected\": [{\"role\": \"assistant\", \"content\": \"y\"}]}\n");
-    assert_contains(&load_err(&half, false), &["`chosen` is a string and `rejected` is a list"]);
+    let half = temp_file(
+        &dir,
+        "half.jsonl",
+        b"{\"chosen\": \"x\", \"rejected\": [{\"role\": \"assistant\", \"content\": \"y\"}]}\n",
+    );
+    assert_contains(
+        &load_err(&half, false),
+        &["`chosen` is a string and `rejected` is a list"],
+    );
 
-    let mixed = format!("{GOOD}\n{}\n", r#"{"query": "q", "response": "a", "rejected_response": "b"}"#);
+    let mixed = format!(
+        "{GOOD}\n{}\n",
+        r#"{"query": "q", "response": "a", "rejected_response": "b"}"#
+    );
     let spec = temp_file(&dir, "mixed.jsonl", mixed.as_bytes());
-    assert_contains(&load_err(&spec, false), &["mixed.jsonl:2", "mixed formats", "ms-swift-v2", "trl-explicit-prompt", "missing `prompt`"]);
-    let mixed = format!("{}\n{}\n", r#"{"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b"}"#, r#"{"chosen": [], "rejected": []}"#);
+    assert_contains(
+        &load_err(&spec, false),
+        &[
+            "mixed.jsonl:2",
+            "mixed formats",
+            "ms-swift-v2",
+            "trl-explicit-prompt",
+            "missing `prompt`",
+        ],
+    );
+    let mixed = format!(
+        "{}\n{}\n",
+        r#"{"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b"}"#,
+        r#"{"chosen": [], "rejected": []}"#
+    );
     let spec = temp_file(&dir, "mixed_hh.jsonl", mixed.as_bytes());
-    assert_contains(&load_err(&spec, false), &["mixed_hh.jsonl:2", "mixed formats", "trl-implicit-prompt", "hh-rlhf"]);
+    assert_contains(
+        &load_err(&spec, false),
+        &["mixed_hh.jsonl:2", "mixed formats", "trl-implicit-prompt", "hh-rlhf"],
+    );
 
     let missing = dir.path().join("absent.jsonl");
     assert_contains(&load_err(missing.to_str().unwrap(), false), &["absent.jsonl"]);
@@ -347,10 +408,16 @@ fn hub_datasets_resolve_from_the_cache_offline() {
     assert_eq!(spec.subset.as_deref(), Some("text-to-text"));
     let files = resolve_hub_dataset_in(cache.path(), &spec, None, true).unwrap();
     assert_eq!(files.len(), 1);
-    assert_eq!(files[0].display, "hf://datasets/lorafold-test/prefs/text-to-text/train_12k.jsonl");
+    assert_eq!(
+        files[0].display,
+        "hf://datasets/lorafold-test/prefs/text-to-text/train_12k.jsonl"
+    );
     let (pairs, stats) = load_file(&files[0].path, &files[0].display, &LoadOptions::default()).unwrap();
     assert_eq!(stats.formats[0].1, "align-anything");
-    assert_eq!(pairs[0].0.to_string(), "hf://datasets/lorafold-test/prefs/text-to-text/train_12k.jsonl:1");
+    assert_eq!(
+        pairs[0].0.to_string(),
+        "hf://datasets/lorafold-test/prefs/text-to-text/train_12k.jsonl:1"
+    );
 
     // A subset that names a split; a commit given as the revision.
     let val = HubSpec::parse("lorafold-test/prefs:val").unwrap();
@@ -359,11 +426,18 @@ fn hub_datasets_resolve_from_the_cache_offline() {
 
     // Without a subset, two configurations are ambiguous.
     let whole = HubSpec::parse("lorafold-test/prefs").unwrap();
-    let e = resolve_hub_dataset_in(cache.path(), &whole, None, true).unwrap_err().to_string();
-    assert_contains(&e, &["lorafold-test/prefs", "several subsets", "other", "text-to-text"]);
-    let e = resolve_hub_dataset_in(cache.path(), &HubSpec::parse("lorafold-test/prefs:nope").unwrap(), None, true)
+    let e = resolve_hub_dataset_in(cache.path(), &whole, None, true)
         .unwrap_err()
         .to_string();
+    assert_contains(&e, &["lorafold-test/prefs", "several subsets", "other", "text-to-text"]);
+    let e = resolve_hub_dataset_in(
+        cache.path(),
+        &HubSpec::parse("lorafold-test/prefs:nope").unwrap(),
+        None,
+        true,
+    )
+    .unwrap_err()
+    .to_string();
     assert_contains(&e, &["subset `nope`", "text-to-text/train_12k.jsonl"]);
 
     // Not cached, offline.
@@ -389,7 +463,10 @@ fn data_files_are_picked_like_the_hub_lays_them_out() {
         pick_data_files(&files, None).unwrap(),
         ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]
     );
-    assert_eq!(pick_data_files(&files, Some("test")).unwrap(), ["data/test-00000-of-00001.parquet"]);
+    assert_eq!(
+        pick_data_files(&files, Some("test")).unwrap(),
+        ["data/test-00000-of-00001.parquet"]
+    );
     assert!(pick_data_files(&files[..2], None).unwrap_err().contains("no .parquet"));
     assert!(HubSpec::parse("./local/file.jsonl").is_none());
     assert!(HubSpec::parse("a/b/c").is_none());
@@ -442,8 +519,13 @@ fn chat_templates_render_like_transformers() {
             .entry(key)
             .or_insert_with(|| preprocessor(&c.model, c.template.as_deref().map(template_path).as_deref()));
         let conv = &g.conversations[&c.conversation];
-        let what = format!("{} / {:?} / {} / gen={}", c.model, c.template, c.conversation, c.add_generation_prompt);
-        let text = pre.render(conv, c.add_generation_prompt).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let what = format!(
+            "{} / {:?} / {} / gen={}",
+            c.model, c.template, c.conversation, c.add_generation_prompt
+        );
+        let text = pre
+            .render(conv, c.add_generation_prompt)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(text, c.text, "{what}");
         assert_eq!(pre.encode(&text).unwrap(), c.ids, "{what}");
     }
@@ -456,7 +538,9 @@ fn responses_are_what_the_full_conversation_adds_to_the_prompt() {
     let ids = |model: &str, conv: &str, gen: bool| {
         g.cases
             .iter()
-            .find(|c| c.model == model && c.template.is_none() && c.conversation == conv && c.add_generation_prompt == gen)
+            .find(|c| {
+                c.model == model && c.template.is_none() && c.conversation == conv && c.add_generation_prompt == gen
+            })
             .map(|c| c.ids.clone())
             .unwrap()
     };
@@ -494,8 +578,15 @@ fn models_without_a_template_get_a_fitting_fallback() {
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let pre = Preprocessor::from_model_dir(dir.path(), None).unwrap();
     // The shared vocabulary has <|im_start|>: chatml.
-    assert!(pre.template().origin().contains("chatml"), "{}", pre.template().origin());
-    assert_eq!(pre.render(&[Message::user("hi")], true).unwrap(), "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    assert!(
+        pre.template().origin().contains("chatml"),
+        "{}",
+        pre.template().origin()
+    );
+    assert_eq!(
+        pre.render(&[Message::user("hi")], true).unwrap(),
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
 
     // A list of named templates: "default" is used.
     cfg["chat_template"] = serde_json::json!([
@@ -506,15 +597,26 @@ fn models_without_a_template_get_a_fitting_fallback() {
     let pre = Preprocessor::from_model_dir(dir.path(), None).unwrap();
     assert_eq!(pre.render(&[Message::user("hi")], true).unwrap(), "<hi>");
 
-    let e = Preprocessor::from_model_dir(dir.path(), Some("vicuna")).unwrap_err().to_string();
+    let e = Preprocessor::from_model_dir(dir.path(), Some("vicuna"))
+        .unwrap_err()
+        .to_string();
     assert_contains(&e, &["vicuna", "chatml", "raw"]);
 }
 
 #[test]
 fn a_template_that_raises_is_an_error_with_its_message() {
     let pre = preprocessor("mistral", None);
-    let e = pre.render(&[Message::user("a"), Message::user("b")], false).unwrap_err().to_string();
-    assert_contains(&e, &["tokenizer_config.json", "Conversation roles must alternate user/assistant/user/assistant/..."]);
+    let e = pre
+        .render(&[Message::user("a"), Message::user("b")], false)
+        .unwrap_err()
+        .to_string();
+    assert_contains(
+        &e,
+        &[
+            "tokenizer_config.json",
+            "Conversation roles must alternate user/assistant/user/assistant/...",
+        ],
+    );
     // Through tokenize_pair the row is named too.
     let pair = PreferencePair {
         prompt: vec![Message::user("a"), Message::user("b")],
@@ -547,12 +649,21 @@ fn a_template_that_loops_too_long_is_stopped() {
     assert_contains(&e, &["endless.jinja", "out of fuel"]);
     assert!(t0.elapsed().as_secs_f32() < 5.0);
 
-    let deep = temp_file(&dir, "deep.jinja", b"{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}");
-    let e = preprocessor("qwen3", Some(&deep)).render(&[Message::user("hi")], true).unwrap_err().to_string();
+    let deep = temp_file(
+        &dir,
+        "deep.jinja",
+        b"{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    );
+    let e = preprocessor("qwen3", Some(&deep))
+        .render(&[Message::user("hi")], true)
+        .unwrap_err()
+        .to_string();
     assert_contains(&e, &["deep.jinja"]);
 
     let syntax = temp_file(&dir, "syntax.jinja", b"{% for m in messages %}");
-    let e = Preprocessor::from_model_dir(&model_dir("qwen3"), Some(&syntax)).unwrap_err().to_string();
+    let e = Preprocessor::from_model_dir(&model_dir("qwen3"), Some(&syntax))
+        .unwrap_err()
+        .to_string();
     assert_contains(&e, &["syntax.jinja", "cannot parse"]);
 }
 
@@ -583,7 +694,12 @@ fn boundary_mismatches_fall_back_to_the_response_alone_plus_eos() {
     let eos = pre.eos_token_id().unwrap();
     let mut stats = PrepareStats::default();
     let t = pre
-        .tokenize_pair(&row(1), &simple_pair("Hello wor", "ld", "ld!"), &TokenizeOptions::default(), &mut stats)
+        .tokenize_pair(
+            &row(1),
+            &simple_pair("Hello wor", "ld", "ld!"),
+            &TokenizeOptions::default(),
+            &mut stats,
+        )
         .unwrap()
         .unwrap();
     assert_eq!(t.prompt, pre.encode("Hello wor").unwrap());
@@ -594,19 +710,33 @@ fn boundary_mismatches_fall_back_to_the_response_alone_plus_eos() {
 
     // A template that rewrites earlier text depending on the whole conversation.
     let dir = tempfile::tempdir().unwrap();
-    let rewriting = temp_file(&dir, "count.jinja", b"{{ messages | length }}{% for m in messages %} {{ m.content }}{% endfor %}");
+    let rewriting = temp_file(
+        &dir,
+        "count.jinja",
+        b"{{ messages | length }}{% for m in messages %} {{ m.content }}{% endfor %}",
+    );
     let pre = preprocessor("qwen3", Some(&rewriting));
     let mut stats = PrepareStats::default();
-    pre.tokenize_pair(&row(1), &simple_pair("the cat", "is happy", "is sad"), &TokenizeOptions::default(), &mut stats)
-        .unwrap()
-        .unwrap();
+    pre.tokenize_pair(
+        &row(1),
+        &simple_pair("the cat", "is happy", "is sad"),
+        &TokenizeOptions::default(),
+        &mut stats,
+    )
+    .unwrap()
+    .unwrap();
     assert_eq!(stats.boundary_fallbacks, 1);
 
     // No mismatch: no fallback.
     let pre = preprocessor("qwen3", Some("raw"));
     let mut stats = PrepareStats::default();
     let t = pre
-        .tokenize_pair(&row(1), &simple_pair("Hello", " world", " cat"), &TokenizeOptions::default(), &mut stats)
+        .tokenize_pair(
+            &row(1),
+            &simple_pair("Hello", " world", " cat"),
+            &TokenizeOptions::default(),
+            &mut stats,
+        )
         .unwrap()
         .unwrap();
     assert_eq!(t.chosen, pre.encode(" world").unwrap());
@@ -622,7 +752,12 @@ fn truncation_keeps_the_chosen_end_of_the_prompt_and_the_start_of_responses() {
         " no",
     );
     let full = pre
-        .tokenize_pair(&row(1), &pair, &TokenizeOptions::default(), &mut PrepareStats::default())
+        .tokenize_pair(
+            &row(1),
+            &pair,
+            &TokenizeOptions::default(),
+            &mut PrepareStats::default(),
+        )
         .unwrap()
         .unwrap();
     assert!(full.prompt.len() > 6 && full.chosen.len() > 6, "{full:?}");
@@ -652,7 +787,10 @@ fn truncation_keeps_the_chosen_end_of_the_prompt_and_the_start_of_responses() {
         truncation_mode: TruncationMode::KeepEnd,
     };
     let mut stats = PrepareStats::default();
-    assert_eq!(pre.tokenize_pair(&row(1), &pair, &opts, &mut stats).unwrap().unwrap(), full);
+    assert_eq!(
+        pre.tokenize_pair(&row(1), &pair, &opts, &mut stats).unwrap().unwrap(),
+        full
+    );
     assert_eq!(stats.truncated, 0);
 }
 
@@ -670,14 +808,25 @@ fn identical_and_empty_pairs_are_dropped_and_counted() {
     ];
     // Row 5's prompt fills max_length: nothing left to score. Row 6's responses share their first
     // tokens ("the cat is "): cut to those, they become identical.
-    let q = pre.encode(&pre.render(&[Message::user("q")], true).unwrap()).unwrap().len();
+    let q = pre
+        .encode(&pre.render(&[Message::user("q")], true).unwrap())
+        .unwrap()
+        .len();
     let max_length = q + 5;
     let opts = TokenizeOptions {
         max_length: Some(max_length),
         max_prompt_length: None,
         truncation_mode: TruncationMode::KeepEnd,
     };
-    let r6 = pre.tokenize_pair(&row(6), &pairs[5].1, &TokenizeOptions::default(), &mut PrepareStats::default()).unwrap().unwrap();
+    let r6 = pre
+        .tokenize_pair(
+            &row(6),
+            &pairs[5].1,
+            &TokenizeOptions::default(),
+            &mut PrepareStats::default(),
+        )
+        .unwrap()
+        .unwrap();
     assert_eq!(r6.chosen[..5], r6.rejected[..5]);
     let long = pre.encode(&pre.render(&pairs[4].1.prompt, true).unwrap()).unwrap();
     assert!(long.len() >= max_length, "{}", long.len());
@@ -705,7 +854,10 @@ fn a_rejected_side_with_its_own_prompt_is_tokenised_with_it() {
     assert_eq!(stats.kept, 2);
     assert_eq!(out[0].rejected_prompt, None);
     let rp = out[1].rejected_prompt.as_ref().unwrap();
-    assert_eq!(*rp, pre.encode(&pre.render(&[Message::user(USER2)], true).unwrap()).unwrap());
+    assert_eq!(
+        *rp,
+        pre.encode(&pre.render(&[Message::user(USER2)], true).unwrap()).unwrap()
+    );
     assert_eq!(out[1].rejected_prompt(), rp.as_slice());
     assert_eq!(out[1].rejected, out[0].rejected);
 }
@@ -718,7 +870,10 @@ fn quickstart_data_loads_and_prepares_in_parallel_like_one_by_one() {
     assert_eq!(stats.formats[0].1, "trl-explicit-prompt");
     for (_, p) in train.iter().chain(&eval) {
         let c = &p.chosen[0].content;
-        assert!((c.starts_with("Yes,") || c.starts_with("Sure,")) && c.ends_with('.'), "{c}");
+        assert!(
+            (c.starts_with("Yes,") || c.starts_with("Sure,")) && c.ends_with('.'),
+            "{c}"
+        );
         assert!(p.rejected[0].content.starts_with("no") && p.rejected[0].content.ends_with('!'));
     }
     // qwen2's template adds a long default system prompt: prompts are 41-81 tokens.
@@ -737,5 +892,7 @@ fn quickstart_data_loads_and_prepares_in_parallel_like_one_by_one() {
     assert_eq!(pstats, seq_stats);
     assert_eq!(pstats.kept, 400);
     assert_eq!((pstats.boundary_fallbacks, pstats.truncated), (0, 0));
-    assert!(par.iter().all(|t| (8..=24).contains(&t.chosen.len()) && (8..=24).contains(&t.rejected.len())));
+    assert!(par
+        .iter()
+        .all(|t| (8..=24).contains(&t.chosen.len()) && (8..=24).contains(&t.rejected.len())));
 }

@@ -32,7 +32,7 @@ fn golden_pairs(g: &Value) -> Vec<PairIds> {
 
 /// Settings equal to the TRL run's.
 fn golden_settings(g: &Value) -> Settings {
-    let st = &g["settings"];
+    let st = &g["settings"]["training"];
     let f = |k: &str| st[k].as_f64().unwrap_or_else(|| panic!("settings.{k}"));
     let u = |k: &str| st[k].as_u64().unwrap_or_else(|| panic!("settings.{k}")) as usize;
     DpoOptions {
