@@ -25,9 +25,9 @@ pub enum Command {
     /// Score preference pairs: loss, rewards, accuracy.
     Eval(EvalArgs),
     /// Merge adapters into the base weights, or combine several adapters.
-    Merge(MergeArgs),
+    Merge(lorafold::merge::MergeArgs),
     /// Generate text with a model, optionally with an adapter.
-    Infer(InferArgs),
+    Infer(lorafold::infer::InferArgs),
     /// Print a model's architecture and sizes, and check an adapter against it.
     Inspect(InspectArgs),
 }
@@ -68,18 +68,6 @@ pub struct EvalArgs {
     pub per_pair: Option<PathBuf>,
     #[command(flatten)]
     pub options: DpoOptions,
-}
-
-#[derive(Debug, Args)]
-pub struct MergeArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-}
-
-#[derive(Debug, Args)]
-pub struct InferArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
 }
 
 #[derive(Debug, Args)]

@@ -24,8 +24,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect(args),
         Command::Dpo(args) => dpo(args),
         Command::Eval(args) => eval(args),
-        Command::Merge(_) => anyhow::bail!("`lorafold merge` is not implemented yet"),
-        Command::Infer(_) => anyhow::bail!("`lorafold infer` is not implemented yet"),
+        Command::Merge(args) => lorafold::merge::run(&args),
+        Command::Infer(args) => lorafold::infer::run(&args),
     }
 }
 

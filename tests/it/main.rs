@@ -8,5 +8,7 @@ mod data;
 mod errors;
 mod golden;
 mod hub;
+mod infer;
 mod losses;
+mod merge;
 mod train;
