@@ -3,6 +3,7 @@
 //! The base model is loaded once. With an adapter slot switched on it is the policy; with all
 //! adapters off it is the frozen DPO reference.
 
+pub mod bench;
 pub mod data;
 pub mod dpo;
 pub mod error;

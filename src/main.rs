@@ -22,6 +22,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect(args),
+        Command::Bench(args) => lorafold::bench::run(&args),
         Command::Dpo(args) => dpo(args),
         Command::Eval(args) => eval(args),
         Command::Merge(args) => lorafold::merge::run(&args),

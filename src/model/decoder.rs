@@ -6,6 +6,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
 
+use super::cache::KvCache;
 use super::config::{module_path, ModelConfig, LINEAR_MODULES};
 use super::ops::{apply_rope, rms_norm, softmax_last_dim, Rope, MASK_VALUE};
 use super::weights::WeightSource;
@@ -304,6 +305,137 @@ impl Model {
         let h = self.forward_hidden(input_ids, attention_mask, ctx)?;
         Ok(self.logits(&h)?.to_dtype(DType::F32)?)
     }
+}
+
+/// Incremental decoding (inference only): the attention of new positions reads the keys and
+/// values of earlier ones from a [`KvCache`] the caller owns.
+impl Model {
+    /// Feed `input_ids` [B, T_new] (u32) at positions `cache.len()..cache.len() + T_new`,
+    /// appending their keys and values to `cache`, and return the f32 logits of the last new
+    /// position, [B, V]. The first call feeds the prompt, each later call the token just chosen.
+    ///
+    /// Rows are not padded: a batch holds sequences of equal length. Sliding-window layers mask
+    /// cached keys that are `window` or more positions behind the query, as the full forward
+    /// does. On error the cache is cleared.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache, ctx: &Fwd) -> Result<Tensor> {
+        if cache.num_layers() != self.blocks.len() {
+            return Err(Error::Msg(format!(
+                "KV cache has {} layers, the model {}",
+                cache.num_layers(),
+                self.blocks.len()
+            )));
+        }
+        let r = self.forward_cached_inner(input_ids, cache, ctx);
+        if r.is_err() {
+            cache.reset();
+        }
+        r
+    }
+
+    fn forward_cached_inner(&self, input_ids: &Tensor, cache: &mut KvCache, ctx: &Fwd) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if t == 0 {
+            return Err(Error::Msg("forward_cached: no new tokens".into()));
+        }
+        let start = cache.len();
+        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let mut x = self.embed.index_select(&ids, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let (cos, sin) = self.rope.tables(start, t, self.dtype, &self.device)?;
+        let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
+        for (l, block) in self.blocks.iter().enumerate() {
+            let w = block.attn.sliding_window;
+            let mask = match masks.iter().find(|(k, _)| *k == w) {
+                Some((_, m)) => m.clone(),
+                None => {
+                    let m = cached_mask(start, t, w, &self.device)?;
+                    masks.push((w, m.clone()));
+                    m
+                }
+            };
+            let eps = self.cfg.rms_norm_eps;
+            let h = rms_norm(&x, &block.input_norm, eps)?;
+            let a = self.attention_cached(&block.attn, &h, &cos, &sin, mask.as_ref(), cache, l, ctx)?;
+            x = (x + a)?;
+            let h = rms_norm(&x, &block.post_norm, eps)?;
+            let m = &block.mlp;
+            let g = m.gate.forward(&h, ctx)?.silu()?;
+            let u = m.up.forward(&h, ctx)?;
+            x = (&x + m.down.forward(&(g * u)?, ctx)?)?;
+        }
+        cache.advance(t);
+        let last = x.narrow(1, t - 1, 1)?;
+        let h = rms_norm(&last, &self.norm, self.cfg.rms_norm_eps)?;
+        Ok(self.logits(&h)?.squeeze(1)?.to_dtype(DType::F32)?)
+    }
+
+    /// [`Model::attention`] over cached + new keys: x [B, T, H] at positions start.., mask
+    /// [1, 1, T, start + T] (`None`: nothing masked).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_cached(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        layer: usize,
+        ctx: &Fwd,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let eps = self.cfg.rms_norm_eps;
+        let heads = |y: Tensor, n: usize, norm: &Option<Tensor>| -> Result<Tensor> {
+            let mut y = y.reshape((b, t, n, hd))?;
+            if let Some(w) = norm {
+                y = rms_norm(&y, w, eps)?;
+            }
+            Ok(y.transpose(1, 2)?)
+        };
+        let q = heads(attn.q.forward(x, ctx)?, nh, &attn.q_norm)?;
+        let k = heads(attn.k.forward(x, ctx)?, nkv, &attn.k_norm)?;
+        let v = heads(attn.v.forward(x, ctx)?, nkv, &None)?;
+        let q = apply_rope(&q.contiguous()?, cos, sin)?;
+        let k = apply_rope(&k.contiguous()?, cos, sin)?;
+        let (k, v) = cache.append(layer, &k, &v)?;
+        let len = k.dim(2)?;
+        // GQA folding as in `attention`: [B, nkv, rep*T, hd] against [B, nkv, len, hd].
+        let rep = nh / nkv;
+        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, rep * t, hd))?;
+        let scores = q.matmul(&k.t()?.contiguous()?)?.reshape((b, nh, t, len))?;
+        let mut scores = scores.to_dtype(DType::F32)?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let probs = softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        let probs = probs.reshape((b, nkv, rep * t, len))?;
+        let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
+        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        Ok(attn.o.forward(&out, ctx)?)
+    }
+}
+
+/// Additive mask [1, 1, T, start + T] (f32) for T queries at positions start.. over every key
+/// so far, the rule of [`causal_mask`]; `None` when it masks nothing (one query, no window
+/// exceeded).
+fn cached_mask(start: usize, t: usize, window: Option<usize>, device: &Device) -> Result<Option<Tensor>> {
+    let len = start + t;
+    let mut m = vec![0f32; t * len];
+    let mut any = false;
+    for i in 0..t {
+        let qi = start + i;
+        for j in 0..len {
+            let visible = j <= qi && window.is_none_or(|w| qi - j < w);
+            if !visible {
+                m[i * len + j] = MASK_VALUE;
+                any = true;
+            }
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::from_vec(m, (1, 1, t, len), device)?))
 }
 
 /// Additive causal mask [T, T] (f32): 0 where key j may be seen from query i, i.e. j <= i and,

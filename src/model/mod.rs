@@ -1,10 +1,12 @@
 //! The decoder: config, differentiable ops, weights, and the model itself.
 
+pub mod cache;
 pub mod config;
 pub mod decoder;
 pub mod ops;
 pub mod weights;
 
+pub use cache::KvCache;
 pub use config::{Arch, ModelConfig};
 pub use decoder::{token_logps, LoadOptions, Model};
 

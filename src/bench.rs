@@ -1,0 +1,232 @@
+//! `lorafold bench`: a fixed, reproducible DPO workload on a ~30M-parameter Llama-architecture
+//! model (hidden 512, 8 layers, 8 heads, intermediate 1376, vocab 16k, random weights from a
+//! fixed seed) and a fixed preference batch (4 pairs, prompts ~150 tokens, responses ~100).
+//! Reports tokens/s of a DPO step (real tokens, chosen + rejected), the median seconds per step,
+//! peak RSS, and the fraction of the machine's measured matmul peak reached.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+
+use crate::dpo::batch::PairIds;
+use crate::error::{Error, Result};
+use crate::lora::config::{LoraConfig, TargetModules};
+use crate::lora::{attach_new, LoraInit};
+use crate::model::{LoadOptions, Model};
+use crate::recipe::DpoOptions;
+use crate::rng::Rng;
+use crate::train::metrics::peak_rss_mib;
+use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::train::trainer::{DpoRun, MicroOut};
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Measured steps (after warm-up).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Pairs in the batch.
+    #[arg(long, default_value_t = 4)]
+    pub pairs: usize,
+    #[arg(long, default_value_t = 150)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 100)]
+    pub response_len: usize,
+    /// Also measure with precomputed reference log-probs (one forward + backward per step).
+    #[arg(long)]
+    pub precomputed_ref: bool,
+    /// Where to write the benchmark model (default: a temporary folder).
+    #[arg(long)]
+    pub model_dir: Option<std::path::PathBuf>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Size of the benchmark model.
+pub struct BenchModel {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+}
+
+pub const BENCH_MODEL: BenchModel = BenchModel { hidden: 512, layers: 8, heads: 8, intermediate: 1376, vocab: 16000 };
+
+/// Write a random Llama model laid out like a hub snapshot.
+pub fn make_model(dir: &Path, m: &BenchModel, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": m.hidden, "intermediate_size": m.intermediate, "num_hidden_layers": m.layers,
+        "num_attention_heads": m.heads, "num_key_value_heads": m.heads, "vocab_size": m.vocab,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+        "tie_word_embeddings": true, "hidden_act": "silu", "torch_dtype": "float32",
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0
+    });
+    crate::lora::io::write_atomic(&dir.join("config.json"), config.to_string().as_bytes())?;
+    let mut rng = Rng::new(seed);
+    let dev = Device::Cpu;
+    let mut randn = |shape: (usize, usize), std: f64| -> Result<Tensor> {
+        let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| (rng.next_normal() * std) as f32).collect();
+        Ok(Tensor::from_vec(v, shape, &dev)?)
+    };
+    let h = m.hidden;
+    let mut ts: Vec<(String, Tensor)> = vec![("model.embed_tokens.weight".into(), randn((m.vocab, h), 0.02)?)];
+    for l in 0..m.layers {
+        let p = format!("model.layers.{l}");
+        for (name, o, i) in [
+            ("self_attn.q_proj", h, h), ("self_attn.k_proj", h, h), ("self_attn.v_proj", h, h), ("self_attn.o_proj", h, h),
+            ("mlp.gate_proj", m.intermediate, h), ("mlp.up_proj", m.intermediate, h), ("mlp.down_proj", h, m.intermediate),
+        ] {
+            ts.push((format!("{p}.{name}.weight"), randn((o, i), 1.0 / (i as f64).sqrt())?));
+        }
+        ts.push((format!("{p}.input_layernorm.weight"), Tensor::ones(h, DType::F32, &dev)?));
+        ts.push((format!("{p}.post_attention_layernorm.weight"), Tensor::ones(h, DType::F32, &dev)?));
+    }
+    ts.push(("model.norm.weight".into(), Tensor::ones(h, DType::F32, &dev)?));
+    crate::lora::io::save_safetensors(&dir.join("model.safetensors"), &ts)
+}
+
+/// The fixed preference batch: lengths vary by ±10% around the targets.
+pub fn make_pairs(n: usize, prompt_len: usize, response_len: usize, vocab: usize, seed: u64) -> Vec<PairIds> {
+    let mut rng = Rng::new(seed);
+    let seq = |len: usize, rng: &mut Rng| -> Vec<u32> { (0..len).map(|_| 3 + rng.below(vocab as u64 - 3) as u32).collect() };
+    let jitter = |base: usize, rng: &mut Rng| -> usize { base - base / 10 + rng.below((base / 5).max(1) as u64) as usize };
+    (0..n)
+        .map(|_| {
+            let (p, c, r) = (jitter(prompt_len, &mut rng), jitter(response_len, &mut rng), jitter(response_len, &mut rng));
+            PairIds { prompt: seq(p, &mut rng), chosen: seq(c, &mut rng), rejected: seq(r, &mut rng), rejected_prompt: None }
+        })
+        .collect()
+}
+
+/// Measured matmul throughput (FLOP/s) of this machine in f32, best of a few 1024³ products.
+pub fn matmul_peak() -> Result<f64> {
+    let n = 1024;
+    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let _ = a.matmul(&b)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        let _ = c.sum_all()?.to_scalar::<f32>()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n * n * n) as f64 / best)
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchResult {
+    pub variant: String,
+    pub params: usize,
+    pub tokens_per_step: usize,
+    pub median_step_s: f64,
+    pub tokens_per_s: f64,
+    pub model_flops_per_s: f64,
+    pub matmul_peak_flops_per_s: f64,
+    pub fraction_of_peak: f64,
+    pub peak_rss_mib: f64,
+    pub base_weights_mib: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn measure(run: &DpoRun, pairs: &[PairIds], refs: Option<&[[f32; 2]]>, a: &BenchArgs) -> Result<(f64, usize)> {
+    let adapter = run.adapter.as_ref().ok_or_else(|| Error::Msg("bench needs an adapter".into()))?;
+    let params: Vec<(String, candle_core::Var)> = adapter.params.iter().filter_map(|p| p.var.clone().map(|v| (p.key.clone(), v))).collect();
+    let mut opt = AdamW::new(params.clone(), AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 })?;
+    let refs_pairs: Vec<&PairIds> = pairs.iter().collect();
+    let mut times = Vec::new();
+    let mut tokens = 0;
+    let mut state = Default::default();
+    for i in 0..a.warmup + a.steps {
+        let t = Instant::now();
+        let MicroOut { loss, tokens: n, .. } = run.micro_batch(&refs_pairs, refs, Some(i as u64), &mut state)?;
+        let g = loss.backward()?;
+        let mut grads: HashMap<String, Tensor> = HashMap::new();
+        for (k, v) in &params {
+            if let Some(gv) = g.get(v.as_tensor()) {
+                grads.insert(k.clone(), gv.clone());
+            }
+        }
+        clip_grad_norm(&mut grads, 1.0)?;
+        opt.step(&grads, 1e-4)?;
+        if i >= a.warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+        tokens = n;
+    }
+    Ok((median(times), tokens))
+}
+
+pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
+    let tmp;
+    let dir = match &a.model_dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = std::env::temp_dir().join(format!("lorafold-bench-{}", std::process::id()));
+            tmp
+        }
+    };
+    if !dir.join("model.safetensors").exists() {
+        make_model(&dir, &BENCH_MODEL, 1234)?;
+    }
+    let peak = matmul_peak()?;
+    let mut model = Model::load_dir(&dir, &LoadOptions::default())?;
+    let params = model.cfg.num_params();
+    let lcfg = LoraConfig::new(8, 16.0, 0.0, TargetModules::all_linear());
+    let adapter = attach_new(&mut model, &lcfg, LoraInit::Peft { seed: 1 })?;
+    let settings = DpoOptions { model: Some(dir.display().to_string()), dataset: Some(vec!["bench".into()]), ..Default::default() }.resolve()?;
+    let run = DpoRun::new(&model, Some(adapter), None, &settings)?;
+    let pairs = make_pairs(a.pairs, a.prompt_len, a.response_len, BENCH_MODEL.vocab, 99);
+    let base_mib = (params * 4) as f64 / (1024.0 * 1024.0);
+    let mut results = Vec::new();
+    let mut variants: Vec<(&str, f64, Option<Vec<[f32; 2]>>)> = vec![("online reference", 6.0, None)];
+    if a.precomputed_ref {
+        variants.push(("precomputed reference", 4.0, Some(run.reference_logps(&pairs, a.pairs)?)));
+    }
+    for (name, flops_per_param, refs) in variants {
+        let (step_s, tokens) = measure(&run, &pairs, refs.as_deref(), a)?;
+        let tps = tokens as f64 / step_s;
+        let model_flops = flops_per_param * params as f64 * tps;
+        results.push(BenchResult {
+            variant: name.into(),
+            params,
+            tokens_per_step: tokens,
+            median_step_s: step_s,
+            tokens_per_s: tps,
+            model_flops_per_s: model_flops,
+            matmul_peak_flops_per_s: peak,
+            fraction_of_peak: model_flops / peak,
+            peak_rss_mib: peak_rss_mib().unwrap_or(f64::NAN),
+            base_weights_mib: base_mib,
+        });
+    }
+    if a.model_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        println!("model: Llama, {params} parameters ({base_mib:.0} MiB f32), LoRA r8 all-linear; batch {} pairs, {} real tokens/step; {} threads", a.pairs, results[0].tokens_per_step, candle_core::utils::get_num_threads());
+        println!("measured f32 matmul peak: {:.1} GFLOP/s", peak / 1e9);
+        println!("{:<24} {:>10} {:>10} {:>12} {:>10} {:>14}", "variant", "s/step", "tokens/s", "GFLOP/s", "of peak", "peak RSS MiB");
+        for r in &results {
+            println!(
+                "{:<24} {:>10.3} {:>10.1} {:>12.1} {:>9.1}% {:>14.0}",
+                r.variant, r.median_step_s, r.tokens_per_s, r.model_flops_per_s / 1e9, 100.0 * r.fraction_of_peak, r.peak_rss_mib
+            );
+        }
+    }
+    Ok(())
+}
