@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use crate::model::constop::{add_frozen, matmul_frozen_t};
 use crate::rng::Rng;
 
 /// Which adapter (if any) is active for a forward pass, and whether adapter dropout applies.
@@ -111,17 +112,18 @@ impl LoraLinear {
         let in_f = self.in_features();
         let n: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((n, in_f))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = matmul_frozen_t(&x2, &self.weight)?;
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+            y = add_frozen(&y, b)?;
         }
         if let Some(ad) = ctx.adapter.and_then(|s| self.adapter(s)) {
             let mut xa = x2.to_dtype(DType::F32)?;
             if let (Some(seed), true) = (ctx.dropout_seed, ad.dropout > 0.0) {
                 xa = (xa * dropout_mask(n, in_f, ad.dropout, seed, self.index, x.device())?)?;
             }
-            let h = xa.matmul(&ad.a.t()?)?.matmul(&ad.b.t()?)?;
-            let h = (h * ad.scale)?.to_dtype(y.dtype())?;
+            // Scale the rank-r intermediate, not the [N, out] product: one full-size tensor fewer.
+            let h = (xa.matmul(&ad.a.t()?)? * ad.scale)?.matmul(&ad.b.t()?)?;
+            let h = h.to_dtype(y.dtype())?;
             y = (y + h)?;
         }
         let mut out_dims = dims;

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::cache::KvCache;
 use super::config::{module_path, ModelConfig, LINEAR_MODULES};
+use super::constop::{add_frozen, matmul_frozen_t};
 use super::ops::{apply_rope, rms_norm, softmax_last_dim, Rope, MASK_VALUE};
 use super::weights::WeightSource;
 use crate::error::{Error, Result};
@@ -275,9 +276,9 @@ impl Model {
         let rep = nh / nkv;
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, rep * t, hd))?;
         let scores = q.matmul(&k.t()?.contiguous()?)?.reshape((b, nh, t, t))?;
-        let mut scores = scores.to_dtype(DType::F32)?.broadcast_add(causal)?;
+        let mut scores = add_frozen(&scores.to_dtype(DType::F32)?, causal)?;
         if let Some(p) = pad {
-            scores = scores.broadcast_add(p)?;
+            scores = add_frozen(&scores, p)?;
         }
         let probs = softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
         let probs = probs.reshape((b, nkv, rep * t, t))?;
@@ -297,7 +298,7 @@ impl Model {
     pub fn logits_at(&self, hidden: &Tensor, positions: &Tensor) -> Result<Tensor> {
         let (b, t, h) = hidden.dims3()?;
         let rows = hidden.reshape((b * t, h))?.index_select(positions, 0)?;
-        Ok(rows.matmul(&self.lm_head.t()?)?)
+        Ok(matmul_frozen_t(&rows, &self.lm_head)?)
     }
 
     /// Full forward to logits [B, T, V] in f32.

@@ -2,6 +2,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod constop;
 pub mod decoder;
 pub mod ops;
 pub mod weights;

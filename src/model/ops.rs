@@ -5,6 +5,7 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::config::{ModelConfig, RopeScaling};
+use super::constop::mul_frozen;
 
 /// RMSNorm over the last dimension, computed in f32 and cast back, then scaled by `weight`
 /// (as transformers: `weight * (x * rsqrt(mean(x^2) + eps)).to(input_dtype)`).
@@ -13,7 +14,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let x32 = x.to_dtype(DType::F32)?;
     let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = x32.broadcast_div(&(ms + eps)?.sqrt()?)?;
-    normed.to_dtype(dtype)?.broadcast_mul(weight)
+    mul_frozen(&normed.to_dtype(dtype)?, weight)
 }
 
 /// Softmax over the last dimension. The max is detached: softmax does not depend on it, and it
@@ -101,8 +102,8 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x2 = x.narrow(D::Minus1, half, half)?;
     let cos = cos.unsqueeze(0)?.unsqueeze(0)?;
     let sin = sin.unsqueeze(0)?.unsqueeze(0)?;
-    let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-    let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    let r1 = (mul_frozen(&x1, &cos)? - mul_frozen(&x2, &sin)?)?;
+    let r2 = (mul_frozen(&x2, &cos)? + mul_frozen(&x1, &sin)?)?;
     Tensor::cat(&[&r1, &r2], D::Minus1)
 }
 

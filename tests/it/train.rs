@@ -284,3 +284,60 @@ fn both_flag_spellings_and_recipe_override_resolve_the_same() {
     assert_eq!(s.lora_target_modules, ["q_proj", "v_proj"]);
     assert!(s.shuffle, "shuffle defaults to true");
 }
+
+#[test]
+fn precomputed_reference_gives_the_same_run_and_is_cached() {
+    let g = golden_run();
+    let pairs = golden_pairs(&g);
+    let mut s = golden_settings(&g);
+    s.max_steps = Some(4);
+    let run_once = |precompute: bool, dir: &Path| -> Vec<f64> {
+        let mut model = load_model("qwen2");
+        let ad = load_adapter(&mut model, &root().join(g["init_adapter"].as_str().unwrap()), true).unwrap();
+        let run = DpoRun::new(&model, Some(ad), None, &s).unwrap();
+        let mut c = quiet_loop(&s, pairs.len());
+        c.precompute_ref = precompute;
+        let o = train(&run, &pairs, &[], &c, &RunOutput { dir, base_model: "qwen2", recipe_yaml: "", resume_from: None }).unwrap();
+        o.steps.iter().map(|r| r["loss"]).collect()
+    };
+    let a = tempfile::tempdir().unwrap();
+    let online = run_once(false, a.path());
+    assert!(!a.path().join("ref_logps.json").exists());
+    let b = tempfile::tempdir().unwrap();
+    let pre = run_once(true, b.path());
+    let cache = b.path().join("ref_logps.json");
+    assert!(cache.exists());
+    for (x, y) in online.iter().zip(&pre) {
+        assert!((x - y).abs() <= 1e-5, "online {x} vs precomputed {y}");
+    }
+    // A second run with the same data and reference reuses the cache (not rewritten).
+    let before = std::fs::metadata(&cache).unwrap().modified().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let again = run_once(true, b.path());
+    assert_eq!(std::fs::metadata(&cache).unwrap().modified().unwrap(), before, "cache was recomputed");
+    assert_eq!(pre, again);
+}
+
+#[test]
+fn reference_adapter_is_frozen_and_used_as_reference() {
+    let g = golden_run();
+    let pairs = golden_pairs(&g);
+    let mut s = golden_settings(&g);
+    s.max_steps = Some(2);
+    s.warmup_steps = 0;
+    s.warmup_ratio = 0.0;
+    let mut model = load_model("qwen2");
+    // Policy starts from the same weights as the reference adapter: loss ln 2, rewards 0.
+    let policy = load_adapter(&mut model, &adapter_dir("qwen2_peft"), true).unwrap();
+    let reference = load_adapter(&mut model, &adapter_dir("qwen2_peft"), false).unwrap();
+    assert!(reference.params.iter().all(|p| p.var.is_none()), "reference adapter must be frozen");
+    let ref_before = snapshot(&reference.params.iter().map(|p| (p.key.clone(), p.tensor.clone())).collect::<Vec<_>>());
+    let run = DpoRun::new(&model, Some(policy), Some(reference.slot), &s).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let o = train(&run, &pairs, &[], &quiet_loop(&s, pairs.len()), &RunOutput { dir: dir.path(), base_model: "qwen2", recipe_yaml: "", resume_from: None }).unwrap();
+    assert!((o.steps[0]["loss"] - std::f64::consts::LN_2).abs() < 1e-6, "{}", o.steps[0]["loss"]);
+    assert!(o.steps[0]["rewards/chosen"].abs() < 1e-6);
+    assert!((o.steps[1]["loss"] - std::f64::consts::LN_2).abs() > 1e-4, "the policy trained");
+    let ref_after = snapshot(&reference.params.iter().map(|p| (p.key.clone(), p.tensor.clone())).collect::<Vec<_>>());
+    assert_eq!(ref_before, ref_after, "the reference adapter changed");
+}

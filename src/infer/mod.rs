@@ -1,0 +1,526 @@
+//! `lorafold infer`: generation with the KV cache, sampling, chat templates.
+//!
+//! ```text
+//! sampling.rs   logits processors (transformers' semantics and order) and the seeded sampler
+//! generate.rs   the decoding loop over a Session (model + adapter choice + KV cache), streaming
+//! mod.rs        the command: one prompt, a JSONL file of prompts, or an interactive chat
+//! ```
+
+pub mod generate;
+pub mod sampling;
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde_json::{json, Value};
+
+use crate::data::tokenize::Preprocessor;
+use crate::data::Message;
+use crate::lora::linear::Fwd;
+use crate::model::Model;
+pub use generate::{generate, FinishReason, GenerateOptions, Generation, Session, TextStream};
+pub use sampling::{Sampler, SamplingParams};
+
+/// Generate text with a model, optionally with an adapter.
+///
+/// With --prompt: stream one answer. With --prompts: answer every line of a JSONL file, writing
+/// one JSON line per prompt. With neither: chat interactively, reading lines from stdin
+/// (/reset starts a new conversation, /exit quits).
+#[derive(Debug, Args)]
+pub struct InferArgs {
+    /// Model: local folder or hub id (a merged model is just a model folder).
+    #[arg(long, alias = "model-id-or-path")]
+    pub model: String,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// A PEFT adapter folder, applied unmerged on top of the model.
+    #[arg(long)]
+    pub adapters: Option<PathBuf>,
+    /// Answer this prompt (streamed to stdout) and exit.
+    #[arg(long, conflicts_with = "prompts")]
+    pub prompt: Option<String>,
+    /// JSONL file of prompts: each line {"prompt": "..."}, {"messages": [...]}, a JSON string,
+    /// or plain text. Writes one JSON line per prompt with the generated token ids and text.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Write the JSONL answers of --prompts here instead of stdout.
+    #[arg(long, requires = "prompts")]
+    pub output: Option<PathBuf>,
+    /// System message put before the conversation (unless a prompt brings its own).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Feed the prompt as it is (after the BOS token, if the model has one), without the chat
+    /// template.
+    #[arg(long)]
+    pub no_chat_template: bool,
+    /// Chat template instead of the model's: chatml, llama3, mistral, raw, or a Jinja file.
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Most tokens to generate per answer [default: generation_config.json's, else 512].
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// 0 is greedy decoding [default: generation_config.json's when it sets do_sample, else 0].
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Sample among the k most likely tokens; 0 turns it off [default: generation_config.json's,
+    /// else 50, as transformers].
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample among the most likely tokens that make up this much probability [default:
+    /// generation_config.json's, else 1].
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Penalise tokens already in the prompt or answer (transformers' definition; 1 is off)
+    /// [default: generation_config.json's, else 1].
+    #[arg(long)]
+    pub repetition_penalty: Option<f64>,
+    /// Seed of sampling (turn n of a chat uses seed + n).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Keep generating past EOS / end-of-turn tokens, up to --max_new_tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Answer with the base model and with the adapter, one after the other, labelled.
+    #[arg(long, requires = "adapters")]
+    pub compare: bool,
+    /// Weights dtype: auto (f32 on CPU, the checkpoint's dtype on GPU), fp32, bf16 or fp16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+}
+
+pub fn run(args: &InferArgs) -> anyhow::Result<()> {
+    let InferArgs {
+        model,
+        revision,
+        adapters,
+        prompt,
+        prompts,
+        output,
+        system,
+        no_chat_template,
+        template,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        repetition_penalty,
+        seed,
+        ignore_eos,
+        compare,
+        dtype,
+    } = args;
+
+    // Read the prompts first: a bad line is reported before the model is loaded.
+    let batch = match prompts {
+        Some(p) => Some(read_prompts(p)?),
+        None => None,
+    };
+    let files = crate::hub::resolve_model(model, revision.as_deref())?;
+    let mut m = crate::train::run::load_model(&files, dtype)
+        .with_context(|| format!("loading model {}", files.dir.display()))?;
+    let adapter_slot = match adapters {
+        Some(dir) => Some(crate::lora::io::load_adapter(&mut m, dir, false)?.slot),
+        None => None,
+    };
+    let template = if *no_chat_template { Some("raw") } else { template.as_deref() };
+    let pre = Preprocessor::from_model_dir(&files.dir, template)?;
+    let gen_cfg = GenerationConfig::read(files.generation_config().as_deref())?;
+
+    let sampling = SamplingParams {
+        temperature: temperature.unwrap_or(if gen_cfg.do_sample == Some(true) {
+            gen_cfg.temperature.unwrap_or(1.0)
+        } else {
+            0.0
+        }),
+        top_k: top_k.or(gen_cfg.top_k).unwrap_or(50),
+        top_p: top_p.or(gen_cfg.top_p).unwrap_or(1.0),
+        repetition_penalty: repetition_penalty.or(gen_cfg.repetition_penalty).unwrap_or(1.0),
+        seed: *seed,
+    };
+    sampling.validate()?;
+    let stop_tokens = if *ignore_eos {
+        Vec::new()
+    } else {
+        stop_tokens(&gen_cfg, &m, &pre)
+    };
+    let opts = GenerateOptions {
+        max_new_tokens: max_new_tokens.or(gen_cfg.max_new_tokens).unwrap_or(512),
+        stop_tokens,
+        sampling,
+        use_cache: true,
+    };
+    let sides: Vec<(&str, Fwd)> = match (adapter_slot, compare) {
+        (Some(slot), true) => vec![("base", Fwd::base()), ("adapter", Fwd::eval(slot))],
+        (Some(slot), false) => vec![("adapter", Fwd::eval(slot))],
+        (None, _) => vec![("base", Fwd::base())],
+    };
+    eprintln!("{}", describe(&files.name, &m, adapters.as_deref(), &opts));
+
+    let inf = Inference {
+        model: &m,
+        pre: &pre,
+        opts,
+        system: system.clone(),
+        sides,
+        compare: *compare,
+    };
+    match (prompt, batch) {
+        (Some(p), _) => inf.one_prompt(p),
+        (None, Some(items)) => inf.prompt_file(&items, output.as_deref()),
+        (None, None) => inf.chat(std::io::stdin().lock()),
+    }
+}
+
+/// The sampling-relevant fields of generation_config.json.
+#[derive(Debug, Default, serde::Deserialize)]
+struct GenerationConfig {
+    eos_token_id: Option<Value>,
+    do_sample: Option<bool>,
+    temperature: Option<f64>,
+    top_k: Option<usize>,
+    top_p: Option<f64>,
+    repetition_penalty: Option<f64>,
+    max_new_tokens: Option<usize>,
+}
+
+impl GenerationConfig {
+    fn read(path: Option<&Path>) -> anyhow::Result<GenerationConfig> {
+        Ok(match path {
+            Some(p) => crate::error::read_json(p)?,
+            None => GenerationConfig::default(),
+        })
+    }
+}
+
+/// Token ids in a config value that is an id or a list of ids.
+fn ids_of(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| x as u32).into_iter().collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// EOS / end-of-turn ids: generation_config.json's eos_token_id (an id or a list), config.json's,
+/// and the tokenizer's eos token.
+fn stop_tokens(gen: &GenerationConfig, model: &Model, pre: &Preprocessor) -> Vec<u32> {
+    let mut ids = ids_of(gen.eos_token_id.as_ref());
+    ids.extend(&model.cfg.eos_token_ids);
+    ids.extend(pre.eos_token_id());
+    let mut seen = std::collections::HashSet::new();
+    ids.retain(|x| seen.insert(*x));
+    ids
+}
+
+fn describe(name: &str, m: &Model, adapter: Option<&Path>, o: &GenerateOptions) -> String {
+    let s = &o.sampling;
+    let how = if s.is_greedy() {
+        "greedy".to_string()
+    } else {
+        format!("sampling (temperature {}, top_k {}, top_p {}, seed {})", s.temperature, s.top_k, s.top_p, s.seed)
+    };
+    let rep = if s.repetition_penalty != 1.0 {
+        format!(", repetition_penalty {}", s.repetition_penalty)
+    } else {
+        String::new()
+    };
+    let adapter = adapter.map(|a| format!(" + adapter {}", a.display())).unwrap_or_default();
+    format!(
+        "{name}{adapter} ({:?}, {:?}); {how}{rep}; max_new_tokens {}; stop tokens {:?}",
+        m.cfg.arch,
+        m.dtype(),
+        o.max_new_tokens,
+        o.stop_tokens
+    )
+}
+
+/// One prompt of a --prompts file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptItem {
+    /// 1-based line number.
+    pub line: usize,
+    pub messages: Vec<Message>,
+    /// The line as given (a JSON value, or the plain text as a string).
+    pub source: Value,
+}
+
+/// Read a --prompts file; errors name the file and line.
+pub fn read_prompts(path: &Path) -> anyhow::Result<Vec<PromptItem>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading prompts file {}", path.display()))?;
+    let mut items = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let parsed = parse_prompt_line(line).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+        if let Some((messages, source)) = parsed {
+            items.push(PromptItem {
+                line: i + 1,
+                messages,
+                source,
+            });
+        }
+    }
+    if items.is_empty() {
+        bail!("{}: no prompts in the file", path.display());
+    }
+    Ok(items)
+}
+
+/// One line of a prompts file: `{"prompt"|"query": "...", "system"?: "..."}`,
+/// `{"messages": [{"role", "content"}, ...]}`, a list of messages, a JSON string, or plain text
+/// (a line not starting with `{`, `[` or `"`). Blank lines: `Ok(None)`.
+pub fn parse_prompt_line(line: &str) -> Result<Option<(Vec<Message>, Value)>, String> {
+    let t = line.trim();
+    if t.is_empty() {
+        return Ok(None);
+    }
+    if !t.starts_with(['{', '[', '"']) {
+        return Ok(Some((vec![Message::user(line)], Value::String(line.to_string()))));
+    }
+    let v: Value = serde_json::from_str(t).map_err(|e| format!("invalid JSON: {e}"))?;
+    let messages = match &v {
+        Value::String(s) => vec![Message::user(s.clone())],
+        Value::Array(_) => parse_messages(&v)?,
+        Value::Object(o) => {
+            if let Some(m) = o.get("messages") {
+                parse_messages(m)?
+            } else {
+                let text = match (o.get("prompt"), o.get("query")) {
+                    (Some(p), _) | (None, Some(p)) => p.as_str().ok_or("\"prompt\" must be a string")?,
+                    (None, None) => {
+                        return Err(format!(
+                            "expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}, found keys {:?}",
+                            o.keys().collect::<Vec<_>>()
+                        ))
+                    }
+                };
+                let mut msgs = Vec::new();
+                if let Some(s) = o.get("system") {
+                    msgs.push(Message::system(s.as_str().ok_or("\"system\" must be a string")?));
+                }
+                msgs.push(Message::user(text));
+                msgs
+            }
+        }
+        _ => return Err("expected a JSON object, a list of messages or a string".into()),
+    };
+    Ok(Some((messages, v)))
+}
+
+fn parse_messages(v: &Value) -> Result<Vec<Message>, String> {
+    let arr = v.as_array().ok_or("\"messages\" must be a list")?;
+    if arr.is_empty() {
+        return Err("\"messages\" is empty".into());
+    }
+    arr.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = m.get("role").and_then(Value::as_str);
+            let content = m.get("content").and_then(Value::as_str);
+            match (role, content) {
+                (Some(r @ ("system" | "user" | "assistant")), Some(c)) => Ok(Message::new(r, c)),
+                (Some(r), Some(_)) => Err(format!("message {i}: role {r:?} is not system, user or assistant")),
+                _ => Err(format!("message {i}: needs string \"role\" and \"content\"")),
+            }
+        })
+        .collect()
+}
+
+/// A loaded model, its tokenizer and template, and what to generate.
+struct Inference<'a> {
+    model: &'a Model,
+    pre: &'a Preprocessor,
+    opts: GenerateOptions,
+    system: Option<String>,
+    /// (label, adapter choice) of each answer: one, or base and adapter with --compare.
+    sides: Vec<(&'static str, Fwd)>,
+    compare: bool,
+}
+
+impl Inference<'_> {
+    /// Token ids of a conversation, ready for the assistant's answer.
+    fn prompt_ids(&self, messages: &[Message]) -> anyhow::Result<Vec<u32>> {
+        let mut msgs = Vec::with_capacity(messages.len() + 1);
+        if let (Some(s), false) = (&self.system, messages.first().is_some_and(|m| m.role == "system")) {
+            msgs.push(Message::system(s.clone()));
+        }
+        msgs.extend_from_slice(messages);
+        let text = self.pre.render(&msgs, true)?;
+        let ids = self.pre.encode(&text)?;
+        if ids.is_empty() {
+            bail!("the prompt has no tokens");
+        }
+        Ok(ids)
+    }
+
+    /// Generate on `session`, streaming the text to `out` when given.
+    fn answer(
+        &self,
+        session: &mut Session,
+        ids: &[u32],
+        opts: &GenerateOptions,
+        mut out: Option<&mut dyn Write>,
+    ) -> anyhow::Result<(Generation, String)> {
+        let mut stream = TextStream::new(self.pre.tokenizer());
+        let t0 = Instant::now();
+        let stop = &opts.stop_tokens;
+        let g = session.generate(ids, opts, |tok| {
+            if stop.contains(&tok) {
+                return Ok(());
+            }
+            if let (Some(w), Some(piece)) = (out.as_mut(), stream.push(tok)?) {
+                w.write_all(piece.as_bytes()).and_then(|_| w.flush()).map_err(io_err)?;
+            }
+            Ok(())
+        })?;
+        if let (Some(w), Some(piece)) = (out.as_mut(), stream.finish()?) {
+            w.write_all(piece.as_bytes())?;
+            w.flush()?;
+        }
+        let text = generate::decode(self.pre.tokenizer(), answer_tokens(&g, stop))?;
+        let secs = t0.elapsed().as_secs_f64();
+        if out.is_some() {
+            eprintln!(
+                "[{} prompt + {} new tokens, {}, {:.1} tokens/s]",
+                ids.len(),
+                g.tokens.len(),
+                g.finish.as_str(),
+                g.tokens.len() as f64 / secs.max(1e-9)
+            );
+        }
+        Ok((g, text))
+    }
+
+    fn one_prompt(&self, prompt: &str) -> anyhow::Result<()> {
+        let ids = self.prompt_ids(&[Message::user(prompt)])?;
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        for (label, ctx) in &self.sides {
+            if self.compare {
+                writeln!(out, "=== {label} ===")?;
+            }
+            let mut session = Session::new(self.model, *ctx);
+            self.answer(&mut session, &ids, &self.opts, Some(&mut out))?;
+            writeln!(out)?;
+            if self.compare {
+                writeln!(out)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn prompt_file(&self, items: &[PromptItem], output: Option<&Path>) -> anyhow::Result<()> {
+        let mut w: Box<dyn Write> = match output {
+            Some(p) => Box::new(std::io::BufWriter::new(
+                std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+            )),
+            None => Box::new(std::io::stdout().lock()),
+        };
+        // One session per side for the whole file: prompts sharing a prefix (a system prompt)
+        // reuse its cached keys and values.
+        let mut sessions: Vec<Session> = self.sides.iter().map(|(_, ctx)| Session::new(self.model, *ctx)).collect();
+        for (n, item) in items.iter().enumerate() {
+            let ids = self.prompt_ids(&item.messages).with_context(|| format!("prompt on line {}", item.line))?;
+            let mut answers = Vec::new();
+            for ((label, _), session) in self.sides.iter().zip(sessions.iter_mut()) {
+                let (g, text) = self.answer(session, &ids, &self.opts, None)?;
+                answers.push((*label, g, text));
+            }
+            let one = |g: &Generation, text: &str| {
+                json!({"token_ids": g.tokens, "text": text, "finish_reason": g.finish.as_str()})
+            };
+            let mut row = json!({"index": n, "line": item.line, "prompt": item.source, "prompt_tokens": ids.len()});
+            if let (Some(obj), false) = (row.as_object_mut(), self.compare) {
+                if let Some(Value::Object(a)) = answers.first().map(|(_, g, t)| one(g, t)) {
+                    obj.extend(a);
+                }
+            } else if let Some(obj) = row.as_object_mut() {
+                for (label, g, text) in &answers {
+                    obj.insert((*label).to_string(), one(g, text));
+                }
+            }
+            writeln!(w, "{row}")?;
+            w.flush()?;
+            if output.is_some() {
+                eprintln!("prompt {}/{} done", n + 1, items.len());
+            }
+        }
+        Ok(())
+    }
+
+    /// Interactive chat over `input` (stdin): one user turn per line.
+    fn chat(&self, input: impl BufRead) -> anyhow::Result<()> {
+        let tty = std::io::stdin().is_terminal();
+        if tty {
+            eprintln!("chat: type a message; /reset starts over, /exit quits");
+        }
+        let mut histories: Vec<Vec<Message>> = vec![Vec::new(); self.sides.len()];
+        let mut sessions: Vec<Session> = self.sides.iter().map(|(_, ctx)| Session::new(self.model, *ctx)).collect();
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let mut turn = 0u64;
+        let mut lines = input.lines();
+        loop {
+            if tty {
+                eprint!("> ");
+                std::io::stderr().flush()?;
+            }
+            let Some(line) = lines.next() else { break };
+            let line = line.context("reading stdin")?;
+            let text = line.trim();
+            match text {
+                "" => continue,
+                "/exit" | "/quit" => break,
+                "/reset" => {
+                    histories.iter_mut().for_each(Vec::clear);
+                    sessions.iter_mut().for_each(Session::reset);
+                    eprintln!("(new conversation)");
+                    continue;
+                }
+                t if t.starts_with('/') && !t.contains(' ') => {
+                    eprintln!("unknown command {t} (commands: /reset, /exit)");
+                    continue;
+                }
+                _ => {}
+            }
+            let mut opts = self.opts.clone();
+            opts.sampling.seed = self.opts.sampling.seed.wrapping_add(turn);
+            turn += 1;
+            for (((label, _), session), history) in self.sides.iter().zip(sessions.iter_mut()).zip(histories.iter_mut())
+            {
+                history.push(Message::user(line.clone()));
+                let ids = match self.prompt_ids(history) {
+                    Ok(ids) => ids,
+                    Err(e) => {
+                        history.pop();
+                        return Err(e);
+                    }
+                };
+                if self.compare {
+                    writeln!(out, "=== {label} ===")?;
+                }
+                let (_, text) = self.answer(session, &ids, &opts, Some(&mut out))?;
+                writeln!(out)?;
+                if self.compare {
+                    writeln!(out)?;
+                }
+                history.push(Message::assistant(text));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The answer's tokens without the stop token that ended it.
+fn answer_tokens<'g>(g: &'g Generation, stop: &[u32]) -> &'g [u32] {
+    match (g.finish, g.tokens.split_last()) {
+        (FinishReason::Stop, Some((last, rest))) if stop.contains(last) => rest,
+        _ => &g.tokens,
+    }
+}
+
+fn io_err(e: std::io::Error) -> crate::Error {
+    crate::Error::Msg(format!("writing output: {e}"))
+}

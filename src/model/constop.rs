@@ -1,0 +1,140 @@
+//! Operations between a tracked tensor and a frozen constant whose backward flows only to the
+//! tracked input.
+//!
+//! candle's backward computes a gradient for every operand of a tracked op, frozen or not, and
+//! keeps it until the pass ends: for `x · Wᵀ` with a frozen base weight that is a full weight-sized
+//! matmul per layer and per step, wasted, plus its memory; masks, norm weights and RoPE tables
+//! get the same treatment. These ops do the same forward and return only dL/dx.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor};
+
+enum Const {
+    /// x [N, in] · Wᵀ with W [out, in].
+    MatmulT(Tensor),
+    /// x + c (broadcast).
+    Add(Tensor),
+    /// x * c (broadcast).
+    Mul(Tensor),
+}
+
+impl Const {
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Const::MatmulT(w) => x.matmul(&w.t()?),
+            Const::Add(c) => x.broadcast_add(c),
+            Const::Mul(c) => x.broadcast_mul(c),
+        }
+    }
+}
+
+/// Element offsets of a strided layout, in row-major order.
+fn strided_offsets(l: &Layout) -> Vec<usize> {
+    let dims = l.dims();
+    let strides = l.stride();
+    let n: usize = dims.iter().product();
+    let mut out = Vec::with_capacity(n);
+    let mut idx = vec![0usize; dims.len()];
+    for _ in 0..n {
+        out.push(l.start_offset() + idx.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>());
+        for d in (0..dims.len()).rev() {
+            idx[d] += 1;
+            if idx[d] < dims[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    out
+}
+
+fn to_cpu_tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
+    fn gather<T: Copy>(v: &[T], l: &Layout) -> Vec<T> {
+        match l.contiguous_offsets() {
+            Some((a, b)) => v[a..b].to_vec(),
+            None => strided_offsets(l).into_iter().map(|i| v[i]).collect(),
+        }
+    }
+    let shape = l.shape().clone();
+    let dev = Device::Cpu;
+    match s {
+        CpuStorage::F32(v) => Tensor::from_vec(gather(v, l), shape, &dev),
+        CpuStorage::BF16(v) => Tensor::from_vec(gather(v, l), shape, &dev),
+        CpuStorage::F16(v) => Tensor::from_vec(gather(v, l), shape, &dev),
+        CpuStorage::F64(v) => Tensor::from_vec(gather(v, l), shape, &dev),
+        _ => candle_core::bail!("frozen-constant op: unsupported dtype"),
+    }
+}
+
+fn into_cpu_storage(t: Tensor) -> Result<(CpuStorage, Shape)> {
+    let t = t.contiguous()?;
+    let shape = t.shape().clone();
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cpu(cs) = &*st else { candle_core::bail!("frozen-constant op: expected CPU storage") };
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("non-contiguous result".into()))?;
+    fn slice<T: Copy>(v: &[T], a: usize, b: usize) -> Vec<T> {
+        v[a..b].to_vec()
+    }
+    let out = match cs {
+        CpuStorage::F32(v) if a == 0 && b == v.len() => CpuStorage::F32(v.clone()),
+        CpuStorage::F32(v) => CpuStorage::F32(slice(v, a, b)),
+        CpuStorage::BF16(v) => CpuStorage::BF16(slice(v, a, b)),
+        CpuStorage::F16(v) => CpuStorage::F16(slice(v, a, b)),
+        CpuStorage::F64(v) => CpuStorage::F64(slice(v, a, b)),
+        _ => candle_core::bail!("frozen-constant op: unsupported dtype"),
+    };
+    Ok((out, shape))
+}
+
+impl CustomOp1 for Const {
+    fn name(&self) -> &'static str {
+        match self {
+            Const::MatmulT(_) => "frozen-matmul",
+            Const::Add(_) => "frozen-add",
+            Const::Mul(_) => "frozen-mul",
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = to_cpu_tensor(s, l)?;
+        into_cpu_storage(self.apply(&x)?)
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(match self {
+            Const::MatmulT(w) => grad.matmul(w)?,
+            Const::Add(_) => grad.clone(),
+            Const::Mul(c) => grad.broadcast_mul(c)?,
+        }))
+    }
+}
+
+/// Dispatch: the custom op where it pays (CPU, input part of a gradient graph), the plain op
+/// otherwise (no graph to save, or a device without a CPU-side implementation).
+fn run(x: &Tensor, c: Const) -> Result<Tensor> {
+    if x.device().is_cpu() && x.track_op() && !c_is_tracked(&c) && x.dtype() != DType::U32 {
+        x.apply_op1(c)
+    } else {
+        c.apply(x)
+    }
+}
+
+fn c_is_tracked(c: &Const) -> bool {
+    match c {
+        Const::MatmulT(t) | Const::Add(t) | Const::Mul(t) => t.track_op(),
+    }
+}
+
+/// x [N, in] · Wᵀ for a frozen W [out, in].
+pub fn matmul_frozen_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    run(x, Const::MatmulT(w.clone()))
+}
+
+/// x + c for a frozen c (broadcast).
+pub fn add_frozen(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    run(x, Const::Add(c.clone()))
+}
+
+/// x * c for a frozen c (broadcast).
+pub fn mul_frozen(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    run(x, Const::Mul(c.clone()))
+}
