@@ -42,6 +42,10 @@ pub struct BenchArgs {
     /// Where to write the benchmark model (default: a temporary folder).
     #[arg(long)]
     pub model_dir: Option<std::path::PathBuf>,
+    /// Write the benchmark batch as JSON ([{prompt, chosen, rejected}] token ids) for
+    /// benchmarks/trl_bench.py.
+    #[arg(long)]
+    pub dump_pairs: Option<std::path::PathBuf>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -190,6 +194,9 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     let run = DpoRun::new(&model, Some(adapter), None, &settings)?;
     let pairs = make_pairs(a.pairs, a.prompt_len, a.response_len, BENCH_MODEL.vocab, 99);
     let base_mib = (params * 4) as f64 / (1024.0 * 1024.0);
+    if let Some(p) = &a.dump_pairs {
+        std::fs::write(p, serde_json::to_string(&pairs)?)?;
+    }
     let mut results = Vec::new();
     let mut variants: Vec<(&str, f64, Option<Vec<[f32; 2]>>)> = vec![("online reference", 6.0, None)];
     if a.precomputed_ref {

@@ -204,7 +204,14 @@ fn hub_model(id: &str, revision: Option<&str>) -> Result<ModelFiles> {
             }
         },
     };
-    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "special_tokens_map.json",
+    ] {
         repo.get(f)?;
     }
     let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();

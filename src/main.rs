@@ -48,6 +48,17 @@ fn dpo(args: cli::DpoArgs) -> anyhow::Result<()> {
     let t0 = std::time::Instant::now();
     let summary = lorafold::train::run::run_dpo(&s, false)?;
     let o = &summary.outcome;
+    if o.skipped_nonfinite > 0 {
+        eprintln!("warning: {} steps skipped because the loss or a gradient was NaN/Inf", o.skipped_nonfinite);
+    }
+    if o.interrupted {
+        eprintln!(
+            "stopped by Ctrl-C after step {}; resume with --resume_from_checkpoint latest --output_dir {}",
+            o.last_step,
+            summary.output_dir.display()
+        );
+        return Ok(());
+    }
     eprintln!(
         "trained {} steps on {} pairs in {:.1}s; adapter written to {}",
         o.last_step,

@@ -153,6 +153,9 @@ pub struct DpoOptions {
     /// Evaluate on at most this many held-out pairs.
     #[arg(long)]
     pub max_eval_pairs: Option<usize>,
+    /// Steps with a NaN/Inf loss or gradient are skipped; stop after this many in a row (default 5).
+    #[arg(long)]
+    pub max_nonfinite_steps: Option<usize>,
 }
 
 impl DpoOptions {
@@ -304,6 +307,7 @@ pub struct Settings {
     pub skip_bad_rows: bool,
     pub template: Option<String>,
     pub max_eval_pairs: Option<usize>,
+    pub max_nonfinite_steps: usize,
 }
 
 fn bad(key: &str, msg: impl Into<String>) -> Error {
@@ -407,6 +411,7 @@ impl DpoOptions {
             skip_bad_rows: o.skip_bad_rows.unwrap_or(false),
             template: o.template,
             max_eval_pairs: o.max_eval_pairs,
+            max_nonfinite_steps: o.max_nonfinite_steps.unwrap_or(5),
         };
         for (key, v, lo, hi) in [
             ("split_dataset_ratio", s.split_dataset_ratio, 0.0, 1.0),

@@ -181,6 +181,7 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
     let run = DpoRun::new(&model, Some(adapter), ref_slot, s)?;
     let mut cfg = LoopConfig::from_settings(s, data.train.len())?;
     cfg.quiet = quiet;
+    cfg.stop = Some(install_ctrlc());
     let outcome = train(
         &run,
         &data.train,
@@ -188,7 +189,7 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
         &cfg,
         &RunOutput { dir: &out_dir, base_model: &files.name, recipe_yaml: &recipe_yaml, resume_from },
     )?;
-    if let Some(a) = &run.adapter {
+    if let (Some(a), false) = (&run.adapter, outcome.interrupted) {
         a.save(&out_dir, Some(&files.name))?;
     }
     if let Err(e) = crate::train::plot::write_plot(&out_dir.join("metrics.jsonl"), &out_dir.join("metrics.png")) {
@@ -265,4 +266,27 @@ pub fn run_eval(s: &Settings, per_pair: Option<&Path>) -> Result<(crate::train::
         std::fs::write(p, text).map_err(|e| Error::io(p, e))?;
     }
     Ok((rec, pairs.len(), report))
+}
+
+/// First Ctrl-C: finish the current step, save a checkpoint, stop. Second: exit at once.
+fn install_ctrlc() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, OnceLock};
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let f = flag.clone();
+        let installed = ctrlc::set_handler(move || {
+            if f.swap(true, Ordering::SeqCst) {
+                eprintln!("\nsecond interrupt: exiting now");
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to exit now)");
+        });
+        if let Err(e) = installed {
+            eprintln!("warning: cannot install the Ctrl-C handler: {e}");
+        }
+        flag
+    })
+    .clone()
 }

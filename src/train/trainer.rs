@@ -203,6 +203,10 @@ pub struct LoopConfig {
     pub precompute_ref: bool,
     /// Stop after this many steps even if `total_steps` is larger (tests interrupt runs with it).
     pub stop_after: Option<usize>,
+    /// Consecutive non-finite steps (skipped) tolerated before stopping.
+    pub max_nonfinite_steps: usize,
+    /// Set (e.g. by Ctrl-C) to stop after the current step with a checkpoint.
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     pub quiet: bool,
 }
 
@@ -235,6 +239,8 @@ impl LoopConfig {
             save_total_limit: s.save_total_limit,
             precompute_ref: s.precompute_ref_log_probs,
             stop_after: None,
+            max_nonfinite_steps: s.max_nonfinite_steps,
+            stop: None,
             quiet: false,
         })
     }
@@ -276,6 +282,10 @@ pub struct Outcome {
     pub evals: Vec<(usize, Record)>,
     pub last_step: usize,
     pub last_checkpoint: Option<PathBuf>,
+    /// Steps skipped because the loss or a gradient was NaN/Inf.
+    pub skipped_nonfinite: usize,
+    /// The run was stopped early (Ctrl-C) after saving a checkpoint.
+    pub interrupted: bool,
 }
 
 /// Where a run writes, and what it writes with its checkpoints.
@@ -375,11 +385,14 @@ pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig
     let mut last_checkpoint = None;
     let (mut order_epoch, mut order) = (usize::MAX, Vec::new());
     let mut window_tokens = 0usize;
+    let (mut skipped, mut nonfinite_run) = (0usize, 0usize);
+    let mut interrupted = false;
     let mut window_start = Instant::now();
 
     while step < last {
         let mut grads: HashMap<String, Tensor> = HashMap::new();
         let mut micro_records = Vec::with_capacity(cfg.accumulation);
+        let mut bad_step = false;
         for _ in 0..cfg.accumulation {
             let (epoch, k) = (consumed / micro_per_epoch, consumed % micro_per_epoch);
             if epoch != order_epoch {
@@ -393,7 +406,9 @@ pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig
             let MicroOut { loss, record: rec, tokens, .. } = run.micro_batch(&pairs, r.as_deref(), Some(seed), &mut loss_state)?;
             let lv = rec.get("loss").copied().unwrap_or(f64::NAN);
             if !lv.is_finite() {
-                return Err(non_finite(step + 1, "loss", last_checkpoint.as_ref()));
+                bad_step = true;
+                consumed += 1;
+                continue;
             }
             let g = (loss / cfg.accumulation as f64)?.backward()?;
             for (key, var) in &params {
@@ -409,10 +424,19 @@ pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig
             window_tokens += tokens;
             consumed += 1;
         }
-        let norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+        let norm = if bad_step { f64::NAN } else { clip_grad_norm(&mut grads, cfg.max_grad_norm)? };
         if !norm.is_finite() {
-            return Err(non_finite(step + 1, "gradient norm", last_checkpoint.as_ref()));
+            // Skip the update, keep the data position moving, stop after too many in a row.
+            skipped += 1;
+            nonfinite_run += 1;
+            say(&pb, cfg.quiet, &format!("step {}: non-finite loss or gradient, update skipped ({nonfinite_run} in a row)", step + 1));
+            if nonfinite_run >= cfg.max_nonfinite_steps.max(1) {
+                return Err(non_finite(step + 1, nonfinite_run, last_checkpoint.as_ref()));
+            }
+            step += 1;
+            continue;
         }
+        nonfinite_run = 0;
         let lr = cfg.schedule.lr(step);
         opt.step(&grads, lr)?;
         step += 1;
@@ -448,7 +472,12 @@ pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig
             history.push(e.clone());
             evals.push((step, e));
         }
-        if step % cfg.save_steps == 0 || step == last {
+        let stop_now = cfg.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+        if stop_now && step < last {
+            interrupted = true;
+            say(&pb, cfg.quiet, &format!("interrupted: saving a checkpoint at step {step} and stopping"));
+        }
+        if step % cfg.save_steps == 0 || step == last || interrupted {
             let state = TrainerState {
                 step,
                 consumed_micro_batches: consumed,
@@ -465,17 +494,23 @@ pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig
             }
             last_checkpoint = Some(dir);
         }
+        if interrupted {
+            break;
+        }
     }
     pb.finish_and_clear();
-    Ok(Outcome { steps: steps_out, evals, last_step: step, last_checkpoint })
+    Ok(Outcome { steps: steps_out, evals, last_step: step, last_checkpoint, skipped_nonfinite: skipped, interrupted })
 }
 
-fn non_finite(step: usize, what: &str, last: Option<&PathBuf>) -> Error {
+fn non_finite(step: usize, in_a_row: usize, last: Option<&PathBuf>) -> Error {
     let keep = match last {
         Some(p) => format!("the last good checkpoint is {}", p.display()),
         None => "no checkpoint was written yet".into(),
     };
-    Error::Msg(format!("non-finite {what} at step {step}; training stopped ({keep}). Lower --learning_rate or check the data"))
+    Error::Msg(format!(
+        "non-finite loss or gradient in {in_a_row} steps in a row (up to step {step}); training stopped ({keep}). \
+         Lower --learning_rate or check the data"
+    ))
 }
 
 fn progress_bar(cfg: &LoopConfig, start: usize) -> indicatif::ProgressBar {

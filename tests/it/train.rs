@@ -341,3 +341,55 @@ fn reference_adapter_is_frozen_and_used_as_reference() {
     let ref_after = snapshot(&reference.params.iter().map(|p| (p.key.clone(), p.tensor.clone())).collect::<Vec<_>>());
     assert_eq!(ref_before, ref_after, "the reference adapter changed");
 }
+
+#[test]
+fn non_finite_steps_are_skipped_then_stop_the_run() {
+    let g = golden_run();
+    let pairs = golden_pairs(&g);
+    let mut s = golden_settings(&g);
+    s.max_steps = Some(10);
+    s.max_nonfinite_steps = 3;
+    let mut model = load_model("qwen2");
+    let ad = load_adapter(&mut model, &adapter_dir("qwen2_peft"), true).unwrap();
+    // Poison one B matrix: every loss is NaN.
+    let v = ad.params[1].var.clone().unwrap();
+    v.set(&(v.as_tensor() * f64::NAN).unwrap()).unwrap();
+    let run = DpoRun::new(&model, Some(ad), None, &s).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let err = train(&run, &pairs, &[], &quiet_loop(&s, pairs.len()), &RunOutput { dir: dir.path(), base_model: "qwen2", recipe_yaml: "", resume_from: None })
+        .err()
+        .expect("must stop")
+        .to_string();
+    assert!(err.contains("non-finite") && err.contains("3 steps in a row") && err.contains("no checkpoint"), "{err}");
+    assert!(lorafold::train::checkpoint::list(dir.path()).is_empty());
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lorafold"))
+        .args([
+            "dpo", "--recipe", root().join("recipes/quickstart.yaml").to_str().unwrap(),
+            "--output_dir", out.to_str().unwrap(), "--logging_steps", "1", "--save_steps", "1000", "--eval_steps", "1000",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for training to start (first metrics line), then interrupt.
+    let metrics = out.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map(|s| s.lines().count()).unwrap_or(0) < 1 {
+        assert!(t0.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let outp = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&outp.stderr);
+    assert!(outp.status.success(), "{stderr}");
+    assert!(stderr.contains("resume with --resume_from_checkpoint latest"), "{stderr}");
+    let cks = lorafold::train::checkpoint::list(&out);
+    assert_eq!(cks.len(), 1, "{stderr}");
+    assert!(!out.join("adapter_model.safetensors").exists(), "an interrupted run must not look finished");
+}
