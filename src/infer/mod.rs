@@ -120,13 +120,11 @@ pub fn run(args: &InferArgs) -> anyhow::Result<()> {
         None => None,
     };
     let files = crate::hub::resolve_model(model, revision.as_deref())?;
-    let mut m = crate::train::run::load_model(&files, dtype)
-        .with_context(|| format!("loading model {}", files.dir.display()))?;
-    let adapter_slot = match adapters {
-        Some(dir) => Some(crate::lora::io::load_adapter(&mut m, dir, false)?.slot),
-        None => None,
+    let template = if *no_chat_template {
+        Some("raw")
+    } else {
+        template.as_deref()
     };
-    let template = if *no_chat_template { Some("raw") } else { template.as_deref() };
     let pre = Preprocessor::from_model_dir(&files.dir, template)?;
     let gen_cfg = GenerationConfig::read(files.generation_config().as_deref())?;
 
@@ -138,10 +136,28 @@ pub fn run(args: &InferArgs) -> anyhow::Result<()> {
         }),
         top_k: top_k.or(gen_cfg.top_k).unwrap_or(50),
         top_p: top_p.or(gen_cfg.top_p).unwrap_or(1.0),
-        repetition_penalty: repetition_penalty.or(gen_cfg.repetition_penalty).unwrap_or(1.0),
+        repetition_penalty: repetition_penalty
+            .or(gen_cfg.repetition_penalty)
+            .unwrap_or(1.0),
         seed: *seed,
     };
     sampling.validate()?;
+    if let Some(dir) = adapters {
+        let cfg = dir.join(crate::lora::io::CONFIG_FILE);
+        if !cfg.is_file() {
+            bail!(
+                "{}: required file is missing (--adapters must be a PEFT adapter folder)",
+                cfg.display()
+            );
+        }
+    }
+    // Everything cheap is checked; now the weights.
+    let mut m = crate::train::run::load_model(&files, dtype)
+        .with_context(|| format!("loading model {}", files.dir.display()))?;
+    let adapter_slot = match adapters {
+        Some(dir) => Some(crate::lora::io::load_adapter(&mut m, dir, false)?.slot),
+        None => None,
+    };
     let stop_tokens = if *ignore_eos {
         Vec::new()
     } else {
@@ -200,7 +216,11 @@ impl GenerationConfig {
 fn ids_of(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| x as u32).into_iter().collect(),
-        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|x| x as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -221,14 +241,19 @@ fn describe(name: &str, m: &Model, adapter: Option<&Path>, o: &GenerateOptions) 
     let how = if s.is_greedy() {
         "greedy".to_string()
     } else {
-        format!("sampling (temperature {}, top_k {}, top_p {}, seed {})", s.temperature, s.top_k, s.top_p, s.seed)
+        format!(
+            "sampling (temperature {}, top_k {}, top_p {}, seed {})",
+            s.temperature, s.top_k, s.top_p, s.seed
+        )
     };
     let rep = if s.repetition_penalty != 1.0 {
         format!(", repetition_penalty {}", s.repetition_penalty)
     } else {
         String::new()
     };
-    let adapter = adapter.map(|a| format!(" + adapter {}", a.display())).unwrap_or_default();
+    let adapter = adapter
+        .map(|a| format!(" + adapter {}", a.display()))
+        .unwrap_or_default();
     format!(
         "{name}{adapter} ({:?}, {:?}); {how}{rep}; max_new_tokens {}; stop tokens {:?}",
         m.cfg.arch,
@@ -250,10 +275,12 @@ pub struct PromptItem {
 
 /// Read a --prompts file; errors name the file and line.
 pub fn read_prompts(path: &Path) -> anyhow::Result<Vec<PromptItem>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading prompts file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading prompts file {}", path.display()))?;
     let mut items = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let parsed = parse_prompt_line(line).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+        let parsed = parse_prompt_line(line)
+            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
         if let Some((messages, source)) = parsed {
             items.push(PromptItem {
                 line: i + 1,
@@ -277,7 +304,10 @@ pub fn parse_prompt_line(line: &str) -> Result<Option<(Vec<Message>, Value)>, St
         return Ok(None);
     }
     if !t.starts_with(['{', '[', '"']) {
-        return Ok(Some((vec![Message::user(line)], Value::String(line.to_string()))));
+        return Ok(Some((
+            vec![Message::user(line)],
+            Value::String(line.to_string()),
+        )));
     }
     let v: Value = serde_json::from_str(t).map_err(|e| format!("invalid JSON: {e}"))?;
     let messages = match &v {
@@ -298,7 +328,9 @@ pub fn parse_prompt_line(line: &str) -> Result<Option<(Vec<Message>, Value)>, St
                 };
                 let mut msgs = Vec::new();
                 if let Some(s) = o.get("system") {
-                    msgs.push(Message::system(s.as_str().ok_or("\"system\" must be a string")?));
+                    msgs.push(Message::system(
+                        s.as_str().ok_or("\"system\" must be a string")?,
+                    ));
                 }
                 msgs.push(Message::user(text));
                 msgs
@@ -321,8 +353,12 @@ fn parse_messages(v: &Value) -> Result<Vec<Message>, String> {
             let content = m.get("content").and_then(Value::as_str);
             match (role, content) {
                 (Some(r @ ("system" | "user" | "assistant")), Some(c)) => Ok(Message::new(r, c)),
-                (Some(r), Some(_)) => Err(format!("message {i}: role {r:?} is not system, user or assistant")),
-                _ => Err(format!("message {i}: needs string \"role\" and \"content\"")),
+                (Some(r), Some(_)) => Err(format!(
+                    "message {i}: role {r:?} is not system, user or assistant"
+                )),
+                _ => Err(format!(
+                    "message {i}: needs string \"role\" and \"content\""
+                )),
             }
         })
         .collect()
@@ -343,7 +379,10 @@ impl Inference<'_> {
     /// Token ids of a conversation, ready for the assistant's answer.
     fn prompt_ids(&self, messages: &[Message]) -> anyhow::Result<Vec<u32>> {
         let mut msgs = Vec::with_capacity(messages.len() + 1);
-        if let (Some(s), false) = (&self.system, messages.first().is_some_and(|m| m.role == "system")) {
+        if let (Some(s), false) = (
+            &self.system,
+            messages.first().is_some_and(|m| m.role == "system"),
+        ) {
             msgs.push(Message::system(s.clone()));
         }
         msgs.extend_from_slice(messages);
@@ -363,6 +402,14 @@ impl Inference<'_> {
         opts: &GenerateOptions,
         mut out: Option<&mut dyn Write>,
     ) -> anyhow::Result<(Generation, String)> {
+        let max_pos = self.model.cfg.max_position_embeddings;
+        if ids.len() + opts.max_new_tokens > max_pos {
+            eprintln!(
+                "warning: {} prompt tokens + up to {} new ones go past the model's max_position_embeddings ({max_pos})",
+                ids.len(),
+                opts.max_new_tokens
+            );
+        }
         let mut stream = TextStream::new(self.pre.tokenizer());
         let t0 = Instant::now();
         let stop = &opts.stop_tokens;
@@ -371,7 +418,9 @@ impl Inference<'_> {
                 return Ok(());
             }
             if let (Some(w), Some(piece)) = (out.as_mut(), stream.push(tok)?) {
-                w.write_all(piece.as_bytes()).and_then(|_| w.flush()).map_err(io_err)?;
+                w.write_all(piece.as_bytes())
+                    .and_then(|_| w.flush())
+                    .map_err(io_err)?;
             }
             Ok(())
         })?;
@@ -420,27 +469,35 @@ impl Inference<'_> {
         };
         // One session per side for the whole file: prompts sharing a prefix (a system prompt)
         // reuse its cached keys and values.
-        let mut sessions: Vec<Session> = self.sides.iter().map(|(_, ctx)| Session::new(self.model, *ctx)).collect();
+        let mut sessions: Vec<Session> = self
+            .sides
+            .iter()
+            .map(|(_, ctx)| Session::new(self.model, *ctx))
+            .collect();
         for (n, item) in items.iter().enumerate() {
-            let ids = self.prompt_ids(&item.messages).with_context(|| format!("prompt on line {}", item.line))?;
+            let ids = self
+                .prompt_ids(&item.messages)
+                .with_context(|| format!("prompt on line {}", item.line))?;
             let mut answers = Vec::new();
             for ((label, _), session) in self.sides.iter().zip(sessions.iter_mut()) {
                 let (g, text) = self.answer(session, &ids, &self.opts, None)?;
                 answers.push((*label, g, text));
             }
-            let one = |g: &Generation, text: &str| {
-                json!({"token_ids": g.tokens, "text": text, "finish_reason": g.finish.as_str()})
-            };
-            let mut row = json!({"index": n, "line": item.line, "prompt": item.source, "prompt_tokens": ids.len()});
-            if let (Some(obj), false) = (row.as_object_mut(), self.compare) {
-                if let Some(Value::Object(a)) = answers.first().map(|(_, g, t)| one(g, t)) {
-                    obj.extend(a);
-                }
-            } else if let Some(obj) = row.as_object_mut() {
-                for (label, g, text) in &answers {
-                    obj.insert((*label).to_string(), one(g, text));
+            let one = |g: &Generation, text: &str| json!({"token_ids": g.tokens, "text": text, "finish_reason": g.finish.as_str()});
+            let mut row = serde_json::Map::new();
+            row.insert("index".into(), n.into());
+            row.insert("line".into(), item.line.into());
+            row.insert("prompt".into(), item.source.clone());
+            row.insert("prompt_tokens".into(), ids.len().into());
+            for (label, g, text) in &answers {
+                match (self.compare, one(g, text)) {
+                    (false, Value::Object(fields)) => row.extend(fields),
+                    (_, v) => {
+                        row.insert((*label).to_string(), v);
+                    }
                 }
             }
+            let row = Value::Object(row);
             writeln!(w, "{row}")?;
             w.flush()?;
             if output.is_some() {
@@ -457,7 +514,11 @@ impl Inference<'_> {
             eprintln!("chat: type a message; /reset starts over, /exit quits");
         }
         let mut histories: Vec<Vec<Message>> = vec![Vec::new(); self.sides.len()];
-        let mut sessions: Vec<Session> = self.sides.iter().map(|(_, ctx)| Session::new(self.model, *ctx)).collect();
+        let mut sessions: Vec<Session> = self
+            .sides
+            .iter()
+            .map(|(_, ctx)| Session::new(self.model, *ctx))
+            .collect();
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
         let mut turn = 0u64;
@@ -488,14 +549,20 @@ impl Inference<'_> {
             let mut opts = self.opts.clone();
             opts.sampling.seed = self.opts.sampling.seed.wrapping_add(turn);
             turn += 1;
-            for (((label, _), session), history) in self.sides.iter().zip(sessions.iter_mut()).zip(histories.iter_mut())
+            for (((label, _), session), history) in self
+                .sides
+                .iter()
+                .zip(sessions.iter_mut())
+                .zip(histories.iter_mut())
             {
-                history.push(Message::user(line.clone()));
+                history.push(Message::user(text));
                 let ids = match self.prompt_ids(history) {
                     Ok(ids) => ids,
                     Err(e) => {
+                        // A template that refuses the conversation: drop the turn, keep chatting.
                         history.pop();
-                        return Err(e);
+                        eprintln!("error: {e:#}");
+                        continue;
                     }
                 };
                 if self.compare {

@@ -47,13 +47,19 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |what: String| Err(Error::Msg(what));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad(format!("temperature must be >= 0 (0: greedy), got {}", self.temperature));
+            return bad(format!(
+                "temperature must be >= 0 (0: greedy), got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            return bad(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
         }
         Ok(())
     }
@@ -94,7 +100,10 @@ pub fn apply_top_k(logits: &mut [f32], k: usize) {
     let mut sorted = logits.to_vec();
     sorted.sort_unstable_by(|a, b| b.total_cmp(a));
     let kth = sorted[k - 1];
-    logits.iter_mut().filter(|x| **x < kth).for_each(|x| *x = f32::NEG_INFINITY);
+    logits
+        .iter_mut()
+        .filter(|x| **x < kth)
+        .for_each(|x| *x = f32::NEG_INFINITY);
 }
 
 /// transformers' `TopPLogitsWarper`: sort ascending, drop the tokens whose cumulative probability
@@ -128,7 +137,9 @@ pub fn argmax(logits: &[f32]) -> Result<u32> {
     let mut best: Option<(usize, f32)> = None;
     for (i, &x) in logits.iter().enumerate() {
         if x.is_nan() {
-            return Err(Error::Msg(format!("the model produced a NaN logit (token {i})")));
+            return Err(Error::Msg(format!(
+                "the model produced a NaN logit (token {i})"
+            )));
         }
         if best.is_none_or(|(_, b)| x > b) {
             best = Some((i, x));
@@ -187,7 +198,10 @@ impl Sampler {
             }
         }
         // Rounding left u at the very end: the last token with mass.
-        Ok(probs.iter().rposition(|p| *p > 0.0).unwrap_or(best as usize) as u32)
+        Ok(probs
+            .iter()
+            .rposition(|p| *p > 0.0)
+            .unwrap_or(best as usize) as u32)
     }
 }
 

@@ -73,12 +73,16 @@ impl KvCache {
 
     /// Append the keys and values of new positions to layer `layer` and return all of them
     /// (cached + new). `k`, `v`: [B, n_kv_heads, T_new, head_dim].
-    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let n = self.layers.len();
-        let slot = self
-            .layers
-            .get_mut(layer)
-            .ok_or_else(|| Error::Msg(format!("KV cache has {n} layers, layer {layer} asked for")))?;
+        let slot = self.layers.get_mut(layer).ok_or_else(|| {
+            Error::Msg(format!("KV cache has {n} layers, layer {layer} asked for"))
+        })?;
         let kv = match slot.take() {
             None => LayerKv {
                 k: k.contiguous()?,

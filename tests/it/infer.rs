@@ -7,8 +7,12 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use lorafold::data::tokenize::Preprocessor;
 use lorafold::data::Message;
-use lorafold::infer::sampling::{apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p};
-use lorafold::infer::{generate, FinishReason, GenerateOptions, Sampler, SamplingParams, Session, TextStream};
+use lorafold::infer::sampling::{
+    apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p,
+};
+use lorafold::infer::{
+    generate, FinishReason, GenerateOptions, Sampler, SamplingParams, Session, TextStream,
+};
 use lorafold::lora::io::{load_adapter, save_safetensors};
 use lorafold::lora::linear::Fwd;
 use lorafold::model::{KvCache, LoadOptions, Model};
@@ -22,7 +26,11 @@ fn infer_golden() -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// Greedy, every stop token disabled (as the golden's `eos_token_id=None`).
@@ -36,7 +44,9 @@ fn greedy_opts(n: usize) -> GenerateOptions {
 }
 
 fn run(model: &Model, ctx: Fwd, prompt: &[u32], opts: &GenerateOptions) -> Vec<u32> {
-    generate(model, &ctx, prompt, opts, |_| Ok(())).unwrap().tokens
+    generate(model, &ctx, prompt, opts, |_| Ok(()))
+        .unwrap()
+        .tokens
 }
 
 fn with_adapter(arch: &str) -> (Model, Fwd) {
@@ -58,11 +68,19 @@ fn greedy_matches_transformers_generate() {
         let base = run(&model, Fwd::base(), &prompt, &greedy_opts(n));
         assert_eq!(base, ids(&a["greedy_base"]), "{arch}: base");
         let peft = run(&model, adapter, &prompt, &greedy_opts(n));
-        assert_eq!(peft, ids(&a["greedy_peft"]), "{arch}: with the PEFT adapter");
+        assert_eq!(
+            peft,
+            ids(&a["greedy_peft"]),
+            "{arch}: with the PEFT adapter"
+        );
 
         let mut rep = greedy_opts(n);
         rep.sampling.repetition_penalty = penalty;
-        assert_eq!(run(&model, Fwd::base(), &prompt, &rep), ids(&a["greedy_base_rep"]), "{arch}: repetition penalty");
+        assert_eq!(
+            run(&model, Fwd::base(), &prompt, &rep),
+            ids(&a["greedy_base_rep"]),
+            "{arch}: repetition penalty"
+        );
 
         // Stopping: the stop token ends generation and is part of the output, as in transformers.
         let stop = &a["stop_base"];
@@ -102,7 +120,11 @@ fn kv_cache_decoding_equals_recomputation() {
         }
         // Logits too, with chunks of several tokens fed after a cached prefix (mistral's window
         // is 6, shorter than every chunk boundary here).
-        let seq: Vec<u32> = prompt.iter().copied().chain(ids(&g["archs"][arch]["greedy_base"])).collect();
+        let seq: Vec<u32> = prompt
+            .iter()
+            .copied()
+            .chain(ids(&g["archs"][arch]["greedy_base"]))
+            .collect();
         let mut cache = KvCache::new(model.cfg.num_layers);
         let mut fed = 0;
         for chunk in [5usize, 1, 9, 1, 1, 17] {
@@ -112,17 +134,35 @@ fn kv_cache_decoding_equals_recomputation() {
             fed += chunk;
             assert_eq!(cache.len(), fed);
             let full = Tensor::from_slice(&seq[..fed], (1, fed), &Device::Cpu).unwrap();
-            let want = model.forward(&full, None, &adapter).unwrap().get(0).unwrap().get(fed - 1).unwrap();
+            let want = model
+                .forward(&full, None, &adapter)
+                .unwrap()
+                .get(0)
+                .unwrap()
+                .get(fed - 1)
+                .unwrap();
             let err = max_abs_diff(&got.squeeze(0).unwrap(), &want);
-            assert!(err < 1e-4, "{arch}: cached logits after {fed} tokens differ by {err}");
+            assert!(
+                err < 1e-4,
+                "{arch}: cached logits after {fed} tokens differ by {err}"
+            );
         }
         // Cutting the cache back and feeding again gives the same logits.
         cache.truncate(10).unwrap();
         let t = Tensor::from_slice(&seq[10..fed], (1, fed - 10), &Device::Cpu).unwrap();
         let again = model.forward_cached(&t, &mut cache, &adapter).unwrap();
         let full = Tensor::from_slice(&seq[..fed], (1, fed), &Device::Cpu).unwrap();
-        let want = model.forward(&full, None, &adapter).unwrap().get(0).unwrap().get(fed - 1).unwrap();
-        assert!(max_abs_diff(&again.squeeze(0).unwrap(), &want) < 1e-4, "{arch}: after truncate");
+        let want = model
+            .forward(&full, None, &adapter)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(fed - 1)
+            .unwrap();
+        assert!(
+            max_abs_diff(&again.squeeze(0).unwrap(), &want) < 1e-4,
+            "{arch}: after truncate"
+        );
     }
 }
 
@@ -145,7 +185,14 @@ fn session_reuses_the_cached_prefix() {
     assert_eq!(second.tokens, fresh.tokens);
     // A different prompt shares nothing but still works.
     let third = s.generate(&[5, 6, 7], &greedy_opts(4), |_| Ok(())).unwrap();
-    let fresh = generate(&model, &Fwd::base(), &[5, 6, 7], &greedy_opts(4), |_| Ok(())).unwrap();
+    let fresh = generate(
+        &model,
+        &Fwd::base(),
+        &[5, 6, 7],
+        &greedy_opts(4),
+        |_| Ok(()),
+    )
+    .unwrap();
     assert_eq!(third.tokens, fresh.tokens);
 }
 
@@ -155,13 +202,17 @@ fn write_merged(arch: &str, model: &Model, slot: usize, to: &Path) {
     for e in std::fs::read_dir(to).unwrap() {
         let p = e.unwrap().path();
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        if name.starts_with("model") && (name.ends_with(".safetensors") || name.ends_with(".index.json")) {
+        if name.starts_with("model")
+            && (name.ends_with(".safetensors") || name.ends_with(".index.json"))
+        {
             std::fs::remove_file(&p).unwrap();
         }
     }
     let mut tensors = model.base_tensors();
     for lin in model.linears() {
-        let Some(ad) = lin.adapter(slot) else { continue };
+        let Some(ad) = lin.adapter(slot) else {
+            continue;
+        };
         let key = format!("{}.weight", lin.path);
         let t = tensors.iter_mut().find(|(k, _)| *k == key).unwrap();
         t.1 = (&t.1 + ad.delta_weight().unwrap()).unwrap();
@@ -179,17 +230,39 @@ fn merged_folder_generates_like_the_unmerged_adapter() {
         write_merged(arch, &model, adapter.adapter.unwrap(), dir.path());
         let merged = Model::load_dir(dir.path(), &LoadOptions::default()).unwrap();
         let unmerged = run(&model, adapter, &prompt, &greedy_opts(32));
-        assert_eq!(run(&merged, Fwd::base(), &prompt, &greedy_opts(32)), unmerged, "{arch}");
+        assert_eq!(
+            run(&merged, Fwd::base(), &prompt, &greedy_opts(32)),
+            unmerged,
+            "{arch}"
+        );
         assert_eq!(unmerged, ids(&g["archs"][arch]["greedy_peft"]), "{arch}");
         // And through the command, on the merged folder.
         let out = lorafold(
-            &["infer", "--model", dir.path().to_str().unwrap(), "--prompt", "Hello world, is the cat happy?", "--system",
-              "You are a small model.", "--max_new_tokens", "32", "--ignore_eos"],
+            &[
+                "infer",
+                "--model",
+                dir.path().to_str().unwrap(),
+                "--prompt",
+                "Hello world, is the cat happy?",
+                "--system",
+                "You are a small model.",
+                "--max_new_tokens",
+                "32",
+                "--ignore_eos",
+            ],
             &[],
         );
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = decode_text(arch, &unmerged);
-        assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{text}\n"), "{arch}: merged via the CLI");
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            format!("{text}\n"),
+            "{arch}: merged via the CLI"
+        );
     }
 }
 
@@ -219,10 +292,21 @@ fn seeded_sampling_repeats_and_top_k_1_is_greedy() {
     assert_eq!(a, b, "same seed, same tokens");
     assert_ne!(a, c, "another seed, other tokens");
     let greedy = run(&model, Fwd::base(), &prompt, &greedy_opts(24));
-    assert_ne!(a, greedy, "sampling at temperature 1 should leave the greedy path");
+    assert_ne!(
+        a, greedy,
+        "sampling at temperature 1 should leave the greedy path"
+    );
     for seed in [1, 2, 3] {
-        assert_eq!(run(&model, Fwd::base(), &prompt, &sampling(1.5, 1, 1.0, seed)), greedy, "top-k 1");
-        assert_eq!(run(&model, Fwd::base(), &prompt, &sampling(1.5, 0, 1e-6, seed)), greedy, "tiny top-p");
+        assert_eq!(
+            run(&model, Fwd::base(), &prompt, &sampling(1.5, 1, 1.0, seed)),
+            greedy,
+            "top-k 1"
+        );
+        assert_eq!(
+            run(&model, Fwd::base(), &prompt, &sampling(1.5, 0, 1e-6, seed)),
+            greedy,
+            "tiny top-p"
+        );
     }
     // Sampled tokens come from the kept set: with top-k 3 every token is among the 3 best.
     let mut s = Sampler::new(sampling(2.0, 3, 1.0, 5).sampling);
@@ -249,7 +333,8 @@ fn opt_f32(v: &Value) -> Vec<f32> {
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let ok = (g.is_infinite() && w.is_infinite() && g.signum() == w.signum()) || (g - w).abs() <= 1e-6 * w.abs().max(1.0);
+        let ok = (g.is_infinite() && w.is_infinite() && g.signum() == w.signum())
+            || (g - w).abs() <= 1e-6 * w.abs().max(1.0);
         assert!(ok, "{what}: index {i}: got {g}, transformers {w}");
     }
 }
@@ -267,7 +352,11 @@ fn logits_processors_match_transformers() {
 
     let mut l = logits.clone();
     apply_repetition_penalty(&mut l, &ctx, rep as f32);
-    assert_close(&l, &opt_f32(&p["after_repetition_penalty"]), "repetition penalty");
+    assert_close(
+        &l,
+        &opt_f32(&p["after_repetition_penalty"]),
+        "repetition penalty",
+    );
     let mut l = logits.clone();
     apply_temperature(&mut l, temp as f32);
     assert_close(&l, &opt_f32(&p["after_temperature"]), "temperature");
@@ -314,7 +403,10 @@ fn streaming_prints_multibyte_characters_whole() {
     let mut pieces = Vec::new();
     for t in &toks {
         if let Some(p) = stream.push(*t).unwrap() {
-            assert!(!p.contains('\u{FFFD}'), "piece {p:?} has a broken character");
+            assert!(
+                !p.contains('\u{FFFD}'),
+                "piece {p:?} has a broken character"
+            );
             pieces.push(p);
         }
     }
@@ -348,8 +440,19 @@ fn cli_prompt_streams_the_greedy_answer() {
         let model = model_dir(arch);
         // The model's own stop tokens (never produced by these tiny models within 32 tokens).
         let out = lorafold(
-            &["infer", "--model", model.to_str().unwrap(), "--system", SYSTEM, "--prompt", QUESTION,
-              "--max_new_tokens", "32", "--temperature", "0"],
+            &[
+                "infer",
+                "--model",
+                model.to_str().unwrap(),
+                "--system",
+                SYSTEM,
+                "--prompt",
+                QUESTION,
+                "--max_new_tokens",
+                "32",
+                "--temperature",
+                "0",
+            ],
             &[],
         );
         let want = decode_text(arch, &ids(&g["archs"][arch]["chat_base"]));
@@ -377,8 +480,17 @@ fn cli_prompts_file_writes_one_json_line_per_prompt() {
     let model = model_dir("qwen2");
     let out_file = dir.path().join("answers.jsonl");
     let out = lorafold(
-        &["infer", "--model", model.to_str().unwrap(), "--prompts", file.to_str().unwrap(), "--max_new_tokens", "32",
-          "--output", out_file.to_str().unwrap()],
+        &[
+            "infer",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompts",
+            file.to_str().unwrap(),
+            "--max_new_tokens",
+            "32",
+            "--output",
+            out_file.to_str().unwrap(),
+        ],
         &[],
     );
     stdout_of(&out);
@@ -393,19 +505,34 @@ fn cli_prompts_file_writes_one_json_line_per_prompt() {
         assert_eq!(ids(&row["token_ids"]), want);
         assert_eq!(row["text"].as_str().unwrap(), decode_text("qwen2", &want));
         assert_eq!(row["finish_reason"], "length");
-        assert_eq!(row["prompt_tokens"].as_u64().unwrap() as usize, ids(&a["prompt_ids"]).len());
+        assert_eq!(
+            row["prompt_tokens"].as_u64().unwrap() as usize,
+            ids(&a["prompt_ids"]).len()
+        );
     }
     assert_eq!(rows[0]["line"], 1);
     assert_eq!(rows[1]["line"], 3);
     assert_eq!(rows[2]["prompt"], "plain text prompt");
     assert_eq!(rows[3]["prompt"], "a JSON string");
-    assert!(rows.iter().all(|r| r["token_ids"].as_array().unwrap().len() == 32));
+    assert!(rows
+        .iter()
+        .all(|r| r["token_ids"].as_array().unwrap().len() == 32));
 
     // --compare to stdout: base and adapter answers in one line.
     let adapter = adapter_dir("qwen2_peft");
     let out = lorafold(
-        &["infer", "--model", model.to_str().unwrap(), "--adapters", adapter.to_str().unwrap(), "--compare",
-          "--prompts", file.to_str().unwrap(), "--max_new_tokens", "32"],
+        &[
+            "infer",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapters",
+            adapter.to_str().unwrap(),
+            "--compare",
+            "--prompts",
+            file.to_str().unwrap(),
+            "--max_new_tokens",
+            "32",
+        ],
         &[],
     );
     let first: Value = serde_json::from_str(stdout_of(&out).lines().next().unwrap()).unwrap();
@@ -421,21 +548,45 @@ fn cli_chat_reads_turns_from_a_pipe() {
     let model = model_dir(arch);
     let run_chat = |input: &str| {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lorafold"))
-            .args(["infer", "--model", model.to_str().unwrap(), "--system", SYSTEM, "--max_new_tokens", "32"])
+            .args([
+                "infer",
+                "--model",
+                model.to_str().unwrap(),
+                "--system",
+                SYSTEM,
+                "--max_new_tokens",
+                "32",
+            ])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
         let out = child.wait_with_output().unwrap();
-        (stdout_of(&out), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            stdout_of(&out),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let first = decode_text(arch, &ids(&g["archs"][arch]["chat_base"]));
-    let (out, err) = run_chat(&format!("{QUESTION}\nThanks.\n/reset\n{QUESTION}\n/exit\nnever read\n"));
+    let (out, err) = run_chat(&format!(
+        "{QUESTION}\nThanks.\n/reset\n{QUESTION}\n/exit\nnever read\n"
+    ));
     let answers: Vec<&str> = out.split_terminator('\n').collect();
-    assert!(out.starts_with(&format!("{first}\n")), "first turn: {out:?}");
-    assert!(out.ends_with(&format!("{first}\n")), "after /reset the first answer again: {out:?}");
+    assert!(
+        out.starts_with(&format!("{first}\n")),
+        "first turn: {out:?}"
+    );
+    assert!(
+        out.ends_with(&format!("{first}\n")),
+        "after /reset the first answer again: {out:?}"
+    );
     // The second turn saw the whole conversation: it fed only what the turn added.
     let fed: Vec<usize> = err
         .lines()
@@ -443,7 +594,10 @@ fn cli_chat_reads_turns_from_a_pipe() {
         .filter_map(|l| l.split(' ').next()?.parse().ok())
         .collect();
     assert_eq!(fed.len(), 3, "three answers: {err}");
-    assert!(fed[1] > fed[0], "the second prompt holds the first turn: {fed:?}");
+    assert!(
+        fed[1] > fed[0],
+        "the second prompt holds the first turn: {fed:?}"
+    );
     assert!(answers.len() >= 3);
     // EOF ends the chat too.
     let (out, _) = run_chat(&format!("{QUESTION}\n"));
@@ -454,7 +608,16 @@ fn cli_chat_reads_turns_from_a_pipe() {
 fn cli_errors_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-model");
-    let out = lorafold(&["infer", "--model", missing.to_str().unwrap(), "--prompt", "hi"], &[]);
+    let out = lorafold(
+        &[
+            "infer",
+            "--model",
+            missing.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
+        &[],
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no-such-model"), "{err}");
@@ -462,29 +625,78 @@ fn cli_errors_are_named() {
     let model = model_dir("qwen2");
     let file = dir.path().join("bad.jsonl");
     std::fs::write(&file, "{\"prompt\": \"fine\"}\n{\"prompt\": \n").unwrap();
-    let out = lorafold(&["infer", "--model", model.to_str().unwrap(), "--prompts", file.to_str().unwrap()], &[]);
+    let out = lorafold(
+        &[
+            "infer",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompts",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.jsonl:2: invalid JSON"), "{err}");
 
     std::fs::write(&file, "{\"text\": \"x\"}\n").unwrap();
-    let out = lorafold(&["infer", "--model", model.to_str().unwrap(), "--prompts", file.to_str().unwrap()], &[]);
+    let out = lorafold(
+        &[
+            "infer",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompts",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("bad.jsonl:1: expected"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("bad.jsonl:1: expected"),
+        "{err}"
+    );
 
-    let out = lorafold(&["infer", "--model", model.to_str().unwrap(), "--compare", "--prompt", "hi"], &[]);
+    let out = lorafold(
+        &[
+            "infer",
+            "--model",
+            model.to_str().unwrap(),
+            "--compare",
+            "--prompt",
+            "hi",
+        ],
+        &[],
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--adapters"));
 
     let out = lorafold(
-        &["infer", "--model", model.to_str().unwrap(), "--adapters", missing.to_str().unwrap(), "--prompt", "hi"],
+        &[
+            "infer",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapters",
+            missing.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
         &[],
     );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-model"));
 
     let out = lorafold(
-        &["infer", "--model", model.to_str().unwrap(), "--prompt", "hi", "--temperature", "0.5", "--top_p", "0"],
+        &[
+            "infer",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--temperature",
+            "0.5",
+            "--top_p",
+            "0",
+        ],
         &[],
     );
     assert!(!out.status.success());
