@@ -44,7 +44,11 @@ pub struct LoadedAdapter {
 impl LoadedAdapter {
     /// The rank PEFT reserves for this adapter: `r`, or the largest `rank_pattern` value.
     pub fn max_rank(&self) -> usize {
-        self.config.rank_pattern.values().copied().fold(self.config.r, usize::max)
+        self.config
+            .rank_pattern
+            .values()
+            .copied()
+            .fold(self.config.r, usize::max)
     }
 
     /// Name for messages: the folder.

@@ -157,10 +157,17 @@ pub fn combine(
             adapters.len()
         )));
     }
-    let comb = if adapters.len() == 1 { Combination::Linear } else { opts.combination };
+    let comb = if adapters.len() == 1 {
+        Combination::Linear
+    } else {
+        opts.combination
+    };
     let density = match (comb.needs_density(), opts.density) {
         (true, None) => {
-            return Err(Error::Msg(format!("--combination {} needs --density (0 < d ≤ 1)", comb.name())))
+            return Err(Error::Msg(format!(
+                "--combination {} needs --density (0 < d ≤ 1)",
+                comb.name()
+            )))
         }
         (true, Some(d)) if !(d > 0.0 && d <= 1.0) => {
             return Err(Error::Msg(format!("--density {d} is outside (0, 1]")))
@@ -171,7 +178,8 @@ pub fn combine(
     let new_rank = if comb == Combination::Cat {
         ranks.iter().sum()
     } else if comb.on_delta() {
-        opts.svd_rank.unwrap_or_else(|| ranks.iter().copied().max().unwrap_or(1))
+        opts.svd_rank
+            .unwrap_or_else(|| ranks.iter().copied().max().unwrap_or(1))
     } else {
         if ranks.iter().any(|&r| r != ranks[0]) {
             return Err(Error::Msg(format!(
@@ -300,8 +308,18 @@ fn on_factors(
     let a = apply_rule(rule, &a_t, &wa, density, opts.sign_method, &sa);
     let b = apply_rule(rule, &b_t, &wb, density, opts.sign_method, &sb);
     let (out, inp) = (present[0].1.b.rows, present[0].1.a.cols);
-    let a = Mat { rows: r, cols: inp, data: a }.pad_rows(new_rank);
-    let b = Mat { rows: out, cols: r, data: b }.pad_cols(new_rank);
+    let a = Mat {
+        rows: r,
+        cols: inp,
+        data: a,
+    }
+    .pad_rows(new_rank);
+    let b = Mat {
+        rows: out,
+        cols: r,
+        data: b,
+    }
+    .pad_cols(new_rank);
     Ok((a, b))
 }
 
@@ -325,8 +343,10 @@ fn via_delta(
     let total_rank: usize = present.iter().map(|(_, p)| p.rank()).sum();
     let mut t = if rule == Rule::TaskArithmetic && out.min(inp) > svd::EXACT_MAX && total_rank <= out.min(inp) {
         // Σ w_i s_i B_i A_i is a product of thin factors: decompose it without forming it.
-        let b_parts: Vec<Mat> =
-            present.iter().map(|(i, p)| p.b.scaled((weights[*i] * p.scale) as f32)).collect();
+        let b_parts: Vec<Mat> = present
+            .iter()
+            .map(|(i, p)| p.b.scaled((weights[*i] * p.scale) as f32))
+            .collect();
         let a_parts: Vec<Mat> = present.iter().map(|(_, p)| p.a.clone()).collect();
         svd::truncated_svd_of_product(&Mat::hcat(&b_parts, out), &Mat::vcat(&a_parts, inp), new_rank)?
     } else {
@@ -408,7 +428,14 @@ impl StreamKey {
 }
 
 /// Apply a rule to task tensors `t_i` (same length) with weights `w_i`.
-fn apply_rule(rule: Rule, tensors: &[&[f32]], weights: &[f32], density: f64, sign: SignMethod, key: &StreamKey) -> Vec<f32> {
+fn apply_rule(
+    rule: Rule,
+    tensors: &[&[f32]],
+    weights: &[f32],
+    density: f64,
+    sign: SignMethod,
+    key: &StreamKey,
+) -> Vec<f32> {
     let pruned: Vec<Vec<f32>> = match rule {
         Rule::TaskArithmetic => tensors.iter().map(|t| t.to_vec()).collect(),
         Rule::Ties | Rule::MagnitudePrune => tensors.iter().map(|t| magnitude_prune(t, density)).collect(),

@@ -58,7 +58,11 @@ struct Cm {
 
 impl Cm {
     fn zeros(m: usize, n: usize) -> Cm {
-        Cm { m, n, d: vec![0.0; m * n] }
+        Cm {
+            m,
+            n,
+            d: vec![0.0; m * n],
+        }
     }
     fn identity(m: usize, n: usize) -> Cm {
         let mut c = Cm::zeros(m, n);
@@ -376,8 +380,7 @@ fn finish(us: Cm, s: Vec<f64>, v: Cm, k: usize, wide: bool, iterations: usize, r
         // Aᵀ = (U S) Vᵀ  ⇒  A = V (S Uᵀ): the roles swap; rescale so that U·S carries S.
         let mut vs = v.take_cols(k);
         let mut ut = us.take_cols(k);
-        for j in 0..k {
-            let sj = s[j];
+        for (j, &sj) in s.iter().enumerate().take(k) {
             for x in vs.col_mut(j) {
                 *x *= sj;
             }
@@ -411,7 +414,7 @@ fn iterative(a: &Mat, k: usize, wide: bool) -> Result<TruncatedSvd> {
         let tt = a64.t()?.contiguous()?;
         (a64, tt)
     };
-    let (m, n) = t.dims2()?;
+    let n = t.dims2()?.1;
     let b = n.min(2 * k + 16);
     let mut rng = Rng::new(0x5EED_5BD0);
     let mut omega = Cm::zeros(n, b);
@@ -431,12 +434,12 @@ fn iterative(a: &Mat, k: usize, wide: bool) -> Result<TruncatedSvd> {
         let u = q.mul(&w);
         let s0 = s[0];
         let mut res = 0f64;
-        for j in 0..k {
+        for (j, &sj) in s.iter().enumerate().take(k) {
             let r: f64 = y
                 .col(j)
                 .iter()
                 .zip(u.col(j))
-                .map(|(yi, ui)| (yi - s[j] * ui).powi(2))
+                .map(|(yi, ui)| (yi - sj * ui).powi(2))
                 .sum::<f64>()
                 .sqrt();
             res = res.max(r);
@@ -446,24 +449,25 @@ fn iterative(a: &Mat, k: usize, wide: bool) -> Result<TruncatedSvd> {
             // U·S from the Ritz vectors; V from z, zeroed where σ vanishes.
             let mut us = u.take_cols(k);
             let mut v = z.take_cols(k);
-            for j in 0..k {
+            for (j, &sj) in s.iter().enumerate().take(k) {
                 for x in us.col_mut(j) {
-                    *x *= s[j];
+                    *x *= sj;
                 }
-                if s[j] <= s0 * 1e-13 {
+                if sj <= s0 * 1e-13 {
                     for x in v.col_mut(j) {
                         *x = 0.0;
                     }
                 }
             }
-            let _ = m;
             return Ok(finish(us, s, v, k, wide, it, rel));
         }
         last = Some(rel);
         q = y;
         orthonormalize(&mut q, &mut rng);
     }
-    Err(Error::Msg(format!("subspace iteration did not converge (residual {last:?})")))
+    Err(Error::Msg(format!(
+        "subspace iteration did not converge (residual {last:?})"
+    )))
 }
 
 /// Top `k` triplets of the product `b·a` (`b`: `m × R`, `a`: `R × n`) without forming it: QR of
@@ -471,10 +475,16 @@ fn iterative(a: &Mat, k: usize, wide: bool) -> Result<TruncatedSvd> {
 pub fn truncated_svd_of_product(b: &Mat, a: &Mat, k: usize) -> Result<TruncatedSvd> {
     let (m, r, n) = (b.rows, b.cols, a.cols);
     if a.rows != r {
-        return Err(Error::Msg(format!("factor shapes {m}×{r} and {}×{n} do not chain", a.rows)));
+        return Err(Error::Msg(format!(
+            "factor shapes {m}×{r} and {}×{n} do not chain",
+            a.rows
+        )));
     }
     if k == 0 || k > m.min(n) {
-        return Err(Error::Msg(format!("rank {k} is outside 1..={} for a {m}×{n} matrix", m.min(n))));
+        return Err(Error::Msg(format!(
+            "rank {k} is outside 1..={} for a {m}×{n} matrix",
+            m.min(n)
+        )));
     }
     if r > m.min(n) {
         return truncated_svd(&b.matmul(a)?, k);
@@ -518,7 +528,11 @@ mod tests {
     }
 
     fn max_diff(a: &Mat, b: &Mat) -> f32 {
-        a.data.iter().zip(&b.data).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+        a.data
+            .iter()
+            .zip(&b.data)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
     }
 
     #[test]
@@ -529,7 +543,13 @@ mod tests {
             assert!(max_diff(&reconstruct(&t), &a) < 1e-5, "{m}x{n}");
             assert!(t.s.windows(2).all(|w| w[0] >= w[1]));
             // Rows of Vᵀ are orthonormal.
-            let g = t.vt.matmul(&Mat { rows: t.vt.cols, cols: t.vt.rows, data: transpose(&t.vt) }).unwrap();
+            let g =
+                t.vt.matmul(&Mat {
+                    rows: t.vt.cols,
+                    cols: t.vt.rows,
+                    data: transpose(&t.vt),
+                })
+                .unwrap();
             for i in 0..g.rows {
                 for j in 0..g.cols {
                     let want = if i == j { 1.0 } else { 0.0 };

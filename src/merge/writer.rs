@@ -88,7 +88,10 @@ pub fn natural_cmp(a: &str, b: &str) -> Ordering {
                 let (dx, dy) = (&x[..nx], &y[..ny]);
                 let tx = dx.iter().skip_while(|&&c| c == b'0').count();
                 let ty = dy.iter().skip_while(|&&c| c == b'0').count();
-                let ord = tx.cmp(&ty).then_with(|| dx[nx - tx..].cmp(&dy[ny - ty..])).then(nx.cmp(&ny));
+                let ord = tx
+                    .cmp(&ty)
+                    .then_with(|| dx[nx - tx..].cmp(&dy[ny - ty..]))
+                    .then(nx.cmp(&ny));
                 if ord != Ordering::Equal {
                     return ord;
                 }
@@ -132,7 +135,9 @@ pub fn shard_names(count: usize) -> Vec<String> {
     if count <= 1 {
         return vec![SINGLE_FILE.to_string()];
     }
-    (1..=count).map(|i| format!("model-{i:05}-of-{count:05}.safetensors")).collect()
+    (1..=count)
+        .map(|i| format!("model-{i:05}-of-{count:05}.safetensors"))
+        .collect()
 }
 
 /// Write one safetensors file. Tensors are laid out by decreasing dtype alignment, then by name,
