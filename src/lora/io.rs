@@ -18,7 +18,7 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
 /// Split an adapter key into (module path, 'A' | 'B'). Accepts PEFT's on-disk form and the
 /// in-memory form that still carries an adapter name (`lora_A.default.weight`).
-fn parse_key(key: &str) -> Option<(String, char)> {
+pub fn parse_key(key: &str) -> Option<(String, char)> {
     let rest = key.strip_prefix("base_model.model.")?;
     let rest = rest.strip_suffix(".weight")?;
     for half in ['A', 'B'] {

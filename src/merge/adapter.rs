@@ -57,20 +57,7 @@ impl LoadedAdapter {
     }
 }
 
-/// Split `base_model.model.<path>.lora_{A,B}[.<adapter name>].weight` into (path, half).
-pub fn parse_key(key: &str) -> Option<(String, char)> {
-    let rest = key.strip_prefix("base_model.model.")?.strip_suffix(".weight")?;
-    for half in ['A', 'B'] {
-        let tag = format!(".lora_{half}");
-        if let Some(i) = rest.rfind(&tag) {
-            let after = &rest[i + tag.len()..];
-            if after.is_empty() || (after.starts_with('.') && !after[1..].contains('.')) {
-                return Some((rest[..i].to_string(), half));
-            }
-        }
-    }
-    None
-}
+use crate::lora::io::parse_key;
 
 /// Checkpoint folders (`checkpoint-<step>`) directly under `dir`, newest last.
 fn checkpoints_in(dir: &Path) -> Vec<(usize, PathBuf)> {

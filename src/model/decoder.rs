@@ -245,17 +245,9 @@ impl Model {
         Ok((x + d)?)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        attn: &Attention,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        causal: &Tensor,
-        pad: Option<&Tensor>,
-        ctx: &Fwd,
-    ) -> Result<Tensor> {
+    /// Project x [B, T, H] to per-head q [B, nh, T, hd] and k, v [B, nkv, T, hd], with the q/k
+    /// norms (Qwen3) and RoPE applied; v is contiguous.
+    fn qkv(&self, attn: &Attention, x: &Tensor, cos: &Tensor, sin: &Tensor, ctx: &Fwd) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let eps = self.cfg.rms_norm_eps;
@@ -269,8 +261,23 @@ impl Model {
         let q = heads(attn.q.forward(x, ctx)?, nh, &attn.q_norm)?;
         let k = heads(attn.k.forward(x, ctx)?, nkv, &attn.k_norm)?;
         let v = heads(attn.v.forward(x, ctx)?, nkv, &None)?.contiguous()?;
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
+        Ok((apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?, v))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        causal: &Tensor,
+        pad: Option<&Tensor>,
+        ctx: &Fwd,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let (q, k, v) = self.qkv(attn, x, cos, sin, ctx)?;
         // Grouped-query attention without repeating K/V: fold the query heads that share a K/V
         // head into the sequence axis, [B, nkv, rep*T, hd].
         let rep = nh / nkv;
@@ -385,19 +392,7 @@ impl Model {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let eps = self.cfg.rms_norm_eps;
-        let heads = |y: Tensor, n: usize, norm: &Option<Tensor>| -> Result<Tensor> {
-            let mut y = y.reshape((b, t, n, hd))?;
-            if let Some(w) = norm {
-                y = rms_norm(&y, w, eps)?;
-            }
-            Ok(y.transpose(1, 2)?)
-        };
-        let q = heads(attn.q.forward(x, ctx)?, nh, &attn.q_norm)?;
-        let k = heads(attn.k.forward(x, ctx)?, nkv, &attn.k_norm)?;
-        let v = heads(attn.v.forward(x, ctx)?, nkv, &None)?;
-        let q = apply_rope(&q.contiguous()?, cos, sin)?;
-        let k = apply_rope(&k.contiguous()?, cos, sin)?;
+        let (q, k, v) = self.qkv(attn, x, cos, sin, ctx)?;
         let (k, v) = cache.append(layer, &k, &v)?;
         let len = k.dim(2)?;
         // GQA folding as in `attention`: [B, nkv, rep*T, hd] against [B, nkv, len, hd].

@@ -368,7 +368,7 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
 fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lorafold"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_lorafold"))
         .args([
             "dpo", "--recipe", root().join("recipes/quickstart.yaml").to_str().unwrap(),
             "--output_dir", out.to_str().unwrap(), "--logging_steps", "1", "--save_steps", "1000", "--eval_steps", "1000",
