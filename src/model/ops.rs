@@ -20,10 +20,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// Softmax over the last dimension. The max is detached: softmax does not depend on it, and it
 /// keeps the backward graph small.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let s = e.sum_keepdim(D::Minus1)?;
-    e.broadcast_div(&s)
+    super::constop::softmax_last_dim(x)
 }
 
 /// Log-softmax over the last dimension (max detached, as in [`softmax_last_dim`]).
