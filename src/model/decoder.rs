@@ -236,8 +236,12 @@ impl Model {
         let eps = self.cfg.rms_norm_eps;
         let h = rms_norm(x, &block.input_norm, eps)?;
         let a = self.attention(&block.attn, &h, cos, sin, causal, pad, ctx)?;
-        let x = (x + a)?;
-        let h = rms_norm(&x, &block.post_norm, eps)?;
+        self.mlp_residual(block, &(x + a)?, ctx)
+    }
+
+    /// The second half of a block: x + down(silu(gate(h)) · up(h)), h = post-attention norm of x.
+    fn mlp_residual(&self, block: &Block, x: &Tensor, ctx: &Fwd) -> Result<Tensor> {
+        let h = rms_norm(x, &block.post_norm, self.cfg.rms_norm_eps)?;
         let m = &block.mlp;
         let g = m.gate.forward(&h, ctx)?.silu()?;
         let u = m.up.forward(&h, ctx)?;
@@ -363,12 +367,7 @@ impl Model {
             let eps = self.cfg.rms_norm_eps;
             let h = rms_norm(&x, &block.input_norm, eps)?;
             let a = self.attention_cached(&block.attn, &h, &cos, &sin, mask.as_ref(), cache, l, ctx)?;
-            x = (x + a)?;
-            let h = rms_norm(&x, &block.post_norm, eps)?;
-            let m = &block.mlp;
-            let g = m.gate.forward(&h, ctx)?.silu()?;
-            let u = m.up.forward(&h, ctx)?;
-            x = (&x + m.down.forward(&(g * u)?, ctx)?)?;
+            x = self.mlp_residual(block, &(x + a)?, ctx)?;
         }
         cache.advance(t);
         let last = x.narrow(1, t - 1, 1)?;
