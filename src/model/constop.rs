@@ -28,7 +28,7 @@ impl Const {
 }
 
 /// Element offsets of a strided layout, in row-major order.
-fn strided_offsets(l: &Layout) -> Vec<usize> {
+pub(crate) fn strided_offsets(l: &Layout) -> Vec<usize> {
     let dims = l.dims();
     let strides = l.stride();
     let n: usize = dims.iter().product();

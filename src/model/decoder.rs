@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, D};
 use super::cache::KvCache;
 use super::config::{module_path, ModelConfig, LINEAR_MODULES};
 use super::constop::{add_frozen, matmul_frozen_t};
-use super::ops::{apply_rope, rms_norm, softmax_last_dim, Rope, MASK_VALUE};
+use super::ops::{apply_rope, rms_norm, silu_mul, softmax_last_dim, Rope, MASK_VALUE};
 use super::weights::WeightSource;
 use crate::error::{Error, Result};
 use crate::lora::linear::{Fwd, LoraLinear};
@@ -243,9 +243,9 @@ impl Model {
     fn mlp_residual(&self, block: &Block, x: &Tensor, ctx: &Fwd) -> Result<Tensor> {
         let h = rms_norm(x, &block.post_norm, self.cfg.rms_norm_eps)?;
         let m = &block.mlp;
-        let g = m.gate.forward(&h, ctx)?.silu()?;
+        let g = m.gate.forward(&h, ctx)?;
         let u = m.up.forward(&h, ctx)?;
-        let d = m.down.forward(&(g * u)?, ctx)?;
+        let d = m.down.forward(&silu_mul(&g, &u)?, ctx)?;
         Ok((x + d)?)
     }
 
@@ -459,6 +459,9 @@ fn padding_mask(mask: &Tensor) -> Result<Tensor> {
 /// Gather per-token log-probs of `labels` from logits: logits [N, V] (any float dtype),
 /// labels [N] (u32) -> [N] f32.
 pub fn token_logps(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    if let Some(lp) = super::fused::token_logps(&logits.to_dtype(DType::F32)?, labels)? {
+        return Ok(lp);
+    }
     let lp = super::ops::log_softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
     let idx = labels.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?;
     Ok(lp.gather(&idx, D::Minus1)?.squeeze(D::Minus1)?)

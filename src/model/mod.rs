@@ -4,6 +4,7 @@ pub mod cache;
 pub mod config;
 pub mod constop;
 pub mod decoder;
+pub mod fused;
 pub mod ops;
 pub mod weights;
 

@@ -10,6 +10,9 @@ use super::constop::mul_frozen;
 /// RMSNorm over the last dimension, computed in f32 and cast back, then scaled by `weight`
 /// (as transformers: `weight * (x * rsqrt(mean(x^2) + eps)).to(input_dtype)`).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if let Some(y) = super::fused::rms_norm(x, weight, eps)? {
+        return Ok(y);
+    }
     let dtype = x.dtype();
     let x32 = x.to_dtype(DType::F32)?;
     let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
@@ -29,6 +32,14 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let diff = x.broadcast_sub(&max)?;
     let lse = diff.exp()?.sum_keepdim(D::Minus1)?.log()?;
     diff.broadcast_sub(&lse)
+}
+
+/// silu(g) · u (the gated MLP activation).
+pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if let Some(y) = super::fused::silu_mul(g, u)? {
+        return Ok(y);
+    }
+    g.silu()? * u
 }
 
 /// Rotary position embedding tables for a range of positions.
@@ -91,14 +102,21 @@ impl Rope {
 }
 
 /// Apply rotary embeddings (the "rotate half" layout of Llama/Qwen checkpoints) to
-/// x [B, H, T, D] with cos/sin [T, D/2].
+/// x [B, H, T, D] with cos/sin [T, D/2], or [B, T, D/2] for per-row positions.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if let Some(y) = super::fused::rope(x, cos, sin)? {
+        return Ok(y);
+    }
     let d = x.dim(D::Minus1)?;
     let half = d / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
-    let cos = cos.unsqueeze(0)?.unsqueeze(0)?;
-    let sin = sin.unsqueeze(0)?.unsqueeze(0)?;
+    // [T, D/2] -> [1, 1, T, D/2]; [B, T, D/2] -> [B, 1, T, D/2].
+    let (cos, sin) = if cos.rank() == 3 {
+        (cos.unsqueeze(1)?, sin.unsqueeze(1)?)
+    } else {
+        (cos.unsqueeze(0)?.unsqueeze(0)?, sin.unsqueeze(0)?.unsqueeze(0)?)
+    };
     let r1 = (mul_frozen(&x1, &cos)? - mul_frozen(&x2, &sin)?)?;
     let r2 = (mul_frozen(&x2, &cos)? + mul_frozen(&x1, &sin)?)?;
     Tensor::cat(&[&r1, &r2], D::Minus1)
