@@ -102,3 +102,70 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Resu
         source,
     })
 }
+
+/// Read a JSON file and deserialize it into `T`, naming the key at fault when a value has the
+/// wrong type or is missing (serde alone only says "expected usize"). Syntax errors keep their
+/// line and column. `example` is any valid `T` as JSON (see [`from_json_named`]).
+pub fn read_json_named<T: serde::de::DeserializeOwned>(path: &std::path::Path, example: &serde_json::Value) -> Result<T> {
+    let value: serde_json::Value = read_json(path)?;
+    from_json_named(&value, example, path)
+}
+
+/// The JSON type of a value, for messages ("a string", "a list", ...).
+pub fn json_kind(v: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Deserialize a JSON object into `T`; on failure, name the key at fault. `example` is a valid
+/// `T` as JSON: each key of `value` is put, alone, into a copy of `example`, and the first one
+/// that does not deserialize there is the one named. A missing field is named from serde's
+/// message.
+pub fn from_json_named<T: serde::de::DeserializeOwned>(
+    value: &serde_json::Value,
+    example: &serde_json::Value,
+    path: &std::path::Path,
+) -> Result<T> {
+    use serde_json::Value;
+    let Value::Object(map) = value else {
+        return Err(Error::Msg(format!(
+            "{}: must be a JSON object of keys and values, got {}",
+            path.display(),
+            json_kind(value)
+        )));
+    };
+    let err = match serde_json::from_value::<T>(value.clone()) {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
+    let config = |key: &str, msg: String| Error::Config { path: path.into(), key: key.into(), msg };
+    if let Value::Object(base) = example {
+        for (k, v) in map {
+            let mut one = base.clone();
+            one.insert(k.clone(), v.clone());
+            if let Err(e) = serde_json::from_value::<T>(Value::Object(one)) {
+                let shown = match v {
+                    Value::String(s) if s.chars().count() <= 60 => format!("{s:?}"),
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    other => json_kind(other).to_string(),
+                };
+                return Err(config(k, format!("{e} (got {shown})")));
+            }
+        }
+    }
+    let msg = err.to_string();
+    if let Some(rest) = msg.strip_prefix("missing field `") {
+        if let Some(name) = rest.split('`').next() {
+            return Err(config(name, "is required but missing".into()));
+        }
+    }
+    Err(Error::Msg(format!("{}: {msg}", path.display())))
+}

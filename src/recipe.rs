@@ -162,11 +162,8 @@ impl DpoOptions {
     /// Read a YAML recipe. Keys may use `_` or `-`; unknown keys are errors naming them.
     pub fn from_yaml_file(path: &Path) -> Result<DpoOptions> {
         let text = crate::error::read_to_string(path)?;
-        let value: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| Error::Config {
-            path: path.into(),
-            key: e.location().map(|l| format!("line {}", l.line())).unwrap_or_default(),
-            msg: e.to_string(),
-        })?;
+        let value: serde_yaml::Value = serde_yaml::from_str(&text)
+            .map_err(|e| Error::Msg(format!("{}: invalid YAML: {e}", path.display())))?;
         let value = match value {
             serde_yaml::Value::Mapping(m) => serde_yaml::Value::Mapping(
                 m.into_iter()
@@ -177,17 +174,21 @@ impl DpoOptions {
                     .collect(),
             ),
             serde_yaml::Value::Null => serde_yaml::Value::Mapping(Default::default()),
-            _ => {
-                return Err(Error::Config {
-                    path: path.into(),
-                    key: String::new(),
-                    msg: "a recipe must be a mapping of keys to values".into(),
-                })
+            other => {
+                let kind = match other {
+                    serde_yaml::Value::Sequence(_) => "a list",
+                    serde_yaml::Value::Tagged(_) => "a tagged value",
+                    _ => "a single value",
+                };
+                return Err(Error::Msg(format!(
+                    "{}: a recipe must be a mapping of keys to values, got {kind}",
+                    path.display()
+                )));
             }
         };
         // Single values are accepted where lists are expected (dataset: file.jsonl).
         let value = listify(value, &["dataset", "val_dataset", "lora_target_modules", "loss_type", "loss_weights"]);
-        serde_yaml::from_value(value.clone()).map_err(|e| {
+        let opts: DpoOptions = serde_yaml::from_value(value.clone()).map_err(|e| {
             // Name the key at fault: check the keys one at a time.
             let key = match &value {
                 serde_yaml::Value::Mapping(m) => m
@@ -201,11 +202,147 @@ impl DpoOptions {
                 _ => None,
             };
             Error::Config { path: path.into(), key: key.unwrap_or_else(|| "recipe".into()), msg: e.to_string() }
-        })
+        })?;
+        opts.check_values()
+            .map_err(|(key, msg)| Error::Config { path: path.into(), key, msg })?;
+        Ok(opts)
     }
 
-    /// Overlay the keys set in `over` onto `self`.
+    /// Check every value that is set, each on its own: numbers finite and in range, names known.
+    /// Checks that depend on several keys together (loss parameters, weights per loss type) are
+    /// left to [`DpoOptions::resolve`]. The error is (key, message).
+    pub fn check_values(&self) -> std::result::Result<(), (String, String)> {
+        let err = |key: &str, msg: String| Err((key.to_string(), msg));
+        let floats = [
+            ("split_dataset_ratio", self.split_dataset_ratio),
+            ("num_train_epochs", self.num_train_epochs),
+            ("lora_alpha", self.lora_alpha),
+            ("lora_dropout_p", self.lora_dropout_p),
+            ("learning_rate", self.learning_rate),
+            ("weight_decay", self.weight_decay),
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+            ("adam_epsilon", self.adam_epsilon),
+            ("max_grad_norm", self.max_grad_norm),
+            ("warmup_ratio", self.warmup_ratio),
+            ("beta", self.beta),
+            ("label_smoothing", self.label_smoothing),
+            ("rpo_alpha", self.rpo_alpha),
+            ("simpo_gamma", self.simpo_gamma),
+            ("discopop_tau", self.discopop_tau),
+        ];
+        for (key, v) in floats {
+            if let Some(v) = v {
+                if !v.is_finite() {
+                    return err(key, format!("{v} is not a finite number"));
+                }
+            }
+        }
+        for w in self.loss_weights.iter().flatten() {
+            if !w.is_finite() {
+                return err("loss_weights", format!("{w} is not a finite number"));
+            }
+        }
+        for (key, v, lo, hi) in [
+            ("split_dataset_ratio", self.split_dataset_ratio, 0.0, 1.0),
+            ("lora_dropout_p", self.lora_dropout_p, 0.0, 1.0),
+            ("adam_beta1", self.adam_beta1, 0.0, 1.0),
+            ("adam_beta2", self.adam_beta2, 0.0, 1.0),
+            ("warmup_ratio", self.warmup_ratio, 0.0, 1.0),
+        ] {
+            if let Some(v) = v {
+                if !(lo..hi).contains(&v) {
+                    return err(key, format!("{v} is outside [{lo}, {hi})"));
+                }
+            }
+        }
+        if let Some(v) = self.label_smoothing {
+            if !(0.0..=0.5).contains(&v) {
+                return err("label_smoothing", format!("{v} is outside [0, 0.5]"));
+            }
+        }
+        for (key, v) in [
+            ("learning_rate", self.learning_rate),
+            ("beta", self.beta),
+            ("lora_alpha", self.lora_alpha),
+            ("num_train_epochs", self.num_train_epochs),
+        ] {
+            if let Some(v) = v {
+                if v <= 0.0 {
+                    return err(key, format!("{v} must be positive"));
+                }
+            }
+        }
+        for (key, v) in [
+            ("weight_decay", self.weight_decay),
+            ("adam_epsilon", self.adam_epsilon),
+            ("max_grad_norm", self.max_grad_norm),
+        ] {
+            if let Some(v) = v {
+                if v < 0.0 {
+                    return err(key, format!("{v} must not be negative"));
+                }
+            }
+        }
+        for (key, v) in [
+            ("lora_rank", self.lora_rank),
+            ("batch_size", self.batch_size),
+            ("eval_batch_size", self.eval_batch_size),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps),
+            ("eval_steps", self.eval_steps),
+            ("save_steps", self.save_steps),
+            ("logging_steps", self.logging_steps),
+            ("max_steps", self.max_steps),
+        ] {
+            if v == Some(0) {
+                return err(key, "must be at least 1".into());
+            }
+        }
+        if let Some(t) = &self.sft_type {
+            if !t.eq_ignore_ascii_case("lora") {
+                return err(
+                    "sft_type",
+                    format!("{t:?} is not supported: lorafold trains LoRA adapters only (--sft_type lora)"),
+                );
+            }
+        }
+        if let Some(m) = &self.truncation_mode {
+            if m != "keep_end" && m != "keep_start" {
+                return err("truncation_mode", format!("{m:?} must be keep_end or keep_start"));
+            }
+        }
+        if let Some(k) = &self.lr_scheduler_type {
+            if let Err(e) = k.parse::<crate::train::schedule::SchedulerKind>() {
+                return err("lr_scheduler_type", e.to_string());
+            }
+        }
+        if let Some(d) = &self.dtype {
+            if !DTYPES.contains(&d.to_ascii_lowercase().as_str()) {
+                return err("dtype", format!("{d:?} must be AUTO, fp32, bf16 or fp16"));
+            }
+        }
+        // Loss names only: their parameters are checked together in `resolve`.
+        let names_only = crate::dpo::loss::LossParams {
+            label_smoothing: 0.1,
+            simpo_gamma: 0.5,
+            discopop_tau: 0.05,
+        };
+        for name in loss_names(self.loss_type.as_deref().unwrap_or_default()) {
+            if let Err(e) = crate::dpo::loss::LossKind::parse(&name, &names_only) {
+                return err("loss_type", e.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// Overlay the keys set in `over` (the command line) onto `self`. The values of `over` are
+    /// checked first (see [`DpoOptions::check_values`]).
     pub fn overlay(self, over: &DpoOptions) -> Result<DpoOptions> {
+        over.check_values().map_err(|(key, msg)| Error::Config {
+            path: PathBuf::from("command line"),
+            key,
+            msg,
+        })?;
         let mut base = serde_json::to_value(&self).map_err(|e| Error::Msg(e.to_string()))?;
         let top = serde_json::to_value(over).map_err(|e| Error::Msg(e.to_string()))?;
         if let (Some(b), Some(t)) = (base.as_object_mut(), top.as_object()) {
@@ -217,6 +354,19 @@ impl DpoOptions {
         }
         serde_json::from_value(base).map_err(|e| Error::Msg(e.to_string()))
     }
+}
+
+/// The `--dtype` spellings lorafold accepts (lower case).
+const DTYPES: [&str; 9] = ["auto", "fp32", "f32", "float32", "bf16", "bfloat16", "fp16", "f16", "float16"];
+
+/// Loss type names as given: each value may hold several, comma-separated.
+fn loss_names(values: &[String]) -> Vec<String> {
+    values
+        .iter()
+        .flat_map(|s| s.split(','))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 fn listify(v: serde_yaml::Value, keys: &[&str]) -> serde_yaml::Value {
@@ -317,6 +467,7 @@ fn bad(key: &str, msg: impl Into<String>) -> Error {
 impl DpoOptions {
     /// Apply defaults and validate.
     pub fn resolve(self) -> Result<Settings> {
+        self.check_values().map_err(|(key, msg)| bad(&key, msg))?;
         let o = self;
         let model = o.model.ok_or_else(|| bad("model", "is required (--model DIR or a hub id)"))?;
         if let Some(t) = &o.sft_type {
@@ -344,7 +495,18 @@ impl DpoOptions {
             return Err(bad("truncation_mode", format!("{truncation_mode:?} must be keep_end or keep_start")));
         }
         let loss_type = o.loss_type.unwrap_or_else(|| vec!["sigmoid".into()]);
-        let loss_type: Vec<String> = loss_type.iter().flat_map(|s| s.split(',')).map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        let loss_type = loss_names(&loss_type);
+        let params = crate::dpo::loss::LossParams {
+            label_smoothing: o.label_smoothing.unwrap_or(0.0),
+            simpo_gamma: o.simpo_gamma.unwrap_or(0.5),
+            discopop_tau: o.discopop_tau.unwrap_or(0.05),
+        };
+        if loss_type.is_empty() {
+            return Err(bad("loss_type", "no loss type given"));
+        }
+        for name in &loss_type {
+            crate::dpo::loss::LossKind::parse(name, &params).map_err(|e| bad("loss_type", e.to_string()))?;
+        }
         let loss_weights = o.loss_weights.unwrap_or_else(|| vec![1.0; loss_type.len()]);
         if loss_weights.len() != loss_type.len() {
             return Err(bad("loss_weights", format!("{} weights for {} loss types", loss_weights.len(), loss_type.len())));
@@ -354,7 +516,7 @@ impl DpoOptions {
             .parse::<crate::train::schedule::SchedulerKind>()
             .map_err(|e| bad("lr_scheduler_type", e))?;
         let dtype = o.dtype.unwrap_or_else(|| "auto".into()).to_ascii_lowercase();
-        if !["auto", "fp32", "f32", "float32", "bf16", "bfloat16", "fp16", "f16", "float16"].contains(&dtype.as_str()) {
+        if !DTYPES.contains(&dtype.as_str()) {
             return Err(bad("dtype", format!("{dtype:?} must be AUTO, fp32, bf16 or fp16")));
         }
         let batch_size = o.batch_size.unwrap_or(1);

@@ -256,6 +256,8 @@ pub fn normalise_rows(
     let mut format: Option<Format> = None;
     let mut pairs = Vec::with_capacity(rows.len());
     let mut skipped = 0;
+    // Where the first pair came from, for the "nothing to score" message.
+    let mut first_loc: Option<String> = None;
     for raw in rows {
         let parsed = match raw.value {
             Err(msg) => Err(msg),
@@ -274,7 +276,12 @@ pub fn normalise_rows(
             Ok(other) => Err(format!("a row must be a JSON object, got {}", kind(&other))),
         };
         match parsed {
-            Ok(pair) => pairs.push((raw.row, pair)),
+            Ok(pair) => {
+                if first_loc.is_none() {
+                    first_loc = Some(raw.loc.clone());
+                }
+                pairs.push((raw.row, pair))
+            }
             Err(_) if opts.skip_bad_rows => skipped += 1,
             Err(msg) => return Err(Error::Msg(format!("{}: {msg}", raw.loc))),
         }
@@ -284,12 +291,49 @@ pub fn normalise_rows(
             "{display}: no readable row ({skipped} bad rows skipped); cannot detect the format"
         )));
     };
+    check_something_to_score(&pairs, first_loc.as_deref(), format, display)?;
     let stats = LoadStats {
         rows: pairs.len(),
         skipped_bad_rows: skipped,
         formats: vec![(display.to_string(), format.name().to_string())],
     };
     Ok((pairs, stats))
+}
+
+/// The keys that hold the chosen and the rejected response in a format, for messages.
+fn response_keys(format: Format) -> (&'static str, &'static str) {
+    match format {
+        Format::TrlExplicit | Format::TrlImplicit | Format::Sharegpt | Format::Alpaca | Format::HhRlhf => {
+            ("chosen", "rejected")
+        }
+        Format::Xtuner => ("chosen_conversations", "rejected_conversations"),
+        Format::SwiftV2 => ("response", "rejected_response"),
+        Format::SwiftV4 => ("messages", "rejected_response"),
+        Format::AlignAnything => ("response_1", "response_2"),
+    }
+}
+
+/// A file in which every pair has an empty (blank) chosen or rejected response gives nothing to
+/// train on or score: that is an error naming the file and its first row. (A few such pairs
+/// among good ones are dropped and counted later, when tokenising.)
+fn check_something_to_score(
+    pairs: &[(RowRef, PreferencePair)],
+    first_loc: Option<&str>,
+    format: Format,
+    display: &str,
+) -> Result<()> {
+    let blank = |msgs: &[Message]| msgs.iter().all(|m| m.content.trim().is_empty());
+    if pairs.is_empty() || !pairs.iter().all(|(_, p)| blank(&p.chosen) || blank(&p.rejected)) {
+        return Ok(());
+    }
+    let (row, first) = &pairs[0];
+    let (ck, rk) = response_keys(format);
+    let key = if blank(&first.chosen) { ck } else { rk };
+    let loc = first_loc.map_or_else(|| row.to_string(), str::to_string);
+    Err(Error::Msg(format!(
+        "{display}: every row has an empty chosen or rejected response, so nothing can be scored \
+         ({loc}: key `{ck}` or `{rk}` is empty; first: `{key}`)"
+    )))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -75,6 +75,18 @@ pub fn read_rows(path: &Path, display: &str) -> Result<Vec<RawRow>> {
     }
 }
 
+/// Largest row lorafold reads (a JSONL line, or one element of a JSON file). Anything longer
+/// cannot fit a context window, and rendering and tokenising it would cost gigabytes.
+pub const MAX_ROW_BYTES: usize = 16 << 20;
+
+fn too_long(what: &str, len: usize) -> String {
+    format!(
+        "{what} is {len} bytes long; rows longer than {} MiB are refused (no context window holds \
+         them; shorten or split the row)",
+        MAX_ROW_BYTES >> 20
+    )
+}
+
 fn strip_bom(bytes: &[u8]) -> &[u8] {
     bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
 }
@@ -101,7 +113,10 @@ pub fn read_jsonl(bytes: &[u8], display: &str) -> Vec<RawRow> {
     let mut rows = Vec::new();
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         let line_no = i + 1;
-        let value = match std::str::from_utf8(line) {
+        let value = if line.len() > MAX_ROW_BYTES {
+            Err(too_long("the line", line.len()))
+        } else {
+            match std::str::from_utf8(line) {
             Err(e) => Err(format!(
                 "not valid UTF-8 text (byte {} of the line)",
                 e.valid_up_to() + 1
@@ -112,6 +127,7 @@ pub fn read_jsonl(bytes: &[u8], display: &str) -> Vec<RawRow> {
                     continue;
                 }
                 parse_line(text)
+            }
             }
         };
         rows.push(RawRow {
@@ -179,25 +195,37 @@ pub fn read_json(bytes: &[u8], display: &str) -> Result<Vec<RawRow>> {
                 return Ok(items
                     .iter()
                     .enumerate()
-                    .map(|(i, v)| RawRow {
-                        row: RowRef {
-                            file: display.into(),
-                            line: i + 1,
-                        },
-                        loc: format!("{display}: row {} of `{key}`", i + 1),
-                        value: Ok(v.clone()),
+                    .map(|(i, v)| {
+                        let size = serde_json::to_vec(v).map_or(0, |b| b.len());
+                        RawRow {
+                            row: RowRef {
+                                file: display.into(),
+                                line: i + 1,
+                            },
+                            loc: format!("{display}: row {} of `{key}`", i + 1),
+                            value: if size > MAX_ROW_BYTES {
+                                Err(too_long("the row", size))
+                            } else {
+                                Ok(v.clone())
+                            },
+                        }
                     })
                     .collect());
             }
         }
         // A single row.
+        let size = stream.byte_offset();
         return Ok(vec![RawRow {
             row: RowRef {
                 file: display.into(),
                 line: 1,
             },
             loc: format!("{display}:1"),
-            value: Ok(first),
+            value: if size > MAX_ROW_BYTES {
+                Err(too_long("the row", size))
+            } else {
+                Ok(first)
+            },
         }]);
     }
     Err(file_err(display, "expected a JSON array of rows (or JSON Lines)"))
@@ -209,6 +237,19 @@ fn read_json_array(text: &str, open: usize, display: &str) -> Result<Vec<RawRow>
     let mut rows = Vec::new();
     let mut i = skip_ws(b, open + 1);
     let bad = |at: usize, msg: &str| file_err(&format!("{display}:{}", line_of(text, at)), msg);
+    // Line numbers are counted forward from the previous element (not from the start each time:
+    // that would be quadratic in the file size).
+    let (mut seen_pos, mut seen_line) = (0usize, 1usize);
+    let mut line_at = |pos: usize| {
+        let pos = pos.min(text.len());
+        if pos >= seen_pos {
+            seen_line += b[seen_pos..pos].iter().filter(|&&c| c == b'\n').count();
+            seen_pos = pos;
+            seen_line
+        } else {
+            line_of(text, pos)
+        }
+    };
     if i < b.len() && b[i] == b']' {
         return Ok(rows);
     }
@@ -220,7 +261,7 @@ fn read_json_array(text: &str, open: usize, display: &str) -> Result<Vec<RawRow>
         let value = match stream.next() {
             Some(Ok(v)) => v,
             Some(Err(e)) => {
-                let line = line_of(text, i) + e.line() - 1;
+                let line = line_at(i) + e.line() - 1;
                 return Err(file_err(
                     &format!("{display}:{line}"),
                     format!("invalid JSON in row {}: {}", rows.len() + 1, json_msg(&e)),
@@ -229,14 +270,19 @@ fn read_json_array(text: &str, open: usize, display: &str) -> Result<Vec<RawRow>
             None => return Err(bad(i, "invalid JSON: the top-level array is not closed")),
         };
         let n = rows.len() + 1;
-        let line = line_of(text, i);
+        let line = line_at(i);
+        let size = stream.byte_offset();
         rows.push(RawRow {
             row: RowRef {
                 file: display.into(),
                 line: n,
             },
             loc: format!("{display}: row {n} (line {line})"),
-            value: Ok(value),
+            value: if size > MAX_ROW_BYTES {
+                Err(too_long("the row", size))
+            } else {
+                Ok(value)
+            },
         });
         i = skip_ws(b, i + stream.byte_offset());
         match b.get(i) {

@@ -19,8 +19,19 @@ use crate::error::{Error, Result};
 
 /// Instructions a single render may execute. Real templates need a few hundred per message.
 const FUEL: u64 = 5_000_000;
-/// Output larger than this (plus the size of the messages) is refused.
+/// Output larger than this (plus the size of the messages) is refused. The values a template
+/// builds (strings, lists, namespaces) are held to the same bound.
 const MAX_OUTPUT: usize = 16 << 20;
+
+thread_local! {
+    /// The memory bound of the render running on this thread (0: none running).
+    static VALUE_LIMIT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Name of the function the guards call (see [`inject_guards`]).
+const GUARD: &str = "__lorafold_value_guard";
+/// Marks errors made by the guards.
+const GREW: &str = "values grew: ";
 
 /// Special-token strings from tokenizer_config.json (each may be unset).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -192,13 +203,21 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
         env.set_fuel(Some(FUEL));
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(capped_methods);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
+        env.add_function(GUARD, value_guard);
         env.add_filter("tojson", tojson);
-        env.add_template_owned("chat_template", rewrite_generation_tags(source))
-            .map_err(|e| Error::Msg(format!("{origin}: cannot parse the chat template: {e}")))?;
+        env.add_filter("replace", capped_replace);
+        env.add_filter("indent", capped_indent);
+        // Parse the template as written first, so that syntax errors point at its own lines.
+        let source = rewrite_generation_tags(source);
+        Environment::new()
+            .template_from_str(&source)
+            .map_err(|e| Error::Msg(format!("{origin}: cannot parse the chat template: {}", one_line(&e))))?;
+        env.add_template_owned("chat_template", inject_guards(&source))
+            .map_err(|e| Error::Msg(format!("{origin}: cannot parse the chat template: {}", one_line(&e))))?;
         Ok(ChatTemplate { env, origin, tokens })
     }
 
@@ -239,19 +258,19 @@ impl ChatTemplate {
         };
         let limit = MAX_OUTPUT + 4 * messages.iter().map(|m| m.content.len()).sum::<usize>();
         let mut out = CappedWriter { buf: Vec::new(), limit };
-        match tmpl.render_captured_to(Value::from_serialize(&ctx), &mut out) {
-            Ok(_) => {}
-            Err(e) => {
-                return Err(err(match e.kind() {
-                    ErrorKind::OutOfFuel => "the template ran too long (out of fuel) and was stopped; \
-                                             does it loop without end?"
-                        .to_string(),
-                    ErrorKind::WriteFailure if out.buf.len() >= limit => {
-                        format!("the output grew past {limit} bytes and was stopped")
-                    }
-                    _ => describe(&e),
-                }))
-            }
+        let outer = VALUE_LIMIT.with(|l| l.replace(limit));
+        let rendered = tmpl.render_captured_to(Value::from_serialize(&ctx), &mut out);
+        VALUE_LIMIT.with(|l| l.set(outer));
+        if let Err(e) = rendered {
+            return Err(err(match e.kind() {
+                ErrorKind::OutOfFuel => "the template ran too long (out of fuel) and was stopped; \
+                                         does it loop without end?"
+                    .to_string(),
+                ErrorKind::WriteFailure if out.buf.len() >= limit => {
+                    format!("the output grew past {limit} bytes and was stopped")
+                }
+                _ => describe(&e),
+            }));
         }
         String::from_utf8(out.buf).map_err(|_| err("rendered text is not valid UTF-8".into()))
     }
@@ -262,14 +281,302 @@ const RAISED: &str = "raise_exception: ";
 
 /// A template error as one line: the message (a `raise_exception` text verbatim) and where.
 fn describe(e: &minijinja::Error) -> String {
-    let mut s = match e.detail().and_then(|d| d.strip_prefix(RAISED)) {
-        Some(msg) => format!("the template raised an exception: {msg}"),
-        None => e.to_string(),
+    // The error raised inside a macro or a filter may be the cause of a wrapper error.
+    let mut inner: &dyn std::error::Error = e;
+    let mut raised = None;
+    loop {
+        if let Some(me) = inner.downcast_ref::<minijinja::Error>() {
+            if let Some(d) = me.detail() {
+                if let Some(msg) = d.strip_prefix(RAISED) {
+                    raised = Some(format!("the template raised an exception: {msg}"));
+                    break;
+                }
+                if let Some(msg) = d.strip_prefix(GREW) {
+                    raised = Some(format!("the values the template builds grew {msg} and it was stopped"));
+                    break;
+                }
+            }
+        }
+        match inner.source() {
+            Some(next) => inner = next,
+            None => break,
+        }
+    }
+    match raised {
+        Some(msg) => match e.line() {
+            Some(line) => format!("{msg} (template line {line})"),
+            None => msg,
+        },
+        None => one_line(e),
+    }
+}
+
+/// A minijinja error as "kind: detail (line N)", without minijinja's internal template name.
+fn one_line(e: &minijinja::Error) -> String {
+    let mut s = match e.detail() {
+        Some(d) => format!("{}: {d}", e.kind()),
+        None => e.kind().to_string(),
     };
-    if let (Some(line), false) = (e.line(), s.contains("(in ")) {
+    if let Some(line) = e.line() {
         s.push_str(&format!(" (template line {line})"));
     }
     s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounding the memory a template uses
+// ---------------------------------------------------------------------------------------------
+//
+// Fuel bounds the instructions a render runs, and the output is capped, but one instruction can
+// double a string (`s ~ s`) or a list (`l + l`), so a short loop could build values far larger
+// than memory. To bound that, a guard call is inserted after every tag that can make values grow
+// step by step (`for`, `endfor`, `set`, `endset`, `macro`, `call`, `with`): it adds up the sizes
+// of all the variables in scope and stops the render when they pass the output bound. Filters
+// and methods that can multiply a size in one call (`replace`, `indent`) check their result size
+// before building it. Growth inside one expression is bounded by the template's own length.
+
+/// Insert `{% if <guard>() %}{% endif %}` after every `for`, `endfor`, `set`, `endset`, `macro`,
+/// `call`, `with` and `endwith` tag. The output is unchanged: the inserted tags render nothing,
+/// and they take over the original tag's trailing whitespace control (`-%}` / `+%}`), so
+/// trim_blocks and whitespace stripping act as before. `{% raw %}` blocks and comments are copied
+/// as they are; string literals inside tags are skipped when looking for the tag's end.
+pub fn inject_guards(src: &str) -> String {
+    const GROWING: [&str; 8] = ["for", "endfor", "set", "endset", "macro", "call", "with", "endwith"];
+    let b = src.as_bytes();
+    let mut out = String::with_capacity(src.len() + 256);
+    let mut i = 0;
+    let mut copied = 0;
+    while i + 1 < b.len() {
+        if b[i] != b'{' || !matches!(b[i + 1], b'%' | b'{' | b'#') {
+            i += 1;
+            continue;
+        }
+        let open = b[i + 1];
+        if open == b'#' {
+            // A comment: up to its `#}`.
+            i = src[i + 2..].find("#}").map_or(b.len(), |e| i + 2 + e + 2);
+            continue;
+        }
+        let close = if open == b'%' { b'%' } else { b'}' };
+        let Some(end) = tag_end(b, i + 2, close) else {
+            break; // An unterminated tag: the parser reports it.
+        };
+        if open == b'%' {
+            let inner = &src[i + 2..end - 2];
+            let body = inner.trim_start_matches(['-', '+']).trim_start();
+            let word: String = body.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            if word == "raw" {
+                // Copy up to and including the matching endraw tag.
+                i = find_endraw(src, end).unwrap_or(b.len());
+                continue;
+            }
+            if GROWING.contains(&word.as_str()) {
+                let marker = match inner.trim_end().as_bytes().last() {
+                    Some(b'-') => "-",
+                    Some(b'+') => "+",
+                    _ => "",
+                };
+                out.push_str(&src[copied..end]);
+                out.push_str(&format!("{{% if {GUARD}() %}}{{% endif {marker}%}}"));
+                copied = end;
+            }
+        }
+        i = end;
+    }
+    out.push_str(&src[copied..]);
+    out
+}
+
+/// The index just past the `%}` / `}}` that closes a tag whose body starts at `from`, skipping
+/// string literals.
+fn tag_end(b: &[u8], from: usize, close: u8) -> Option<usize> {
+    let mut i = from;
+    let mut quote: Option<u8> = None;
+    while i < b.len() {
+        let c = b[i];
+        match quote {
+            Some(q) => {
+                if c == b'\\' {
+                    i += 1;
+                } else if c == q {
+                    quote = None;
+                }
+            }
+            None => {
+                if c == b'"' || c == b'\'' {
+                    quote = Some(c);
+                } else if c == close && b.get(i + 1) == Some(&b'}') {
+                    return Some(i + 2);
+                }
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The index just past the `{% endraw %}` tag that ends a raw block whose body starts at `from`.
+fn find_endraw(src: &str, from: usize) -> Option<usize> {
+    let mut at = from;
+    while let Some(k) = src[at..].find("{%") {
+        let start = at + k;
+        let end = tag_end(src.as_bytes(), start + 2, b'%')?;
+        let body = src[start + 2..end - 2].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
+        if body == "endraw" {
+            return Some(end);
+        }
+        at = end;
+    }
+    None
+}
+
+/// The guard: fails when the variables in scope hold more than the render's bound.
+fn value_guard(state: &minijinja::State) -> std::result::Result<Value, minijinja::Error> {
+    let limit = VALUE_LIMIT.with(std::cell::Cell::get);
+    if limit == 0 {
+        return Ok(Value::from(false));
+    }
+    // Each variable is measured on its own (to name the largest), and the sizes are added up.
+    let mut total = 0usize;
+    let mut largest: (usize, String) = (0, String::new());
+    for name in state.known_variables() {
+        let Some(v) = state.lookup(&name) else { continue };
+        let mut budget = limit;
+        if !charge(&v, &mut budget, 0) {
+            return Err(grew(limit, Some(&name)));
+        }
+        let size = limit - budget;
+        if size > largest.0 {
+            largest = (size, name.to_string());
+        }
+        total = total.saturating_add(size);
+        if total > limit {
+            return Err(grew(limit, Some(&largest.1)));
+        }
+    }
+    Ok(Value::from(false))
+}
+
+fn grew(limit: usize, name: Option<&str>) -> minijinja::Error {
+    let what = match name {
+        Some(n) => format!(" (variable `{n}`)"),
+        None => String::new(),
+    };
+    minijinja::Error::new(
+        ErrorKind::InvalidOperation,
+        format!("{GREW}past {limit} bytes{what}"),
+    )
+}
+
+/// Take the size of `v` out of `budget`; false when it does not fit. Strings count their bytes,
+/// lists and maps their items (at least 16 bytes each), everything else 16 bytes. Lazy
+/// iterables are not walked (that could consume them), only their length is counted.
+fn charge(v: &Value, budget: &mut usize, depth: usize) -> bool {
+    use minijinja::value::ValueKind;
+    let mut take = |n: usize| match budget.checked_sub(n) {
+        Some(left) => {
+            *budget = left;
+            true
+        }
+        None => false,
+    };
+    match v.kind() {
+        ValueKind::String | ValueKind::Bytes => take(v.as_str().map_or_else(|| v.len().unwrap_or(16), str::len).max(16)),
+        ValueKind::Seq | ValueKind::Map if depth < 16 => {
+            if let Some(n) = v.len() {
+                if !take(n.saturating_mul(16)) {
+                    return false;
+                }
+            }
+            let Ok(items) = v.try_iter() else { return true };
+            let is_map = v.kind() == ValueKind::Map;
+            for item in items {
+                if is_map {
+                    let value = v.get_item(&item).unwrap_or_default();
+                    if !charge(&item, budget, depth + 1) || !charge(&value, budget, depth + 1) {
+                        return false;
+                    }
+                } else if !charge(&item, budget, depth + 1) {
+                    return false;
+                }
+            }
+            true
+        }
+        ValueKind::Iterable => take(v.len().unwrap_or(1).saturating_mul(16)),
+        _ => take(16),
+    }
+}
+
+/// The size bound of the render on this thread (usize::MAX outside one).
+fn current_limit() -> usize {
+    match VALUE_LIMIT.with(std::cell::Cell::get) {
+        0 => usize::MAX,
+        n => n,
+    }
+}
+
+/// Bytes of `s.replace(from, to)` (at most `count` replacements), without building it.
+fn replaced_len(s: &str, from: &str, to: &str, count: Option<usize>) -> usize {
+    let hits = if from.is_empty() { s.chars().count() + 1 } else { s.matches(from).count() };
+    let hits = count.map_or(hits, |c| hits.min(c));
+    (s.len() - hits.saturating_mul(from.len()).min(s.len())).saturating_add(hits.saturating_mul(to.len()))
+}
+
+/// The `replace` filter, refusing results past the render's bound.
+fn capped_replace(value: Value, from: Value, to: Value, count: Option<usize>) -> std::result::Result<Value, minijinja::Error> {
+    let as_text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
+    let (s, f, t) = (as_text(&value), as_text(&from), as_text(&to));
+    let limit = current_limit();
+    if replaced_len(&s, &f, &t, count) > limit {
+        return Err(grew(limit, None));
+    }
+    Ok(Value::from(match count {
+        Some(n) => s.replacen(&f, &t, n),
+        None => s.replace(&f, &t),
+    }))
+}
+
+/// The `indent` filter, refusing widths that would build a result past the render's bound.
+fn capped_indent(
+    value: minijinja::value::StringInput<'_>,
+    width: Option<usize>,
+    first: Option<bool>,
+    blank: Option<bool>,
+    kwargs: Kwargs,
+) -> std::result::Result<Value, minijinja::Error> {
+    let w = match width {
+        Some(w) => w,
+        None => kwargs.peek::<Option<usize>>("width")?.unwrap_or(4),
+    };
+    let lines = value.as_str().lines().count() + 1;
+    let limit = current_limit();
+    if lines.saturating_mul(w).saturating_add(value.as_str().len()) > limit {
+        return Err(grew(limit, None));
+    }
+    minijinja::filters::indent(value, width, first, blank, kwargs)
+}
+
+/// Python string methods (minijinja-contrib's pycompat), with `str.replace` checked for size.
+fn capped_methods(
+    state: &minijinja::State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> std::result::Result<Value, minijinja::Error> {
+    if method == "replace" {
+        if let (Some(s), Some(f), Some(t)) = (
+            value.as_str(),
+            args.first().and_then(Value::as_str),
+            args.get(1).and_then(Value::as_str),
+        ) {
+            let count = args.get(2).and_then(|c| c.as_i64()).and_then(|c| usize::try_from(c).ok());
+            let limit = current_limit();
+            if replaced_len(s, f, t, count) > limit {
+                return Err(grew(limit, None));
+            }
+        }
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
 }
 
 /// Output buffer that refuses to grow past `limit`.

@@ -206,7 +206,7 @@ struct GenerationConfig {
 impl GenerationConfig {
     fn read(path: Option<&Path>) -> anyhow::Result<GenerationConfig> {
         Ok(match path {
-            Some(p) => crate::error::read_json(p)?,
+            Some(p) => crate::error::read_json_named(p, &serde_json::json!({}))?,
             None => GenerationConfig::default(),
         })
     }
@@ -275,10 +275,25 @@ pub struct PromptItem {
 
 /// Read a --prompts file; errors name the file and line.
 pub fn read_prompts(path: &Path) -> anyhow::Result<Vec<PromptItem>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading prompts file {}", path.display()))?;
+    let bytes = std::fs::read(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            crate::Error::MissingFile { path: path.into() }
+        } else {
+            crate::Error::io(path, e)
+        }
+    })?;
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let mut items = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = std::str::from_utf8(raw).map_err(|e| {
+            anyhow::anyhow!(
+                "{}:{}: not valid UTF-8 text (byte {} of the line)",
+                path.display(),
+                i + 1,
+                e.valid_up_to() + 1
+            )
+        })?;
+        let line = line.strip_suffix('\r').unwrap_or(line);
         let parsed = parse_prompt_line(line)
             .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
         if let Some((messages, source)) = parsed {

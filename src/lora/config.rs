@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::{read_json, Error, Result};
+use crate::error::{Error, Result};
 use crate::model::config::LINEAR_MODULES;
 
 /// `target_modules`: one string (a regex matched against the whole module path, or the keywords
@@ -169,7 +169,9 @@ impl LoraConfig {
 
     /// Read and check an adapter_config.json; options lorafold cannot honour are errors.
     pub fn from_file(path: &Path) -> Result<LoraConfig> {
-        let cfg: LoraConfig = read_json(path)?;
+        let example = serde_json::to_value(LoraConfig::new(1, 1.0, 0.0, TargetModules::all_linear()))
+            .map_err(|e| Error::Msg(e.to_string()))?;
+        let cfg: LoraConfig = crate::error::read_json_named(path, &example)?;
         cfg.validate(path)?;
         Ok(cfg)
     }

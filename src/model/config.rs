@@ -129,11 +129,14 @@ impl ModelConfig {
     }
 
     pub fn from_value(value: &Value, path: &Path) -> Result<ModelConfig> {
-        let raw: RawConfig =
-            serde_json::from_value(value.clone()).map_err(|source| Error::Json {
-                path: path.into(),
-                source,
-            })?;
+        let example = serde_json::json!({
+            "vocab_size": 1,
+            "hidden_size": 1,
+            "intermediate_size": 1,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 1,
+        });
+        let raw: RawConfig = crate::error::from_json_named(value, &example, path)?;
         let cfg_err = |key: &str, msg: String| Error::Config {
             path: PathBuf::from(path),
             key: key.to_string(),
@@ -206,13 +209,26 @@ impl ModelConfig {
             raw.num_hidden_layers as f64,
             raw.vocab_size as f64,
         );
-        let attn = h * (num_heads + 2 * num_kv_heads) as f64 * head_dim as f64
-            + (num_heads * head_dim) as f64 * h;
+        let (nh, nkv, hd) = (num_heads as f64, num_kv_heads as f64, head_dim as f64);
+        let attn = h * (nh + 2.0 * nkv) * hd + nh * hd * h;
         let params = 2.0 * v * h + l * (attn + 3.0 * h * i);
         if !(params < MAX_PARAMS) {
+            // Name the largest size: the one most likely to be wrong.
+            let sizes = [
+                ("vocab_size", raw.vocab_size),
+                ("hidden_size", raw.hidden_size),
+                ("intermediate_size", raw.intermediate_size),
+                ("num_hidden_layers", raw.num_hidden_layers),
+                ("head_dim", head_dim),
+            ];
+            let (key, _) = sizes.iter().copied().max_by_key(|(_, n)| *n).unwrap_or(("hidden_size", 0));
+            let all: Vec<String> = sizes.iter().map(|(k, n)| format!("{k} {n}")).collect();
             return Err(cfg_err(
-                "hidden_size",
-                format!("the sizes in this config describe {params:.3e} parameters; refusing to allocate"),
+                key,
+                format!(
+                    "the sizes in this config ({}) describe {params:.3e} parameters; refusing to allocate",
+                    all.join(", ")
+                ),
             ));
         }
 

@@ -157,8 +157,27 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
-/// Validate the safetensors header before mapping: the declared header length must fit in the
-/// file and every tensor's offsets must lie inside the data section.
+/// Largest safetensors header lorafold reads (the safetensors format's own limit).
+const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// Bits per element of a safetensors dtype name; `None` for names the format does not define.
+fn dtype_bits(name: &str) -> Option<usize> {
+    Some(match name {
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" | "F8_E4M3FNUZ" | "F8_E5M2FNUZ" => 8,
+        "F4" => 4,
+        "F6_E2M3" | "F6_E3M2" => 6,
+        "I16" | "U16" | "F16" | "BF16" => 16,
+        "I32" | "U32" | "F32" => 32,
+        "I64" | "U64" | "F64" | "C64" => 64,
+        _ => return None,
+    })
+}
+
+/// Validate a safetensors file before mapping it, so that every problem is reported with the
+/// file and the tensor at fault: the declared header length must fit in the file; the header must
+/// be a JSON object of `{dtype, shape, data_offsets}` entries with known dtypes; each tensor's
+/// offsets must lie inside the data section and hold exactly `shape × dtype` bytes; tensors must
+/// not overlap, and together they must cover the data section (as the format requires).
 fn check_header(path: &Path) -> Result<()> {
     use std::io::Read;
     let bad = |msg: String| Error::Safetensors {
@@ -176,6 +195,117 @@ fn check_header(path: &Path) -> Result<()> {
     if hlen > len - 8 {
         return Err(bad(format!(
             "header length {hlen} is larger than the file ({len} bytes): truncated or corrupt"
+        )));
+    }
+    if hlen > MAX_HEADER_BYTES {
+        return Err(bad(format!(
+            "header length {hlen} is over the {} MB limit of the format: corrupt",
+            MAX_HEADER_BYTES >> 20
+        )));
+    }
+    let mut header = vec![0u8; hlen as usize];
+    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let text = std::str::from_utf8(&header)
+        .map_err(|e| bad(format!("the header is not UTF-8 text (byte {})", e.valid_up_to() + 9)))?;
+    let value: serde_json::Value = serde_json::from_str(text.trim_end_matches(' '))
+        .map_err(|e| bad(format!("the header is not valid JSON: {e}")))?;
+    let serde_json::Value::Object(entries) = value else {
+        return Err(bad(format!(
+            "the header must be a JSON object of tensors, got {}",
+            crate::error::json_kind(&value)
+        )));
+    };
+    let data_len = len - 8 - hlen;
+    // (start, end, name) of every tensor.
+    let mut spans: Vec<(u64, u64, &str)> = Vec::with_capacity(entries.len());
+    for (name, entry) in &entries {
+        let tensor_err = |msg: String| bad(format!("tensor {name:?}: {msg}"));
+        if name == "__metadata__" {
+            let ok = entry.as_object().is_some_and(|m| m.values().all(|v| v.is_string()));
+            if !ok {
+                return Err(bad("`__metadata__` must map strings to strings".into()));
+            }
+            continue;
+        }
+        let Some(obj) = entry.as_object() else {
+            return Err(tensor_err(format!(
+                "expected an object with dtype, shape and data_offsets, got {}",
+                crate::error::json_kind(entry)
+            )));
+        };
+        let dtype = match obj.get("dtype") {
+            Some(serde_json::Value::String(d)) => d.as_str(),
+            Some(other) => return Err(tensor_err(format!("dtype must be a string, got {other}"))),
+            None => return Err(tensor_err("has no dtype".into())),
+        };
+        let bits = dtype_bits(dtype).ok_or_else(|| tensor_err(format!("unknown dtype {dtype:?}")))?;
+        let shape: Vec<u64> = match obj.get("shape").and_then(|v| v.as_array()) {
+            Some(dims) => dims
+                .iter()
+                .map(|d| d.as_u64())
+                .collect::<Option<_>>()
+                .ok_or_else(|| tensor_err("shape must be a list of non-negative integers".into()))?,
+            None => return Err(tensor_err("has no shape list".into())),
+        };
+        let offsets: Vec<u64> = obj
+            .get("data_offsets")
+            .and_then(|v| v.as_array())
+            .and_then(|a| a.iter().map(|d| d.as_u64()).collect::<Option<Vec<_>>>())
+            .filter(|a| a.len() == 2)
+            .ok_or_else(|| tensor_err("data_offsets must be a list of two non-negative integers".into()))?;
+        let (start, end) = (offsets[0], offsets[1]);
+        if start > end {
+            return Err(tensor_err(format!("data_offsets [{start}, {end}] end before they start")));
+        }
+        if end > data_len {
+            return Err(tensor_err(format!(
+                "data_offsets [{start}, {end}] run past the end of the file (the data section holds \
+                 {data_len} bytes): truncated or corrupt"
+            )));
+        }
+        let need = shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .and_then(|n| n.checked_mul(bits as u64))
+            .ok_or_else(|| tensor_err(format!("shape {shape:?} is too large")))?;
+        if need % 8 != 0 {
+            return Err(tensor_err(format!("shape {shape:?} of {dtype} does not fill whole bytes")));
+        }
+        if end - start != need / 8 {
+            return Err(tensor_err(format!(
+                "{dtype} {shape:?} needs {} bytes but data_offsets [{start}, {end}] hold {}",
+                need / 8,
+                end - start
+            )));
+        }
+        spans.push((start, end, name.as_str()));
+    }
+    spans.sort_unstable();
+    let mut covered = 0u64;
+    let mut prev: Option<(u64, u64, &str)> = None;
+    for &(start, end, name) in &spans {
+        if let Some((ps, pe, pname)) = prev {
+            if start < pe {
+                return Err(bad(format!(
+                    "tensor {name:?} (data_offsets [{start}, {end}]) overlaps tensor {pname:?} \
+                     (data_offsets [{ps}, {pe}])"
+                )));
+            }
+        }
+        if start != covered {
+            return Err(bad(format!(
+                "tensor {name:?}: data_offsets [{start}, {end}] leave bytes {covered}..{start} of the data \
+                 section unused (the format requires tensors to be packed)"
+            )));
+        }
+        covered = end;
+        prev = Some((start, end, name));
+    }
+    if covered != data_len {
+        return Err(bad(format!(
+            "the tensors cover {covered} of the {data_len} bytes of the data section: {} trailing bytes \
+             belong to no tensor",
+            data_len - covered
         )));
     }
     Ok(())

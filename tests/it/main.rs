@@ -4,6 +4,7 @@
 
 mod adapters;
 mod common;
+mod corpus;
 mod data;
 mod errors;
 mod golden;
