@@ -124,6 +124,14 @@ pub struct DpoOptions {
     /// Compute reference log-probs once before training and cache them next to the run.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub precompute_ref_log_probs: Option<bool>,
+    /// Compute the prompt shared by a pair's chosen and rejected responses once, packing
+    /// prompt + chosen + rejected in one row (default true; same results up to f32 rounding).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub prefix_sharing: Option<bool>,
+    /// Put pairs of similar length in the same batch (less padding); the batches are
+    /// shuffled. As transformers' `group_by_length`.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub group_by_length: Option<bool>,
     #[arg(long)]
     pub eval_steps: Option<usize>,
     #[arg(long)]
@@ -446,6 +454,8 @@ pub struct Settings {
     pub simpo_gamma: f64,
     pub discopop_tau: f64,
     pub precompute_ref_log_probs: bool,
+    pub prefix_sharing: bool,
+    pub group_by_length: bool,
     pub eval_steps: usize,
     pub save_steps: usize,
     pub save_total_limit: Option<usize>,
@@ -562,6 +572,8 @@ impl DpoOptions {
             simpo_gamma: o.simpo_gamma.unwrap_or(0.5),
             discopop_tau: o.discopop_tau.unwrap_or(0.05),
             precompute_ref_log_probs: o.precompute_ref_log_probs.unwrap_or(false),
+            prefix_sharing: o.prefix_sharing.unwrap_or(true),
+            group_by_length: o.group_by_length.unwrap_or(false),
             eval_steps: positive("eval_steps", o.eval_steps.unwrap_or(500))?,
             save_steps: positive("save_steps", o.save_steps.unwrap_or(500))?,
             save_total_limit: Some(o.save_total_limit.unwrap_or(2)).filter(|&n| n > 0),

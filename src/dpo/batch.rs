@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::Result;
 use crate::lora::linear::Fwd;
-use crate::model::{token_logps, Model};
+use crate::model::{token_logps, Model, Packing};
 
 /// Token ids of one pair: sequences are `prompt + chosen` and `(rejected_prompt or prompt) + rejected`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -25,7 +25,8 @@ impl PairIds {
     }
 }
 
-/// A batch of B pairs as 2B sequences: rows 0..B chosen, rows B..2B rejected.
+/// A batch of B pairs whose per-sequence outputs come as 2B rows: 0..B chosen, B..2B rejected.
+/// The forward runs on 2B padded sequences, or on B packed rows (see [`Batch::packed`]).
 pub struct Batch {
     pub pairs: usize,
     /// [2B, T] u32, right-padded.
@@ -40,11 +41,101 @@ pub struct Batch {
     pub select: Tensor,
     /// Scored tokens per sequence: [2B] f32.
     pub lengths: Tensor,
-    /// Real tokens in the batch.
+    /// Real tokens in the batch (chosen and rejected sequences, prompts counted in each).
     pub num_tokens: usize,
+    /// Set when each row packs one pair as prompt + chosen + rejected, the prompt computed once.
+    pub packing: Option<Packing>,
 }
 
 impl Batch {
+    /// The batch for `pairs`: packed with the prompt shared by chosen and rejected when
+    /// `share_prompt` is set and every pair scores both responses after one prompt, else as
+    /// 2B separate sequences.
+    pub fn build(
+        pairs: &[&PairIds],
+        pad_id: u32,
+        device: &Device,
+        share_prompt: bool,
+    ) -> Result<Batch> {
+        let shareable = |p: &&PairIds| {
+            p.rejected_prompt.as_ref().is_none_or(|rp| rp == &p.prompt) && !p.prompt.is_empty()
+        };
+        if share_prompt && !pairs.is_empty() && pairs.iter().all(shareable) {
+            Self::packed(pairs, pad_id, device)
+        } else {
+            Self::new(pairs, pad_id, device)
+        }
+    }
+
+    /// One row per pair: prompt, chosen, rejected. The rejected tokens take positions
+    /// prompt.len().. again and attend to the prompt and to each other, never to chosen; the
+    /// first rejected token is scored from the last prompt position.
+    pub fn packed(pairs: &[&PairIds], pad_id: u32, device: &Device) -> Result<Batch> {
+        let b = pairs.len();
+        let t = pairs
+            .iter()
+            .map(|p| p.prompt.len() + p.chosen.len() + p.rejected.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut ids = vec![pad_id; b * t];
+        let mut positions = vec![0u32; b * t];
+        let mut segments = vec![Packing::PAD; b * t];
+        let (mut scored, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+        let mut lengths = vec![0f32; 2 * b];
+        let mut num_tokens = 0;
+        const CHOSEN: u8 = 1;
+        const REJECTED: u8 = 2;
+        for (r, p) in pairs.iter().enumerate() {
+            let (pl, cl, rl) = (p.prompt.len(), p.chosen.len(), p.rejected.len());
+            let row = r * t;
+            let all = [p.prompt.as_slice(), &p.chosen, &p.rejected].concat();
+            ids[row..row + all.len()].copy_from_slice(&all);
+            for k in 0..pl + cl {
+                positions[row + k] = k as u32;
+                segments[row + k] = if k < pl { Packing::SHARED } else { CHOSEN };
+            }
+            for j in 0..rl {
+                positions[row + pl + cl + j] = (pl + j) as u32;
+                segments[row + pl + cl + j] = REJECTED;
+            }
+            num_tokens += 2 * pl + cl + rl;
+            for k in pl..pl + cl {
+                scored.push((row + k - 1) as u32);
+                targets.push(all[k]);
+                owner.push(r);
+                lengths[r] += 1.0;
+            }
+            for j in 0..rl {
+                let from = if j == 0 { pl - 1 } else { pl + cl + j - 1 };
+                scored.push((row + from) as u32);
+                targets.push(p.rejected[j]);
+                owner.push(b + r);
+                lengths[b + r] += 1.0;
+            }
+        }
+        let n = scored.len();
+        let mut select = vec![0f32; 2 * b * n];
+        for (k, &r) in owner.iter().enumerate() {
+            select[r * n + k] = 1.0;
+        }
+        Ok(Batch {
+            pairs: b,
+            input_ids: Tensor::from_vec(ids, (b, t), device)?,
+            attention_mask: None,
+            positions: Tensor::from_vec(scored, n, device)?,
+            targets: Tensor::from_vec(targets, n, device)?,
+            select: Tensor::from_vec(select, (2 * b, n), device)?,
+            lengths: Tensor::from_vec(lengths, 2 * b, device)?,
+            num_tokens,
+            packing: Some(Packing {
+                positions,
+                segments,
+            }),
+        })
+    }
+
+    /// 2B right-padded sequences: rows 0..B prompt + chosen, rows B..2B prompt + rejected.
     pub fn new(pairs: &[&PairIds], pad_id: u32, device: &Device) -> Result<Batch> {
         let b = pairs.len();
         let mut seqs: Vec<(Vec<u32>, usize)> = Vec::with_capacity(2 * b);
@@ -65,7 +156,9 @@ impl Batch {
         let mut num_tokens = 0;
         for (r, (s, plen)) in seqs.iter().enumerate() {
             ids[r * t..r * t + s.len()].copy_from_slice(s);
-            mask[r * t..r * t + s.len()].iter_mut().for_each(|m| *m = 1.0);
+            mask[r * t..r * t + s.len()]
+                .iter_mut()
+                .for_each(|m| *m = 1.0);
             padded |= s.len() < t;
             num_tokens += s.len();
             // The token at position i is predicted by the logits at i-1.
@@ -84,12 +177,17 @@ impl Batch {
         Ok(Batch {
             pairs: b,
             input_ids: Tensor::from_vec(ids, (rows, t), device)?,
-            attention_mask: if padded { Some(Tensor::from_vec(mask, (rows, t), device)?) } else { None },
+            attention_mask: if padded {
+                Some(Tensor::from_vec(mask, (rows, t), device)?)
+            } else {
+                None
+            },
             positions: Tensor::from_vec(positions, n, device)?,
             targets: Tensor::from_vec(targets, n, device)?,
             select: Tensor::from_vec(select, (rows, n), device)?,
             lengths: Tensor::from_vec(lengths, rows, device)?,
             num_tokens,
+            packing: None,
         })
     }
 }
@@ -116,13 +214,20 @@ impl SeqLogps {
 /// Forward the batch with `ctx` and sum log p(token | prefix) over each sequence's response.
 /// The vocabulary projection is applied only at scored positions.
 pub fn sequence_logps(model: &Model, batch: &Batch, ctx: &Fwd) -> Result<SeqLogps> {
-    let hidden = model.forward_hidden(&batch.input_ids, batch.attention_mask.as_ref(), ctx)?;
+    let hidden = match &batch.packing {
+        Some(p) => model.forward_hidden_packed(&batch.input_ids, p, ctx)?,
+        None => model.forward_hidden(&batch.input_ids, batch.attention_mask.as_ref(), ctx)?,
+    };
     let logits = model.logits_at(&hidden, &batch.positions)?;
     let tok = token_logps(&logits, &batch.targets)?;
     let logps = batch.select.matmul(&tok.unsqueeze(1)?)?.squeeze(1)?;
     // Logit statistics, detached.
     let per_pos = logits.detach().to_dtype(DType::F32)?.sum(D::Minus1)?;
-    let per_seq = batch.select.matmul(&per_pos.unsqueeze(1)?)?.squeeze(1)?.to_vec1::<f32>()?;
+    let per_seq = batch
+        .select
+        .matmul(&per_pos.unsqueeze(1)?)?
+        .squeeze(1)?
+        .to_vec1::<f32>()?;
     let lens = batch.lengths.to_vec1::<f32>()?;
     let v = model.cfg.vocab_size as f64;
     let b = batch.pairs;
@@ -133,5 +238,9 @@ pub fn sequence_logps(model: &Model, batch: &Batch, ctx: &Fwd) -> Result<SeqLogp
     };
     let (cs, cc) = half(0);
     let (rs, rc) = half(b);
-    Ok(SeqLogps { logps, logits_sum: [cs, rs], logits_count: [cc, rc] })
+    Ok(SeqLogps {
+        logps,
+        logits_sum: [cs, rs],
+        logits_count: [cc, rc],
+    })
 }

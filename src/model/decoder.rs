@@ -48,7 +48,15 @@ impl Block {
 
     fn linears_mut(&mut self) -> [&mut LoraLinear; 7] {
         let (a, m) = (&mut self.attn, &mut self.mlp);
-        [&mut a.q, &mut a.k, &mut a.v, &mut a.o, &mut m.gate, &mut m.up, &mut m.down]
+        [
+            &mut a.q,
+            &mut a.k,
+            &mut a.v,
+            &mut a.o,
+            &mut m.gate,
+            &mut m.up,
+            &mut m.down,
+        ]
     }
 }
 
@@ -98,24 +106,36 @@ impl Model {
             let p = format!("model.layers.{l}");
             let linear = |m: &str, bias: bool| -> Result<LoraLinear> {
                 let path = module_path(l, m);
-                let (i, o) = cfg.linear_shape(m).ok_or_else(|| Error::Msg(format!("unknown module {m}")))?;
+                let (i, o) = cfg
+                    .linear_shape(m)
+                    .ok_or_else(|| Error::Msg(format!("unknown module {m}")))?;
                 let w = ws.load(&format!("{path}.weight"), &[o, i], dt, dev)?;
                 let b = if bias {
                     Some(ws.load(&format!("{path}.bias"), &[o], dt, dev)?)
                 } else {
                     None
                 };
-                let idx = l * LINEAR_MODULES.len() + LINEAR_MODULES.iter().position(|x| *x == m).unwrap_or(0);
+                let idx = l * LINEAR_MODULES.len()
+                    + LINEAR_MODULES.iter().position(|x| *x == m).unwrap_or(0);
                 Ok(LoraLinear::new(path, idx, w, b))
             };
-            let norm_w = |name: &str, size: usize| ws.load(&format!("{p}.{name}.weight"), &[size], dt, dev);
+            let norm_w =
+                |name: &str, size: usize| ws.load(&format!("{p}.{name}.weight"), &[size], dt, dev);
             let attn = Attention {
                 q: linear("q_proj", cfg.qkv_bias)?,
                 k: linear("k_proj", cfg.qkv_bias)?,
                 v: linear("v_proj", cfg.qkv_bias)?,
                 o: linear("o_proj", cfg.o_bias)?,
-                q_norm: if cfg.qk_norm { Some(norm_w("self_attn.q_norm", cfg.head_dim)?) } else { None },
-                k_norm: if cfg.qk_norm { Some(norm_w("self_attn.k_norm", cfg.head_dim)?) } else { None },
+                q_norm: if cfg.qk_norm {
+                    Some(norm_w("self_attn.q_norm", cfg.head_dim)?)
+                } else {
+                    None
+                },
+                k_norm: if cfg.qk_norm {
+                    Some(norm_w("self_attn.k_norm", cfg.head_dim)?)
+                } else {
+                    None
+                },
                 sliding_window: cfg.sliding_window.get(l).copied().flatten(),
             };
             let mlp = Mlp {
@@ -172,7 +192,10 @@ impl Model {
         for (l, b) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{l}");
             out.push((format!("{p}.input_layernorm.weight"), b.input_norm.clone()));
-            out.push((format!("{p}.post_attention_layernorm.weight"), b.post_norm.clone()));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                b.post_norm.clone(),
+            ));
             if let Some(n) = &b.attn.q_norm {
                 out.push((format!("{p}.self_attn.q_norm.weight"), n.clone()));
             }
@@ -197,27 +220,79 @@ impl Model {
     ///
     /// `input_ids` [B, T] (u32); `attention_mask` [B, T] with 1 for real tokens and 0 for padding
     /// (any numeric dtype), or `None` when no row is padded. Positions are 0..T for every row.
-    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, ctx: &Fwd) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2()?;
-        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let mut x = self.embed.index_select(&ids, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        ctx: &Fwd,
+    ) -> Result<Tensor> {
+        let (_, t) = input_ids.dims2()?;
         let (cos, sin) = self.rope.tables(0, t, self.dtype, &self.device)?;
         let pad = match attention_mask {
             Some(m) => Some(padding_mask(m)?),
             None => None,
         };
-        let mut causal_cache: Vec<(Option<usize>, Tensor)> = Vec::new();
+        self.forward_layers(input_ids, &cos, &sin, ctx, |w| {
+            let causal = causal_mask(t, w, &self.device)?;
+            Ok(match &pad {
+                Some(p) => causal.broadcast_add(p)?,
+                None => causal,
+            })
+        })
+    }
+
+    /// Hidden states of packed rows [B, T, H]: each row holds several segments that share a
+    /// prefix (a prompt followed by its chosen and its rejected response), with explicit
+    /// position ids and visibility, so the shared prompt is computed once.
+    pub fn forward_hidden_packed(
+        &self,
+        input_ids: &Tensor,
+        packing: &Packing,
+        ctx: &Fwd,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if packing.positions.len() != b * t || packing.segments.len() != b * t {
+            return Err(Error::Msg(format!(
+                "packing describes {} positions for a [{b}, {t}] batch",
+                packing.positions.len()
+            )));
+        }
+        let (cos, sin) = self
+            .rope
+            .tables_at(&packing.positions, b, t, self.dtype, &self.device)?;
+        self.forward_layers(input_ids, &cos, &sin, ctx, |w| {
+            packing.mask(b, t, w, &self.device)
+        })
+    }
+
+    /// Embedding, decoder blocks and final norm; `mask_for(window)` gives the additive
+    /// attention mask (broadcastable to [B, heads, T, T]) of layers with that sliding window.
+    fn forward_layers(
+        &self,
+        input_ids: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        ctx: &Fwd,
+        mask_for: impl Fn(Option<usize>) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let mut x = self
+            .embed
+            .index_select(&ids, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
         for block in &self.blocks {
-            let w = block.attn.sliding_window;
-            let causal = match causal_cache.iter().find(|(k, _)| *k == w) {
+            let w = block.attn.sliding_window.filter(|&w| w < t);
+            let mask = match masks.iter().find(|(k, _)| *k == w) {
                 Some((_, m)) => m.clone(),
                 None => {
-                    let m = causal_mask(t, w, &self.device)?;
-                    causal_cache.push((w, m.clone()));
+                    let m = mask_for(w)?;
+                    masks.push((w, m.clone()));
                     m
                 }
             };
-            x = self.block_forward(block, &x, &cos, &sin, &causal, pad.as_ref(), ctx)?;
+            x = self.block_forward(block, &x, cos, sin, &mask, ctx)?;
         }
         Ok(rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?)
     }
@@ -229,13 +304,12 @@ impl Model {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        causal: &Tensor,
-        pad: Option<&Tensor>,
+        mask: &Tensor,
         ctx: &Fwd,
     ) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
         let h = rms_norm(x, &block.input_norm, eps)?;
-        let a = self.attention(&block.attn, &h, cos, sin, causal, pad, ctx)?;
+        let a = self.attention(&block.attn, &h, cos, sin, mask, ctx)?;
         self.mlp_residual(block, &(x + a)?, ctx)
     }
 
@@ -251,7 +325,14 @@ impl Model {
 
     /// Project x [B, T, H] to per-head q [B, nh, T, hd] and k, v [B, nkv, T, hd], with the q/k
     /// norms (Qwen3) and RoPE applied; v is contiguous.
-    fn qkv(&self, attn: &Attention, x: &Tensor, cos: &Tensor, sin: &Tensor, ctx: &Fwd) -> Result<(Tensor, Tensor, Tensor)> {
+    fn qkv(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        ctx: &Fwd,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let eps = self.cfg.rms_norm_eps;
@@ -275,8 +356,7 @@ impl Model {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        causal: &Tensor,
-        pad: Option<&Tensor>,
+        mask: &Tensor,
         ctx: &Fwd,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -287,10 +367,7 @@ impl Model {
         let rep = nh / nkv;
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, rep * t, hd))?;
         let scores = q.matmul(&k.t()?.contiguous()?)?.reshape((b, nh, t, t))?;
-        let mut scores = add_frozen(&scores.to_dtype(DType::F32)?, causal)?;
-        if let Some(p) = pad {
-            scores = add_frozen(&scores, p)?;
-        }
+        let scores = add_frozen(&scores.to_dtype(DType::F32)?, mask)?;
         let probs = softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
         let probs = probs.reshape((b, nkv, rep * t, t))?;
         let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
@@ -313,7 +390,12 @@ impl Model {
     }
 
     /// Full forward to logits [B, T, V] in f32.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, ctx: &Fwd) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        ctx: &Fwd,
+    ) -> Result<Tensor> {
         let h = self.forward_hidden(input_ids, attention_mask, ctx)?;
         Ok(self.logits(&h)?.to_dtype(DType::F32)?)
     }
@@ -329,7 +411,12 @@ impl Model {
     /// Rows are not padded: a batch holds sequences of equal length. Sliding-window layers mask
     /// cached keys that are `window` or more positions behind the query, as the full forward
     /// does. On error the cache is cleared.
-    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache, ctx: &Fwd) -> Result<Tensor> {
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut KvCache,
+        ctx: &Fwd,
+    ) -> Result<Tensor> {
         if cache.num_layers() != self.blocks.len() {
             return Err(Error::Msg(format!(
                 "KV cache has {} layers, the model {}",
@@ -344,14 +431,22 @@ impl Model {
         r
     }
 
-    fn forward_cached_inner(&self, input_ids: &Tensor, cache: &mut KvCache, ctx: &Fwd) -> Result<Tensor> {
+    fn forward_cached_inner(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut KvCache,
+        ctx: &Fwd,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if t == 0 {
             return Err(Error::Msg("forward_cached: no new tokens".into()));
         }
         let start = cache.len();
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let mut x = self.embed.index_select(&ids, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let mut x = self
+            .embed
+            .index_select(&ids, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
         let (cos, sin) = self.rope.tables(start, t, self.dtype, &self.device)?;
         let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
         for (l, block) in self.blocks.iter().enumerate() {
@@ -366,7 +461,8 @@ impl Model {
             };
             let eps = self.cfg.rms_norm_eps;
             let h = rms_norm(&x, &block.input_norm, eps)?;
-            let a = self.attention_cached(&block.attn, &h, &cos, &sin, mask.as_ref(), cache, l, ctx)?;
+            let a =
+                self.attention_cached(&block.attn, &h, &cos, &sin, mask.as_ref(), cache, l, ctx)?;
             x = self.mlp_residual(block, &(x + a)?, ctx)?;
         }
         cache.advance(t);
@@ -413,7 +509,12 @@ impl Model {
 /// Additive mask [1, 1, T, start + T] (f32) for T queries at positions start.. over every key
 /// so far, the rule of [`causal_mask`]; `None` when it masks nothing (one query, no window
 /// exceeded).
-fn cached_mask(start: usize, t: usize, window: Option<usize>, device: &Device) -> Result<Option<Tensor>> {
+fn cached_mask(
+    start: usize,
+    t: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Option<Tensor>> {
     let len = start + t;
     let mut m = vec![0f32; t * len];
     let mut any = false;
@@ -454,6 +555,47 @@ fn padding_mask(mask: &Tensor) -> Result<Tensor> {
     let m = mask.to_dtype(DType::F32)?;
     let add = ((m - 1.0)? * (-(MASK_VALUE as f64)))?;
     Ok(add.reshape((b, 1, 1, t))?)
+}
+
+/// Layout of packed rows for [`Model::forward_hidden_packed`], flat over [B, T].
+#[derive(Debug, Clone)]
+pub struct Packing {
+    /// Position id of each token (for RoPE).
+    pub positions: Vec<u32>,
+    /// Segment of each token: [`Packing::SHARED`] (seen by every later token of the row), a
+    /// branch number (seen only by later tokens of the same branch), or [`Packing::PAD`].
+    pub segments: Vec<u8>,
+}
+
+impl Packing {
+    pub const SHARED: u8 = 0;
+    pub const PAD: u8 = u8::MAX;
+
+    /// Additive mask [B, 1, T, T] (f32): query i sees key j when j <= i, j is not padding, j is
+    /// shared or in i's branch, and (with a sliding window w) their positions are less than w
+    /// apart.
+    fn mask(&self, b: usize, t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+        let mut m = vec![MASK_VALUE; b * t * t];
+        for r in 0..b {
+            let (seg, pos) = (
+                &self.segments[r * t..(r + 1) * t],
+                &self.positions[r * t..(r + 1) * t],
+            );
+            for i in 0..t {
+                let row = &mut m[(r * t + i) * t..(r * t + i + 1) * t];
+                for j in 0..=i {
+                    let visible = seg[j] != Self::PAD
+                        && (seg[j] == Self::SHARED || seg[j] == seg[i])
+                        && window
+                            .is_none_or(|w| (pos[i] as usize).saturating_sub(pos[j] as usize) < w);
+                    if visible {
+                        row[j] = 0.0;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (b, 1, t, t), device)?)
+    }
 }
 
 /// Gather per-token log-probs of `labels` from logits: logits [N, V] (any float dtype),

@@ -7,7 +7,9 @@
 //! its input. They apply to f32 tensors on the CPU; other dtypes and devices use the composed
 //! versions in [`super::ops`], which compute the same values.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor,
+};
 use rayon::prelude::*;
 
 /// Rows per rayon task: enough work per task to amortise scheduling.
@@ -17,10 +19,17 @@ fn chunk_rows(row_len: usize) -> usize {
 
 /// The f32 elements of `s` under layout `l`, in row-major order: borrowed when contiguous.
 fn f32_view<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<'a, [f32]>> {
-    let CpuStorage::F32(v) = s else { candle_core::bail!("fused op: expected f32") };
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("fused op: expected f32")
+    };
     Ok(match l.contiguous_offsets() {
         Some((a, b)) => std::borrow::Cow::Borrowed(&v[a..b]),
-        None => std::borrow::Cow::Owned(super::constop::strided_offsets(l).into_iter().map(|i| v[i]).collect()),
+        None => std::borrow::Cow::Owned(
+            super::constop::strided_offsets(l)
+                .into_iter()
+                .map(|i| v[i])
+                .collect(),
+        ),
     })
 }
 
@@ -60,14 +69,16 @@ impl CustomOp1 for RmsNorm {
         let x = f32_view(s, l)?;
         let h = self.weight.len();
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(h * chunk_rows(h)).zip(x.par_chunks(h * chunk_rows(h))).for_each(|(yc, xc)| {
-            for (yr, xr) in yc.chunks_mut(h).zip(xc.chunks(h)) {
-                let r = inv_rms(xr, self.eps);
-                for ((o, &v), &w) in yr.iter_mut().zip(xr).zip(&self.weight) {
-                    *o = v * r * w;
+        y.par_chunks_mut(h * chunk_rows(h))
+            .zip(x.par_chunks(h * chunk_rows(h)))
+            .for_each(|(yc, xc)| {
+                for (yr, xr) in yc.chunks_mut(h).zip(xc.chunks(h)) {
+                    let r = inv_rms(xr, self.eps);
+                    for ((o, &v), &w) in yr.iter_mut().zip(xr).zip(&self.weight) {
+                        *o = v * r * w;
+                    }
                 }
-            }
-        });
+            });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -77,26 +88,39 @@ impl CustomOp1 for RmsNorm {
         let h = self.weight.len();
         let mut dx = vec![0f32; x.len()];
         let rows = h * chunk_rows(h);
-        dx.par_chunks_mut(rows).zip(x.par_chunks(rows).zip(g.par_chunks(rows))).for_each(|(dc, (xc, gc))| {
-            for ((dr, xr), gr) in dc.chunks_mut(h).zip(xc.chunks(h)).zip(gc.chunks(h)) {
-                let r = inv_rms(xr, self.eps);
-                let dot = gr.iter().zip(xr).zip(&self.weight).map(|((&g, &x), &w)| (g * w) as f64 * x as f64).sum::<f64>() as f32;
-                let c = r * r * r * dot / h as f32;
-                for (((d, &gv), &xv), &w) in dr.iter_mut().zip(gr).zip(xr).zip(&self.weight) {
-                    *d = r * gv * w - xv * c;
+        dx.par_chunks_mut(rows)
+            .zip(x.par_chunks(rows).zip(g.par_chunks(rows)))
+            .for_each(|(dc, (xc, gc))| {
+                for ((dr, xr), gr) in dc.chunks_mut(h).zip(xc.chunks(h)).zip(gc.chunks(h)) {
+                    let r = inv_rms(xr, self.eps);
+                    let dot = gr
+                        .iter()
+                        .zip(xr)
+                        .zip(&self.weight)
+                        .map(|((&g, &x), &w)| (g * w) as f64 * x as f64)
+                        .sum::<f64>() as f32;
+                    let c = r * r * r * dot / h as f32;
+                    for (((d, &gv), &xv), &w) in dr.iter_mut().zip(gr).zip(xr).zip(&self.weight) {
+                        *d = r * gv * w - xv * c;
+                    }
                 }
-            }
-        });
+            });
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
 
 /// RMSNorm over the last dimension with a frozen weight, fused when `x` is f32 on the CPU.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>> {
-    if !fused_ok(x) || weight.dtype() != DType::F32 || weight.dims1()? != x.dim(candle_core::D::Minus1)? {
+    if !fused_ok(x)
+        || weight.dtype() != DType::F32
+        || weight.dims1()? != x.dim(candle_core::D::Minus1)?
+    {
         return Ok(None);
     }
-    let op = RmsNorm { weight: tensor_f32(weight)?, eps: eps as f32 };
+    let op = RmsNorm {
+        weight: tensor_f32(weight)?,
+        eps: eps as f32,
+    };
     Ok(Some(x.apply_op1(op)?))
 }
 
@@ -159,7 +183,9 @@ impl CustomOp1 for Rope {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = s else { candle_core::bail!("fused rope: expected f32") };
+        let CpuStorage::F32(v) = s else {
+            candle_core::bail!("fused rope: expected f32")
+        };
         let (dims, strides) = dims4(l)?;
         let out = self.apply(&v[l.start_offset()..], dims, strides, 1.0);
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -183,11 +209,20 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
     }
     let (b, _, t, d) = x.dims4()?;
     let per_row = cos.rank() == 3;
-    let want: Vec<usize> = if per_row { vec![b, t, d / 2] } else { vec![t, d / 2] };
+    let want: Vec<usize> = if per_row {
+        vec![b, t, d / 2]
+    } else {
+        vec![t, d / 2]
+    };
     if cos.dims() != want.as_slice() || sin.dims() != want.as_slice() || d % 2 != 0 {
         return Ok(None);
     }
-    let op = Rope { cos: tensor_f32(cos)?, sin: tensor_f32(sin)?, per_row, t };
+    let op = Rope {
+        cos: tensor_f32(cos)?,
+        sin: tensor_f32(sin)?,
+        per_row,
+        t,
+    };
     Ok(Some(x.apply_op1(op)?))
 }
 
@@ -205,22 +240,40 @@ impl CustomOp2 for SiluMul {
         "fused-silu-mul"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         if l1.shape() != l2.shape() {
-            candle_core::bail!("fused silu-mul: shapes {:?} and {:?} differ", l1.shape(), l2.shape());
+            candle_core::bail!(
+                "fused silu-mul: shapes {:?} and {:?} differ",
+                l1.shape(),
+                l2.shape()
+            );
         }
         let (g, u) = (f32_view(s1, l1)?, f32_view(s2, l2)?);
         let mut y = vec![0f32; g.len()];
         const C: usize = 16384;
-        y.par_chunks_mut(C).zip(g.par_chunks(C).zip(u.par_chunks(C))).for_each(|(yc, (gc, uc))| {
-            for ((o, &gv), &uv) in yc.iter_mut().zip(gc).zip(uc) {
-                *o = gv * sigmoid(gv) * uv;
-            }
-        });
+        y.par_chunks_mut(C)
+            .zip(g.par_chunks(C).zip(u.par_chunks(C)))
+            .for_each(|(yc, (gc, uc))| {
+                for ((o, &gv), &uv) in yc.iter_mut().zip(gc).zip(uc) {
+                    *o = gv * sigmoid(gv) * uv;
+                }
+            });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(&self, a1: &Tensor, a2: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        a1: &Tensor,
+        a2: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (g, u, dy) = (tensor_f32(a1)?, tensor_f32(a2)?, tensor_f32(grad)?);
         let mut dg = vec![0f32; g.len()];
         let mut du = vec![0f32; g.len()];
@@ -237,7 +290,10 @@ impl CustomOp2 for SiluMul {
                 }
             });
         let dev = a1.device();
-        Ok((Some(Tensor::from_vec(dg, a1.shape(), dev)?), Some(Tensor::from_vec(du, a2.shape(), dev)?)))
+        Ok((
+            Some(Tensor::from_vec(dg, a1.shape(), dev)?),
+            Some(Tensor::from_vec(du, a2.shape(), dev)?),
+        ))
     }
 }
 
@@ -335,19 +391,34 @@ mod tests {
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         let a = a.to_dtype(candle_core::DType::F64).unwrap();
         let b = b.to_dtype(candle_core::DType::F64).unwrap();
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap() as f32
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap() as f32
     }
 
     /// Run `f` on `inputs` in f32 (fused) and f64 (composed); compare outputs and the input
     /// gradients of sum(out · w) for a random w.
     fn check(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, tol: f32) {
         let run = |dt: candle_core::DType| {
-            let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(&t.to_dtype(dt).unwrap()).unwrap()).collect();
+            let vars: Vec<Var> = inputs
+                .iter()
+                .map(|t| Var::from_tensor(&t.to_dtype(dt).unwrap()).unwrap())
+                .collect();
             let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
             let out = f(&ts);
             let w = rand(out.dims(), 7).to_dtype(dt).unwrap();
             let g = (&out * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            let grads: Vec<Tensor> = vars.iter().map(|v| g.get(v.as_tensor()).expect("no gradient").clone()).collect();
+            let grads: Vec<Tensor> = vars
+                .iter()
+                .map(|v| g.get(v.as_tensor()).expect("no gradient").clone())
+                .collect();
             (out, grads)
         };
         let (o32, g32) = run(candle_core::DType::F32);
@@ -363,7 +434,11 @@ mod tests {
     #[test]
     fn rms_norm_matches_composed() {
         let w = rand(&[48], 2);
-        check(&[rand(&[3, 5, 48], 1)], |x| ops::rms_norm(&x[0], &w.to_dtype(x[0].dtype()).unwrap(), 1e-6).unwrap(), 1e-4);
+        check(
+            &[rand(&[3, 5, 48], 1)],
+            |x| ops::rms_norm(&x[0], &w.to_dtype(x[0].dtype()).unwrap(), 1e-6).unwrap(),
+            1e-4,
+        );
     }
 
     #[test]
@@ -380,7 +455,8 @@ mod tests {
                 |x| {
                     let dt = x[0].dtype();
                     let xv = x[0].transpose(1, 2).unwrap();
-                    ops::apply_rope(&xv, &cos.to_dtype(dt).unwrap(), &sin.to_dtype(dt).unwrap()).unwrap()
+                    ops::apply_rope(&xv, &cos.to_dtype(dt).unwrap(), &sin.to_dtype(dt).unwrap())
+                        .unwrap()
                 },
                 1e-5,
             );
@@ -389,7 +465,11 @@ mod tests {
 
     #[test]
     fn silu_mul_matches_composed() {
-        check(&[rand(&[4, 33], 6), rand(&[4, 33], 8)], |x| ops::silu_mul(&x[0], &x[1]).unwrap(), 1e-5);
+        check(
+            &[rand(&[4, 33], 6), rand(&[4, 33], 8)],
+            |x| ops::silu_mul(&x[0], &x[1]).unwrap(),
+            1e-5,
+        );
     }
 
     #[test]
@@ -398,7 +478,12 @@ mod tests {
         // token_logps always works in f32; the f64 run spells out the composed version.
         let composed = |x: &Tensor| {
             let idx = labels.unsqueeze(1).unwrap();
-            ops::log_softmax_last_dim(x).unwrap().gather(&idx, D::Minus1).unwrap().squeeze(1).unwrap()
+            ops::log_softmax_last_dim(x)
+                .unwrap()
+                .gather(&idx, D::Minus1)
+                .unwrap()
+                .squeeze(1)
+                .unwrap()
         };
         check(
             &[(rand(&[4, 17], 9) * 4.0).unwrap()],
@@ -410,7 +495,17 @@ mod tests {
         );
         // The composed version is what f64 runs: check it is a log-softmax.
         let x = rand(&[2, 5], 10).to_dtype(candle_core::DType::F64).unwrap();
-        let lp = ops::log_softmax_last_dim(&x).unwrap().exp().unwrap().sum(D::Minus1).unwrap();
-        assert!(max_diff(&lp, &Tensor::ones(2, candle_core::DType::F64, &Device::Cpu).unwrap()) < 1e-12);
+        let lp = ops::log_softmax_last_dim(&x)
+            .unwrap()
+            .exp()
+            .unwrap()
+            .sum(D::Minus1)
+            .unwrap();
+        assert!(
+            max_diff(
+                &lp,
+                &Tensor::ones(2, candle_core::DType::F64, &Device::Cpu).unwrap()
+            ) < 1e-12
+        );
     }
 }

@@ -10,7 +10,7 @@ pub mod weights;
 
 pub use cache::KvCache;
 pub use config::{Arch, ModelConfig};
-pub use decoder::{token_logps, LoadOptions, Model};
+pub use decoder::{token_logps, LoadOptions, Model, Packing};
 
 impl Model {
     /// Number of adapter slots in use (the next free slot index).

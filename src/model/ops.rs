@@ -99,6 +99,23 @@ impl Rope {
         let sin = Tensor::from_vec(sin, (len, half), device)?.to_dtype(dtype)?;
         Ok((cos, sin))
     }
+
+    /// cos and sin tables of shape [B, T, head_dim/2] for explicit positions [B*T].
+    pub fn tables_at(&self, positions: &[u32], b: usize, t: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (b, t, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (b, t, half), device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
 }
 
 /// Apply rotary embeddings (the "rotate half" layout of Llama/Qwen checkpoints) to

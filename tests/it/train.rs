@@ -17,16 +17,30 @@ use serde_json::Value;
 use crate::common::*;
 
 fn golden_run() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(root().join("tests/golden/dpo_run.json")).unwrap()).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/golden/dpo_run.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 fn golden_pairs(g: &Value) -> Vec<PairIds> {
-    let ids = |v: &Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    let ids = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
     g["pairs"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| PairIds { prompt: ids(&p["prompt_ids"]), chosen: ids(&p["chosen_ids"]), rejected: ids(&p["rejected_ids"]), rejected_prompt: None })
+        .map(|p| PairIds {
+            prompt: ids(&p["prompt_ids"]),
+            chosen: ids(&p["chosen_ids"]),
+            rejected: ids(&p["rejected_ids"]),
+            rejected_prompt: None,
+        })
         .collect()
 }
 
@@ -70,23 +84,101 @@ fn quiet_loop(s: &Settings, n: usize) -> LoopConfig {
 fn sequence_logps_match_trl() {
     let g = golden_run();
     let pairs = golden_pairs(&g);
-    let want = candle_core::safetensors::load(root().join("tests/golden/dpo_run_logps.safetensors"), &Device::Cpu).unwrap();
+    let want = candle_core::safetensors::load(
+        root().join("tests/golden/dpo_run_logps.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut model = load_model("qwen2");
     let ad = load_adapter(&mut model, &adapter_dir("qwen2_peft"), false).unwrap();
-    let batch = Batch::new(&pairs[..4].iter().collect::<Vec<_>>(), 0, &Device::Cpu).unwrap();
-    let pol = sequence_logps(&model, &batch, &Fwd::eval(ad.slot)).unwrap();
-    let rf = sequence_logps(&model, &batch, &Fwd::base()).unwrap();
-    for (got, key) in [
-        (pol.chosen(4).unwrap(), "policy_chosen_logps"),
-        (pol.rejected(4).unwrap(), "policy_rejected_logps"),
-        (rf.chosen(4).unwrap(), "ref_chosen_logps"),
-        (rf.rejected(4).unwrap(), "ref_rejected_logps"),
+    let four: Vec<&PairIds> = pairs[..4].iter().collect();
+    // Both layouts: 2B padded sequences, and B packed rows with the prompt computed once.
+    for batch in [
+        Batch::new(&four, 0, &Device::Cpu).unwrap(),
+        Batch::packed(&four, 0, &Device::Cpu).unwrap(),
     ] {
-        let err = max_abs_diff(&got, &want[key]);
-        let rel = err / max_abs(&want[key]);
-        println!("{key}: max abs error {err:.3e} (relative {rel:.3e})");
-        // Sums of up to ten f32 log-probs of magnitude ~6: 1e-5 relative to the sum.
-        assert!(rel <= 1e-5, "{key}: {err}");
+        let pol = sequence_logps(&model, &batch, &Fwd::eval(ad.slot)).unwrap();
+        let rf = sequence_logps(&model, &batch, &Fwd::base()).unwrap();
+        for (got, key) in [
+            (pol.chosen(4).unwrap(), "policy_chosen_logps"),
+            (pol.rejected(4).unwrap(), "policy_rejected_logps"),
+            (rf.chosen(4).unwrap(), "ref_chosen_logps"),
+            (rf.rejected(4).unwrap(), "ref_rejected_logps"),
+        ] {
+            let err = max_abs_diff(&got, &want[key]);
+            let rel = err / max_abs(&want[key]);
+            println!("{key}: max abs error {err:.3e} (relative {rel:.3e})");
+            // Sums of up to ten f32 log-probs of magnitude ~6: 1e-5 relative to the sum.
+            assert!(rel <= 1e-5, "{key}: {err}");
+        }
+    }
+}
+
+/// Prefix sharing changes how the batch is laid out, not what is computed: for every
+/// architecture (Mistral's sliding window included) the packed batch gives the padded batch's
+/// log-probs and LoRA gradients.
+#[test]
+fn packed_batches_match_padded_ones() {
+    let mut rng = lorafold::rng::Rng::new(5);
+    for arch in ARCHS {
+        let mut model = load_model(arch);
+        let vocab = model.cfg.vocab_size as u64;
+        let lcfg = LoraConfig::new(4, 8.0, 0.0, TargetModules::all_linear());
+        let ad = attach_new(&mut model, &lcfg, LoraInit::Gaussian { seed: 3, std: 0.1 }).unwrap();
+        let mut seq =
+            |n: usize| -> Vec<u32> { (0..n).map(|_| 1 + rng.below(vocab - 1) as u32).collect() };
+        // Unequal lengths, so both layouts pad; one prompt of a single token.
+        let pairs: Vec<PairIds> = [(7, 5, 9), (1, 4, 2), (12, 3, 6)]
+            .iter()
+            .map(|&(p, c, r)| PairIds {
+                prompt: seq(p),
+                chosen: seq(c),
+                rejected: seq(r),
+                rejected_prompt: None,
+            })
+            .collect();
+        let refs: Vec<&PairIds> = pairs.iter().collect();
+        let run = |batch: &Batch| {
+            let out = sequence_logps(&model, batch, &Fwd::eval(ad.slot)).unwrap();
+            let w = Tensor::new(&[1.0f32, -2.0, 0.5, 3.0, -1.0, 0.25], &Device::Cpu).unwrap();
+            let g = (&out.logps * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grads: Vec<Tensor> = ad
+                .params
+                .iter()
+                .map(|p| g.get(p.var.as_ref().unwrap().as_tensor()).unwrap().clone())
+                .collect();
+            (out.logps.detach(), grads, out.logits_sum)
+        };
+        let padded = Batch::new(&refs, 0, &Device::Cpu).unwrap();
+        let packed = Batch::packed(&refs, 0, &Device::Cpu).unwrap();
+        assert!(packed.packing.is_some() && packed.input_ids.dims2().unwrap().0 == 3);
+        assert_eq!(padded.num_tokens, packed.num_tokens);
+        let (lp_a, g_a, ls_a) = run(&padded);
+        let (lp_b, g_b, ls_b) = run(&packed);
+        let err = max_abs_diff(&lp_a, &lp_b) / max_abs(&lp_a);
+        assert!(
+            err <= 1e-5,
+            "{arch}: packed log-probs differ by {err:.3e} relative"
+        );
+        for i in 0..2 {
+            assert!(
+                (ls_a[i] - ls_b[i]).abs() <= 1e-4 * ls_a[i].abs().max(1.0),
+                "{arch}: logit sums {ls_a:?} vs {ls_b:?}"
+            );
+        }
+        for (p, (a, b)) in ad.params.iter().zip(g_a.iter().zip(&g_b)) {
+            let rel = max_abs_diff(a, b) / max_abs(a).max(1e-12);
+            assert!(
+                rel <= 1e-4,
+                "{arch}: gradient of {} differs by {rel:.3e} relative",
+                p.key
+            );
+        }
     }
 }
 
@@ -96,11 +188,28 @@ fn twenty_steps_match_trl_step_for_step() {
     let pairs = golden_pairs(&g);
     let s = golden_settings(&g);
     let mut model = load_model("qwen2");
-    let ad = load_adapter(&mut model, &root().join(g["init_adapter"].as_str().unwrap()), true).unwrap();
+    let ad = load_adapter(
+        &mut model,
+        &root().join(g["init_adapter"].as_str().unwrap()),
+        true,
+    )
+    .unwrap();
     let run = DpoRun::new(&model, Some(ad), None, &s).unwrap();
     let out_dir = tempfile::tempdir().unwrap();
     let cfg = quiet_loop(&s, pairs.len());
-    let o = train(&run, &pairs, &[], &cfg, &RunOutput { dir: out_dir.path(), base_model: "qwen2", recipe_yaml: "", resume_from: None }).unwrap();
+    let o = train(
+        &run,
+        &pairs,
+        &[],
+        &cfg,
+        &RunOutput {
+            dir: out_dir.path(),
+            base_model: "qwen2",
+            recipe_yaml: "",
+            resume_from: None,
+        },
+    )
+    .unwrap();
     let steps = g["steps"].as_array().unwrap();
     assert_eq!(o.steps.len(), steps.len());
     let mut worst = 0f64;
@@ -117,18 +226,43 @@ fn twenty_steps_match_trl_step_for_step() {
             theirs["grad_norm"].as_f64().unwrap(),
             ours["learning_rate"]
         );
-        assert!(err <= 1e-4, "step {}: loss {} vs TRL {l}", i + 1, ours["loss"]);
+        assert!(
+            err <= 1e-4,
+            "step {}: loss {} vs TRL {l}",
+            i + 1,
+            ours["loss"]
+        );
         let gn = theirs["grad_norm"].as_f64().unwrap();
-        assert!((ours["grad_norm"] - gn).abs() <= 1e-3 * gn.max(1e-3), "step {}: grad_norm {} vs {gn}", i + 1, ours["grad_norm"]);
-        for key in ["rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"] {
+        assert!(
+            (ours["grad_norm"] - gn).abs() <= 1e-3 * gn.max(1e-3),
+            "step {}: grad_norm {} vs {gn}",
+            i + 1,
+            ours["grad_norm"]
+        );
+        for key in [
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+        ] {
             if let Some(t) = theirs[key].as_f64() {
-                assert!((ours[key] - t).abs() <= 1e-3 * t.abs().max(1.0), "step {} {key}: {} vs {t}", i + 1, ours[key]);
+                assert!(
+                    (ours[key] - t).abs() <= 1e-3 * t.abs().max(1.0),
+                    "step {} {key}: {} vs {t}",
+                    i + 1,
+                    ours[key]
+                );
             }
         }
     }
     println!("worst per-step loss error {worst:.3e}");
     // The final adapter agrees with TRL's.
-    let want = candle_core::safetensors::load(root().join("tests/golden/dpo_run_final_adapter.safetensors"), &Device::Cpu).unwrap();
+    let want = candle_core::safetensors::load(
+        root().join("tests/golden/dpo_run_final_adapter.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     for p in &run.adapter.as_ref().unwrap().params {
         let w = &want[&p.key];
         let rel = max_abs_diff(&p.tensor, w) / max_abs(w);
@@ -137,7 +271,14 @@ fn twenty_steps_match_trl_step_for_step() {
 }
 
 fn snapshot(ts: &[(String, Tensor)]) -> HashMap<String, Vec<f32>> {
-    ts.iter().map(|(k, t)| (k.clone(), t.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
+    ts.iter()
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -151,18 +292,43 @@ fn fresh_adapter_starts_at_ln2_and_training_moves_only_lora() {
     let base_before = snapshot(&model.base_tensors());
     let cfg = LoraConfig::new(4, 8.0, 0.1, TargetModules::all_linear());
     let ad = attach_new(&mut model, &cfg, LoraInit::Peft { seed: 1 }).unwrap();
-    let lora_before = snapshot(&ad.params.iter().map(|p| (p.key.clone(), p.tensor.clone())).collect::<Vec<_>>());
+    let lora_before = snapshot(
+        &ad.params
+            .iter()
+            .map(|p| (p.key.clone(), p.tensor.clone()))
+            .collect::<Vec<_>>(),
+    );
     let run = DpoRun::new(&model, Some(ad), None, &s).unwrap();
     let out_dir = tempfile::tempdir().unwrap();
-    let o = train(&run, &pairs, &[], &quiet_loop(&s, pairs.len()), &RunOutput { dir: out_dir.path(), base_model: "llama", recipe_yaml: "", resume_from: None }).unwrap();
+    let o = train(
+        &run,
+        &pairs,
+        &[],
+        &quiet_loop(&s, pairs.len()),
+        &RunOutput {
+            dir: out_dir.path(),
+            base_model: "llama",
+            recipe_yaml: "",
+            resume_from: None,
+        },
+    )
+    .unwrap();
     let first = &o.steps[0];
-    assert!((first["loss"] - std::f64::consts::LN_2).abs() < 1e-6, "first loss {}", first["loss"]);
+    assert!(
+        (first["loss"] - std::f64::consts::LN_2).abs() < 1e-6,
+        "first loss {}",
+        first["loss"]
+    );
     assert!(first["rewards/chosen"].abs() < 1e-6 && first["rewards/rejected"].abs() < 1e-6);
     for p in &run.adapter.as_ref().unwrap().params {
         let now = p.tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_ne!(now, lora_before[&p.key], "{} did not change", p.key);
     }
-    assert_eq!(snapshot(&model.base_tensors()), base_before, "a base tensor changed");
+    assert_eq!(
+        snapshot(&model.base_tensors()),
+        base_before,
+        "a base tensor changed"
+    );
 }
 
 fn resume_run(dir: &Path, stop_after: Option<usize>, resume: bool) -> Vec<(String, Vec<f32>)> {
@@ -180,8 +346,30 @@ fn resume_run(dir: &Path, stop_after: Option<usize>, resume: bool) -> Vec<(Strin
     let mut c = quiet_loop(&s, pairs.len());
     c.stop_after = stop_after;
     let resume_from = resume.then(|| lorafold::train::checkpoint::resolve("latest", dir).unwrap());
-    train(&run, &pairs, &[], &c, &RunOutput { dir, base_model: "qwen2", recipe_yaml: "", resume_from }).unwrap();
-    run.adapter.unwrap().params.iter().map(|p| (p.key.clone(), p.tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
+    train(
+        &run,
+        &pairs,
+        &[],
+        &c,
+        &RunOutput {
+            dir,
+            base_model: "qwen2",
+            recipe_yaml: "",
+            resume_from,
+        },
+    )
+    .unwrap();
+    run.adapter
+        .unwrap()
+        .params
+        .iter()
+        .map(|p| {
+            (
+                p.key.clone(),
+                p.tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -192,9 +380,15 @@ fn resume_gives_the_same_adapter_as_an_uninterrupted_run() {
     resume_run(b.path(), Some(5), false);
     assert!(b.path().join("checkpoint-5/trainer_state.json").exists());
     let resumed = resume_run(b.path(), None, true);
-    assert_eq!(full, resumed, "resumed run differs from the uninterrupted one");
+    assert_eq!(
+        full, resumed,
+        "resumed run differs from the uninterrupted one"
+    );
     // save_total_limit 2 keeps the newest two.
-    let names: Vec<String> = lorafold::train::checkpoint::list(b.path()).iter().map(|(s, _)| s.to_string()).collect();
+    let names: Vec<String> = lorafold::train::checkpoint::list(b.path())
+        .iter()
+        .map(|(s, _)| s.to_string())
+        .collect();
     assert_eq!(names, ["5", "10"]);
 }
 
@@ -210,24 +404,68 @@ fn dpo_command_runs_the_quickstart_recipe_with_flag_overrides() {
     let out = tmp.path().join("run");
     let r = lorafold(
         &[
-            "dpo", "--recipe", root().join("recipes/quickstart.yaml").to_str().unwrap(),
-            "--max_steps", "4", "--logging-steps", "2", "--eval_steps", "4", "--max_eval_pairs", "8",
-            "--output_dir", out.to_str().unwrap(), "--sft_type", "lora",
+            "dpo",
+            "--recipe",
+            root().join("recipes/quickstart.yaml").to_str().unwrap(),
+            "--max_steps",
+            "4",
+            "--logging-steps",
+            "2",
+            "--eval_steps",
+            "4",
+            "--max_eval_pairs",
+            "8",
+            "--output_dir",
+            out.to_str().unwrap(),
+            "--sft_type",
+            "lora",
         ],
         &[],
     );
     let stderr = String::from_utf8_lossy(&r.stderr);
     assert!(r.status.success(), "{stderr}");
-    for f in ["adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "metrics.png", "recipe.yaml", "checkpoint-4/trainer_state.json"] {
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "metrics.jsonl",
+        "metrics.png",
+        "recipe.yaml",
+        "checkpoint-4/trainer_state.json",
+    ] {
         assert!(out.join(f).exists(), "{f} missing; stderr: {stderr}");
     }
-    let lines: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let train_lines: Vec<&Value> = lines.iter().filter(|l| l.get("loss").is_some()).collect();
     assert_eq!(train_lines.len(), 2, "logging every 2 of 4 steps");
-    for key in ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "grad_norm", "learning_rate", "epoch", "step", "tokens_per_second"] {
-        assert!(train_lines[0].get(key).is_some(), "metrics.jsonl lacks {key}");
+    for key in [
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "grad_norm",
+        "learning_rate",
+        "epoch",
+        "step",
+        "tokens_per_second",
+    ] {
+        assert!(
+            train_lines[0].get(key).is_some(),
+            "metrics.jsonl lacks {key}"
+        );
     }
-    assert!(lines.iter().any(|l| l.get("eval_loss").is_some()), "no eval line");
+    assert!(
+        lines.iter().any(|l| l.get("eval_loss").is_some()),
+        "no eval line"
+    );
     // The resolved recipe shows the override.
     let recipe = std::fs::read_to_string(out.join("recipe.yaml")).unwrap();
     assert!(recipe.contains("max_steps: 4"), "{recipe}");
@@ -235,38 +473,97 @@ fn dpo_command_runs_the_quickstart_recipe_with_flag_overrides() {
     let per_pair = tmp.path().join("pairs.jsonl");
     let r = lorafold(
         &[
-            "eval", "--model", root().join("tests/fixtures/models/qwen2").to_str().unwrap(),
-            "--adapters", out.to_str().unwrap(),
-            "--dataset", root().join("tests/fixtures/data/quickstart/eval.jsonl").to_str().unwrap(),
-            "--max_eval_pairs", "6", "--json", "--per_pair", per_pair.to_str().unwrap(),
+            "eval",
+            "--model",
+            root().join("tests/fixtures/models/qwen2").to_str().unwrap(),
+            "--adapters",
+            out.to_str().unwrap(),
+            "--dataset",
+            root()
+                .join("tests/fixtures/data/quickstart/eval.jsonl")
+                .to_str()
+                .unwrap(),
+            "--max_eval_pairs",
+            "6",
+            "--json",
+            "--per_pair",
+            per_pair.to_str().unwrap(),
         ],
         &[],
     );
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let v: Value = serde_json::from_slice(&r.stdout).unwrap();
     assert_eq!(v["pairs"], 6);
-    assert!(v["loss"].is_number() && v["rewards/accuracies"].is_number(), "{v}");
-    assert_eq!(std::fs::read_to_string(per_pair).unwrap().lines().count(), 6);
+    assert!(
+        v["loss"].is_number() && v["rewards/accuracies"].is_number(),
+        "{v}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(per_pair).unwrap().lines().count(),
+        6
+    );
 }
 
 #[test]
 fn recipe_and_flag_errors_are_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let recipe = write(tmp.path(), "r.yaml", "model: x\ndataset: y.jsonl\nlerning_rate: 0.1\n");
+    let recipe = write(
+        tmp.path(),
+        "r.yaml",
+        "model: x\ndataset: y.jsonl\nlerning_rate: 0.1\n",
+    );
     let r = lorafold(&["dpo", "--recipe", recipe.to_str().unwrap()], &[]);
     let e = String::from_utf8_lossy(&r.stderr);
-    assert!(!r.status.success() && e.contains("lerning_rate") && e.contains("r.yaml"), "{e}");
+    assert!(
+        !r.status.success() && e.contains("lerning_rate") && e.contains("r.yaml"),
+        "{e}"
+    );
 
-    let recipe = write(tmp.path(), "t.yaml", "model: x\ndataset: y.jsonl\nbeta: high\n");
+    let recipe = write(
+        tmp.path(),
+        "t.yaml",
+        "model: x\ndataset: y.jsonl\nbeta: high\n",
+    );
     let r = lorafold(&["dpo", "--recipe", recipe.to_str().unwrap()], &[]);
     let e = String::from_utf8_lossy(&r.stderr);
-    assert!(!r.status.success() && e.contains("beta") && e.contains("t.yaml"), "{e}");
+    assert!(
+        !r.status.success() && e.contains("beta") && e.contains("t.yaml"),
+        "{e}"
+    );
 
-    let r = lorafold(&["dpo", "--model", "x", "--dataset", "y.jsonl", "--sft_type", "full"], &[]);
+    let r = lorafold(
+        &[
+            "dpo",
+            "--model",
+            "x",
+            "--dataset",
+            "y.jsonl",
+            "--sft_type",
+            "full",
+        ],
+        &[],
+    );
     let e = String::from_utf8_lossy(&r.stderr);
-    assert!(!r.status.success() && e.contains("sft_type") && e.contains("lora"), "{e}");
+    assert!(
+        !r.status.success() && e.contains("sft_type") && e.contains("lora"),
+        "{e}"
+    );
 
-    let r = lorafold(&["dpo", "--model", "x", "--dataset", "y.jsonl", "--loss_type", "sigmoid", "hinge", "--loss_weights", "1.0"], &[]);
+    let r = lorafold(
+        &[
+            "dpo",
+            "--model",
+            "x",
+            "--dataset",
+            "y.jsonl",
+            "--loss_type",
+            "sigmoid",
+            "hinge",
+            "--loss_weights",
+            "1.0",
+        ],
+        &[],
+    );
     let e = String::from_utf8_lossy(&r.stderr);
     assert!(!r.status.success() && e.contains("loss_weights"), "{e}");
 }
@@ -275,12 +572,38 @@ fn recipe_and_flag_errors_are_named() {
 fn both_flag_spellings_and_recipe_override_resolve_the_same() {
     let tmp = tempfile::tempdir().unwrap();
     let recipe = write(tmp.path(), "r.yaml", "model: m\ndataset: d.jsonl\nlora-rank: 4\nlearning_rate: 0.5\nlora_target_modules: [q_proj, v_proj]\n");
-    let a = lorafold(&["dpo", "--recipe", recipe.to_str().unwrap(), "--learning_rate", "0.25", "--lora_dropout", "0.2", "--print-settings"], &[]);
-    let b = lorafold(&["dpo", "--recipe", recipe.to_str().unwrap(), "--learning-rate=0.25", "--lora-dropout-p", "0.2", "--print_settings"], &[]);
+    let a = lorafold(
+        &[
+            "dpo",
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--learning_rate",
+            "0.25",
+            "--lora_dropout",
+            "0.2",
+            "--print-settings",
+        ],
+        &[],
+    );
+    let b = lorafold(
+        &[
+            "dpo",
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--learning-rate=0.25",
+            "--lora-dropout-p",
+            "0.2",
+            "--print_settings",
+        ],
+        &[],
+    );
     assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
     assert_eq!(a.stdout, b.stdout);
     let s: Settings = serde_yaml::from_slice(&a.stdout).unwrap();
-    assert_eq!((s.learning_rate, s.lora_rank, s.lora_dropout_p), (0.25, 4, 0.2));
+    assert_eq!(
+        (s.learning_rate, s.lora_rank, s.lora_dropout_p),
+        (0.25, 4, 0.2)
+    );
     assert_eq!(s.lora_target_modules, ["q_proj", "v_proj"]);
     assert!(s.shuffle, "shuffle defaults to true");
 }
@@ -293,11 +616,28 @@ fn precomputed_reference_gives_the_same_run_and_is_cached() {
     s.max_steps = Some(4);
     let run_once = |precompute: bool, dir: &Path| -> Vec<f64> {
         let mut model = load_model("qwen2");
-        let ad = load_adapter(&mut model, &root().join(g["init_adapter"].as_str().unwrap()), true).unwrap();
+        let ad = load_adapter(
+            &mut model,
+            &root().join(g["init_adapter"].as_str().unwrap()),
+            true,
+        )
+        .unwrap();
         let run = DpoRun::new(&model, Some(ad), None, &s).unwrap();
         let mut c = quiet_loop(&s, pairs.len());
         c.precompute_ref = precompute;
-        let o = train(&run, &pairs, &[], &c, &RunOutput { dir, base_model: "qwen2", recipe_yaml: "", resume_from: None }).unwrap();
+        let o = train(
+            &run,
+            &pairs,
+            &[],
+            &c,
+            &RunOutput {
+                dir,
+                base_model: "qwen2",
+                recipe_yaml: "",
+                resume_from: None,
+            },
+        )
+        .unwrap();
         o.steps.iter().map(|r| r["loss"]).collect()
     };
     let a = tempfile::tempdir().unwrap();
@@ -314,7 +654,11 @@ fn precomputed_reference_gives_the_same_run_and_is_cached() {
     let before = std::fs::metadata(&cache).unwrap().modified().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(20));
     let again = run_once(true, b.path());
-    assert_eq!(std::fs::metadata(&cache).unwrap().modified().unwrap(), before, "cache was recomputed");
+    assert_eq!(
+        std::fs::metadata(&cache).unwrap().modified().unwrap(),
+        before,
+        "cache was recomputed"
+    );
     assert_eq!(pre, again);
 }
 
@@ -330,15 +674,49 @@ fn reference_adapter_is_frozen_and_used_as_reference() {
     // Policy starts from the same weights as the reference adapter: loss ln 2, rewards 0.
     let policy = load_adapter(&mut model, &adapter_dir("qwen2_peft"), true).unwrap();
     let reference = load_adapter(&mut model, &adapter_dir("qwen2_peft"), false).unwrap();
-    assert!(reference.params.iter().all(|p| p.var.is_none()), "reference adapter must be frozen");
-    let ref_before = snapshot(&reference.params.iter().map(|p| (p.key.clone(), p.tensor.clone())).collect::<Vec<_>>());
+    assert!(
+        reference.params.iter().all(|p| p.var.is_none()),
+        "reference adapter must be frozen"
+    );
+    let ref_before = snapshot(
+        &reference
+            .params
+            .iter()
+            .map(|p| (p.key.clone(), p.tensor.clone()))
+            .collect::<Vec<_>>(),
+    );
     let run = DpoRun::new(&model, Some(policy), Some(reference.slot), &s).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let o = train(&run, &pairs, &[], &quiet_loop(&s, pairs.len()), &RunOutput { dir: dir.path(), base_model: "qwen2", recipe_yaml: "", resume_from: None }).unwrap();
-    assert!((o.steps[0]["loss"] - std::f64::consts::LN_2).abs() < 1e-6, "{}", o.steps[0]["loss"]);
+    let o = train(
+        &run,
+        &pairs,
+        &[],
+        &quiet_loop(&s, pairs.len()),
+        &RunOutput {
+            dir: dir.path(),
+            base_model: "qwen2",
+            recipe_yaml: "",
+            resume_from: None,
+        },
+    )
+    .unwrap();
+    assert!(
+        (o.steps[0]["loss"] - std::f64::consts::LN_2).abs() < 1e-6,
+        "{}",
+        o.steps[0]["loss"]
+    );
     assert!(o.steps[0]["rewards/chosen"].abs() < 1e-6);
-    assert!((o.steps[1]["loss"] - std::f64::consts::LN_2).abs() > 1e-4, "the policy trained");
-    let ref_after = snapshot(&reference.params.iter().map(|p| (p.key.clone(), p.tensor.clone())).collect::<Vec<_>>());
+    assert!(
+        (o.steps[1]["loss"] - std::f64::consts::LN_2).abs() > 1e-4,
+        "the policy trained"
+    );
+    let ref_after = snapshot(
+        &reference
+            .params
+            .iter()
+            .map(|p| (p.key.clone(), p.tensor.clone()))
+            .collect::<Vec<_>>(),
+    );
     assert_eq!(ref_before, ref_after, "the reference adapter changed");
 }
 
@@ -356,11 +734,27 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
     v.set(&(v.as_tensor() * f64::NAN).unwrap()).unwrap();
     let run = DpoRun::new(&model, Some(ad), None, &s).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let err = train(&run, &pairs, &[], &quiet_loop(&s, pairs.len()), &RunOutput { dir: dir.path(), base_model: "qwen2", recipe_yaml: "", resume_from: None })
-        .err()
-        .expect("must stop")
-        .to_string();
-    assert!(err.contains("non-finite") && err.contains("3 steps in a row") && err.contains("no checkpoint"), "{err}");
+    let err = train(
+        &run,
+        &pairs,
+        &[],
+        &quiet_loop(&s, pairs.len()),
+        &RunOutput {
+            dir: dir.path(),
+            base_model: "qwen2",
+            recipe_yaml: "",
+            resume_from: None,
+        },
+    )
+    .err()
+    .expect("must stop")
+    .to_string();
+    assert!(
+        err.contains("non-finite")
+            && err.contains("3 steps in a row")
+            && err.contains("no checkpoint"),
+        "{err}"
+    );
     assert!(lorafold::train::checkpoint::list(dir.path()).is_empty());
 }
 
@@ -370,8 +764,17 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     let out = tmp.path().join("run");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_lorafold"))
         .args([
-            "dpo", "--recipe", root().join("recipes/quickstart.yaml").to_str().unwrap(),
-            "--output_dir", out.to_str().unwrap(), "--logging_steps", "1", "--save_steps", "1000", "--eval_steps", "1000",
+            "dpo",
+            "--recipe",
+            root().join("recipes/quickstart.yaml").to_str().unwrap(),
+            "--output_dir",
+            out.to_str().unwrap(),
+            "--logging_steps",
+            "1",
+            "--save_steps",
+            "1000",
+            "--eval_steps",
+            "1000",
         ])
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -379,17 +782,30 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     // Wait for training to start (first metrics line), then interrupt.
     let metrics = out.join("metrics.jsonl");
     let t0 = std::time::Instant::now();
-    while std::fs::read_to_string(&metrics).map(|s| s.lines().count()).unwrap_or(0) < 1 {
+    while std::fs::read_to_string(&metrics)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+        < 1
+    {
         assert!(t0.elapsed().as_secs() < 120, "training did not start");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(kill.success());
     let outp = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&outp.stderr);
     assert!(outp.status.success(), "{stderr}");
-    assert!(stderr.contains("resume with --resume_from_checkpoint latest"), "{stderr}");
+    assert!(
+        stderr.contains("resume with --resume_from_checkpoint latest"),
+        "{stderr}"
+    );
     let cks = lorafold::train::checkpoint::list(&out);
     assert_eq!(cks.len(), 1, "{stderr}");
-    assert!(!out.join("adapter_model.safetensors").exists(), "an interrupted run must not look finished");
+    assert!(
+        !out.join("adapter_model.safetensors").exists(),
+        "an interrupted run must not look finished"
+    );
 }
