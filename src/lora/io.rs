@@ -160,10 +160,19 @@ impl Adapter {
     }
 }
 
-/// Write bytes to `path` through a temporary file in the same folder and an atomic rename.
+/// Write bytes to `path` through a temporary file in the same folder, flushed to disk, and an
+/// atomic rename. On failure (disk full...) the temporary file is removed and `path` is untouched.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
     let tmp = tmp_name(path);
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(&tmp, e));
+    }
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
@@ -205,9 +214,12 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()>
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     let tmp = tmp_name(path);
-    safetensors::tensor::serialize_to_file(views, Some(meta), &tmp).map_err(|e| Error::Safetensors {
-        path: tmp.clone(),
-        msg: e.to_string(),
-    })?;
+    let written = safetensors::tensor::serialize_to_file(views, Some(meta), &tmp)
+        .map_err(|e| Error::Msg(format!("{}: cannot write safetensors: {e}", tmp.display())))
+        .and_then(|()| std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e)));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

@@ -1,6 +1,8 @@
 //! Checkpoints: `<output_dir>/checkpoint-<step>/` with the PEFT adapter, optimizer moments and
-//! trainer state. Written into a temporary folder and renamed into place, so a checkpoint folder
-//! either is complete or does not exist.
+//! trainer state. Written (and fsynced) into `.checkpoint-<step>.tmp` and renamed into place, and
+//! deleted by renaming to `.checkpoint-<step>.trash` first, so a kill at any moment leaves each
+//! `checkpoint-<step>` folder complete or absent; the leftovers of a killed save are skipped by
+//! `latest` and removed by the next save.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -37,7 +39,47 @@ pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
     output_dir.join(format!("checkpoint-{step}"))
 }
 
-/// Write a complete checkpoint for `state.step`.
+/// Where the checkpoint of `step` is assembled before it is renamed into place.
+fn tmp_dir(output_dir: &Path, step: usize) -> PathBuf {
+    output_dir.join(format!(".checkpoint-{step}.tmp"))
+}
+
+/// Where a checkpoint folder goes before it is deleted (replaced or rotated away): renaming is
+/// atomic, deleting a folder file by file is not, so a kill mid-delete never leaves a
+/// `checkpoint-N` folder with some of its files gone.
+fn trash_dir(output_dir: &Path, step: usize) -> PathBuf {
+    output_dir.join(format!(".checkpoint-{step}.trash"))
+}
+
+/// The files of a complete checkpoint. A folder missing any of them is never resumed from.
+pub const REQUIRED_FILES: [&str; 4] = [crate::lora::io::CONFIG_FILE, crate::lora::io::WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE];
+
+/// The first required file `dir` lacks, if any.
+pub fn missing_file(dir: &Path) -> Option<PathBuf> {
+    REQUIRED_FILES.iter().map(|f| dir.join(f)).find(|p| !p.is_file())
+}
+
+/// Unfinished work of an earlier, killed process: `.checkpoint-N.tmp` and `.checkpoint-N.trash`.
+fn is_unfinished_name(name: &str) -> bool {
+    name.strip_prefix(".checkpoint-")
+        .and_then(|r| r.strip_suffix(".tmp").or_else(|| r.strip_suffix(".trash")))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Remove what killed saves and deletes left behind under `output_dir` (best effort); returns
+/// the folders removed. Called before each save; one run writes an output folder at a time.
+pub fn remove_unfinished(output_dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for e in std::fs::read_dir(output_dir).into_iter().flatten().flatten() {
+        if is_unfinished_name(&e.file_name().to_string_lossy()) && std::fs::remove_dir_all(e.path()).is_ok() {
+            removed.push(e.path());
+        }
+    }
+    removed
+}
+
+/// Write a complete checkpoint for `state.step`. On failure (disk full, folder not writable) the
+/// partly written folder is removed and earlier checkpoints stay as they were.
 pub fn save(
     output_dir: &Path,
     adapter: &Adapter,
@@ -47,22 +89,53 @@ pub fn save(
     recipe_yaml: &str,
 ) -> Result<PathBuf> {
     let final_dir = checkpoint_dir(output_dir, state.step);
-    let tmp = output_dir.join(format!(".checkpoint-{}.tmp", state.step));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let failed = |e: Error| {
+        Error::Msg(format!(
+            "saving checkpoint {} failed: {e}; the unfinished checkpoint was removed and earlier checkpoints are untouched",
+            final_dir.display()
+        ))
+    };
+    remove_unfinished(output_dir);
+    let tmp = tmp_dir(output_dir, state.step);
+    let written = (|| -> Result<()> {
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        adapter.save(&tmp, Some(base_model))?;
+        save_safetensors(&tmp.join(OPTIMIZER_FILE), &optimizer.state_tensors())?;
+        write_atomic(&tmp.join(RECIPE_FILE), recipe_yaml.as_bytes())?;
+        // The state file last: a folder with it has everything else.
+        let json = serde_json::to_string_pretty(state).map_err(|e| Error::Msg(e.to_string()))?;
+        write_atomic(&tmp.join(STATE_FILE), json.as_bytes())?;
+        sync_dir(&tmp);
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(failed(e));
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    adapter.save(&tmp, Some(base_model))?;
-    save_safetensors(&tmp.join(OPTIMIZER_FILE), &optimizer.state_tensors())?;
-    let json = serde_json::to_string_pretty(state).map_err(|e| Error::Msg(e.to_string()))?;
-    write_atomic(&tmp.join(STATE_FILE), json.as_bytes())?;
-    write_atomic(&tmp.join(RECIPE_FILE), recipe_yaml.as_bytes())?;
-    sync_dir(&tmp);
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+    // Saving a step that already has a checkpoint (a resume from an older one): move the old
+    // folder aside, put the new one in place, then delete the old one.
+    let replaced = if final_dir.exists() {
+        let trash = trash_dir(output_dir, state.step);
+        let moved = std::fs::rename(&final_dir, &trash).map_err(|e| Error::io(&final_dir, e));
+        if let Err(e) = moved {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(failed(e));
+        }
+        Some(trash)
+    } else {
+        None
+    };
+    if let Err(e) = std::fs::rename(&tmp, &final_dir) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        if let Some(trash) = &replaced {
+            let _ = std::fs::rename(trash, &final_dir);
+        }
+        return Err(failed(Error::io(&final_dir, e)));
     }
-    std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
     sync_dir(output_dir);
+    if let Some(trash) = replaced {
+        std::fs::remove_dir_all(&trash).map_err(|e| Error::io(&trash, e))?;
+    }
     Ok(final_dir)
 }
 
@@ -82,36 +155,135 @@ pub fn list(output_dir: &Path) -> Vec<(usize, PathBuf)> {
             let name = e.file_name().to_string_lossy().into_owned();
             let step: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
             let p = e.path();
-            p.join(STATE_FILE).exists().then_some((step, p))
+            missing_file(&p).is_none().then_some((step, p))
         })
         .collect();
     out.sort();
     out
 }
 
-/// Remove the oldest checkpoints beyond `keep`.
-pub fn rotate(output_dir: &Path, keep: usize) -> Result<()> {
-    let all = list(output_dir);
-    if all.len() > keep {
-        for (_, p) in &all[..all.len() - keep] {
-            std::fs::remove_dir_all(p).map_err(|e| Error::io(p, e))?;
+/// Remove the oldest checkpoints so that at most `keep` remain, never `just_saved` (after a
+/// resume from an older checkpoint, newer ones from the first attempt may still be present).
+pub fn rotate(output_dir: &Path, keep: usize, just_saved: &Path) -> Result<()> {
+    let others: Vec<(usize, PathBuf)> = list(output_dir).into_iter().filter(|(_, p)| p != just_saved).collect();
+    let keep_others = keep.saturating_sub(1);
+    if others.len() > keep_others {
+        for (step, p) in &others[..others.len() - keep_others] {
+            let trash = trash_dir(output_dir, *step);
+            if trash.exists() {
+                std::fs::remove_dir_all(&trash).map_err(|e| Error::io(&trash, e))?;
+            }
+            std::fs::rename(p, &trash).map_err(|e| Error::io(p, e))?;
+            std::fs::remove_dir_all(&trash).map_err(|e| Error::io(&trash, e))?;
         }
     }
     Ok(())
 }
 
-/// Resolve `--resume_from_checkpoint`: a folder, or `latest` under the output folder.
+/// Resolve `--resume_from_checkpoint`: a folder, or `latest` (the newest complete checkpoint
+/// under the output folder; unfinished saves and incomplete folders are skipped).
 pub fn resolve(spec: &str, output_dir: &Path) -> Result<PathBuf> {
     if spec == "latest" || spec == "true" {
         return list(output_dir).pop().map(|(_, p)| p).ok_or_else(|| {
-            Error::Msg(format!("--resume_from_checkpoint latest: no checkpoint under {}", output_dir.display()))
+            Error::Msg(format!("--resume_from_checkpoint latest: no complete checkpoint under {}", output_dir.display()))
         });
     }
     let p = PathBuf::from(spec);
-    if !p.join(STATE_FILE).exists() {
-        return Err(Error::MissingFile { path: p.join(STATE_FILE) });
+    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if is_unfinished_name(&name) {
+        return Err(Error::Msg(format!(
+            "--resume_from_checkpoint {}: this is an unfinished checkpoint left by an interrupted save or delete; \
+             resume from a checkpoint-<step> folder or with `latest`",
+            p.display()
+        )));
+    }
+    if !p.is_dir() {
+        return Err(Error::Msg(format!("--resume_from_checkpoint {}: no such checkpoint folder", p.display())));
+    }
+    if let Some(missing) = missing_file(&p) {
+        return Err(Error::Msg(format!(
+            "--resume_from_checkpoint {}: not a complete checkpoint ({} is missing)",
+            p.display(),
+            missing.display()
+        )));
     }
     Ok(p)
+}
+
+/// On resume: drop the lines of `metrics.jsonl` logged after `step` (by the run that was stopped
+/// before its next checkpoint) and any cut-off last line, so the resumed run does not repeat them.
+pub fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut kept = String::with_capacity(text.len());
+    let mut dropped = false;
+    for line in text.split_inclusive('\n') {
+        let logged = serde_json::from_str::<serde_json::Value>(line.trim_end())
+            .ok()
+            .and_then(|v| v.get("step").and_then(|s| s.as_u64()));
+        match logged {
+            Some(s) if s as usize <= step && line.ends_with('\n') => kept.push_str(line),
+            _ => dropped = true,
+        }
+    }
+    if dropped {
+        write_atomic(path, kept.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Rough bytes one checkpoint of an adapter with `adapter_params` f32 parameters takes: the
+/// weights and AdamW's two moments, plus room for the JSON files.
+pub fn estimated_size(adapter_params: usize) -> u64 {
+    adapter_params as u64 * 4 * 3 + 64 * 1024
+}
+
+/// Bytes available to this user on the filesystem holding `dir`, where the platform tells.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a NUL-terminated path and `st` a properly sized out-parameter.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        return Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64));
+    }
+    #[allow(unreachable_code)]
+    {
+        let _ = dir;
+        None
+    }
+}
+
+/// Refuse to start a run whose output folder clearly cannot hold one checkpoint of `needed`
+/// bytes (see [`estimated_size`]).
+pub fn check_free_space(dir: &Path, needed: u64) -> Result<()> {
+    match free_bytes(dir) {
+        Some(free) if free < needed => Err(Error::Msg(format!(
+            "{}: only {} free on its filesystem, but one checkpoint needs about {}; free some space or choose another --output_dir",
+            dir.display(),
+            human_bytes(free),
+            human_bytes(needed)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
 }
 
 pub struct Loaded {

@@ -130,7 +130,6 @@ pub struct DpoSummary {
 
 /// Run `lorafold dpo` with resolved settings.
 pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
-    let files = resolve_model(&s.model, s.revision.as_deref())?;
     let out_dir = s.output_dir.clone();
     let resume_from = match &s.resume_from_checkpoint {
         Some(spec) => Some(crate::train::checkpoint::resolve(spec, &out_dir)?),
@@ -142,8 +141,15 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
             out_dir.display()
         )));
     }
-    std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+    // The output folder is checked before the model is fetched or loaded (and removed again,
+    // when this call created it, if the model cannot be found).
+    let created = !out_dir.exists();
     check_writable(&out_dir)?;
+    let files = resolve_model(&s.model, s.revision.as_deref()).inspect_err(|_| {
+        if created {
+            let _ = std::fs::remove_dir(&out_dir);
+        }
+    })?;
     let recipe_yaml = serde_yaml::to_string(s).map_err(|e| Error::Msg(e.to_string()))?;
     crate::lora::io::write_atomic(&out_dir.join("recipe.yaml"), recipe_yaml.as_bytes())?;
 
@@ -166,6 +172,7 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
         Some(dir) => Some(load_adapter(&mut model, dir, false)?.slot),
         None => None,
     };
+    crate::train::checkpoint::check_free_space(&out_dir, crate::train::checkpoint::estimated_size(adapter.num_params()))?;
     if !quiet {
         eprintln!(
             "model {} ({:?}, {} parameters, {:?}); adapter {} trainable parameters; {} train / {} eval pairs",
@@ -200,12 +207,17 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
     Ok(DpoSummary { output_dir: out_dir, outcome, train_pairs: data.train.len(), eval_pairs: data.eval.len() })
 }
 
-/// Fail before training when the output folder cannot be written.
-fn check_writable(dir: &Path) -> Result<()> {
+/// Create the output folder and fail before training when it cannot be written, naming it.
+pub fn check_writable(dir: &Path) -> Result<()> {
+    let say = |what: String| Error::Msg(format!("--output_dir {}: {what}", dir.display()));
+    if dir.exists() && !dir.is_dir() {
+        return Err(say("exists and is not a folder".into()));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| say(format!("cannot create the folder: {e}")))?;
     let probe = dir.join(".lorafold-write-test");
-    std::fs::write(&probe, b"ok").map_err(|e| Error::io(&probe, e))?;
+    let written = std::fs::write(&probe, b"ok");
     let _ = std::fs::remove_file(&probe);
-    Ok(())
+    written.map_err(|e| say(format!("the folder is not writable: {e}")))
 }
 
 /// Per-pair scores written by `lorafold eval --per_pair`.

@@ -362,6 +362,7 @@ pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig
         consumed = ck.state.consumed_micro_batches;
         loss_state = serde_json::from_value(ck.state.loss_state.clone()).map_err(|e| Error::Msg(format!("{}: loss state: {e}", dir.display())))?;
         history = ck.state.log_history.clone();
+        checkpoint::truncate_metrics(&out.dir.join("metrics.jsonl"), step)?;
         if !cfg.quiet {
             eprintln!("resumed from {} at step {step}", dir.display());
         }
@@ -490,7 +491,7 @@ pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig
             };
             let dir = checkpoint::save(out.dir, adapter, out.base_model, &opt, &state, out.recipe_yaml)?;
             if let Some(k) = cfg.save_total_limit {
-                checkpoint::rotate(out.dir, k)?;
+                checkpoint::rotate(out.dir, k, &dir)?;
             }
             last_checkpoint = Some(dir);
         }

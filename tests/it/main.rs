@@ -12,4 +12,5 @@ mod hub;
 mod infer;
 mod losses;
 mod merge;
+mod resilience;
 mod train;
