@@ -3,6 +3,7 @@
 //! adapter bit for bit; memory stays flat over repeated train/save/resume cycles in one process;
 //! an unwritable or full output folder fails cleanly, before training when that can be known and
 //! without a corrupt checkpoint when it cannot.
+#![cfg(all(target_os = "linux", target_env = "gnu"))]
 
 use std::fs::File;
 use std::io::Write;
@@ -391,4 +392,398 @@ fn latest_skips_a_stale_tmp_folder_and_an_incomplete_checkpoint() {
     assert_same_final_output(&reference, &out);
     assert_eq!(leftovers(&out), Vec::<String>::new(), "the stale tmp folder was not cleaned up");
     assert_eq!(assert_checkpoints_complete(&out, "after resume"), [KILL_STEPS - 1, KILL_STEPS]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unwritable and full output folders.
+// ---------------------------------------------------------------------------------------------
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A short run (6 steps, a checkpoint every 2, all kept) for the disk tests; `model` is a model folder.
+fn disk_run_args(model: &Path, out: &Path, data: &Path) -> Vec<String> {
+    let mut a = kill_run_args(out, data);
+    a[2] = model.to_str().unwrap().into();
+    for (k, v) in [("--max_steps", "6"), ("--save_steps", "2"), ("--save_total_limit", "10")] {
+        let i = a.iter().position(|x| x == k).unwrap();
+        a[i + 1] = v.into();
+    }
+    a
+}
+
+/// `lorafold` with `args`. As root, permissions do not stop writes, so the child drops to the
+/// unprivileged uid/gid 65534 before exec (the files it reads must then be world-readable).
+/// With `fsize`, the child's file size limit (RLIMIT_FSIZE) is set and SIGXFSZ ignored, so a
+/// write past the limit fails with EFBIG as a write to a full disk fails with ENOSPC.
+fn lorafold_cmd(args: &[String], log: &Path, as_nobody: bool, fsize: Option<u64>) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lorafold"));
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(File::create(log).unwrap());
+    // SAFETY: only async-signal-safe calls (setgroups/setgid/setuid/signal/setrlimit) between
+    // fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(n) = fsize {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                let lim = libc::rlimit { rlim_cur: n, rlim_max: n };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if as_nobody && (libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(65534) != 0 || libc::setuid(65534) != 0) {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// A world-readable copy of the qwen2 fixture model and of `data`, for a child that runs as an
+/// unprivileged user; `dir` is opened to everyone.
+fn world_readable_inputs(dir: &Path, data: &Path) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let model = dir.join("model");
+    copy_dir(&model_dir("qwen2"), &model);
+    let d = dir.join("data.jsonl");
+    std::fs::copy(data, &d).unwrap();
+    for p in std::fs::read_dir(&model).unwrap().flatten().map(|e| e.path()).chain([d.clone()]) {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    std::fs::set_permissions(&model, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (model, d)
+}
+
+fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Run to completion; (success, stderr).
+fn finish(mut cmd: Command, log: &Path) -> (bool, String) {
+    let st = cmd.status().expect("running lorafold");
+    (st.success(), std::fs::read_to_string(log).unwrap_or_default())
+}
+
+#[test]
+fn unwritable_output_folder_is_refused_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_data(tmp.path(), 48);
+    let (model, data) = world_readable_inputs(tmp.path(), &data);
+    let log = tmp.path().join("log");
+    let check = |out: &Path, as_nobody: bool, want: &str| {
+        let (ok, stderr) = finish(lorafold_cmd(&disk_run_args(&model, out, &data), &log, as_nobody, None), &log);
+        println!("{}: {}", out.display(), stderr.trim());
+        assert!(!ok, "{stderr}");
+        assert!(stderr.contains(&format!("--output_dir {}: {want}", out.display())), "{stderr}");
+        assert!(!stderr.contains("step 1 |") && !stderr.contains("trainable parameters"), "training started: {stderr}");
+    };
+    // A file where the folder should be, and a folder below a file.
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "not a folder").unwrap();
+    check(&file, false, "exists and is not a folder");
+    check(&file.join("run"), false, "cannot create the folder");
+    // A read-only folder (the child runs unprivileged when the tests run as root).
+    let ro = tmp.path().join("read-only");
+    std::fs::create_dir(&ro).unwrap();
+    set_mode(&ro, 0o555);
+    check(&ro, is_root(), "the folder is not writable");
+    check(&ro.join("run"), is_root(), "cannot create the folder");
+    set_mode(&ro, 0o755);
+}
+
+/// Everything under a run folder must be complete: no unfinished write anywhere, every
+/// checkpoint folder loadable.
+fn assert_clean(out: &Path, ctx: &str) -> Vec<usize> {
+    assert_eq!(leftovers(out), Vec::<String>::new(), "{ctx}: unfinished writes left behind");
+    for e in std::fs::read_dir(out).unwrap().flatten() {
+        if e.path().is_dir() {
+            assert_eq!(leftovers(&e.path()), Vec::<String>::new(), "{ctx}: unfinished writes left in {}", e.path().display());
+        }
+    }
+    assert_checkpoints_complete(out, ctx)
+}
+
+/// A folder's files and their bytes.
+fn snapshot_dir(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> =
+        std::fs::read_dir(dir).unwrap().flatten().map(|e| (e.file_name().to_string_lossy().into_owned(), read(&e.path()))).collect();
+    v.sort();
+    v
+}
+
+/// A run set up to resume from `checkpoint-2` of `reference`, as a run stopped after that save.
+fn resumable_copy(reference: &Path, out: &Path) {
+    std::fs::create_dir_all(out).unwrap();
+    copy_dir(&reference.join("checkpoint-2"), &out.join("checkpoint-2"));
+    std::fs::copy(reference.join("metrics.jsonl"), out.join("metrics.jsonl")).unwrap();
+}
+
+/// Resume `out` with no limits to the end; it must give the reference's adapter bit for bit.
+fn resume_to_the_end_matches(model: &Path, reference: &Path, out: &Path, data: &Path, log: &Path) {
+    let mut args = disk_run_args(model, out, data);
+    args.extend(["--resume_from_checkpoint".into(), "latest".into()]);
+    let (ok, stderr) = finish(lorafold_cmd(&args, log, false, None), log);
+    assert!(ok, "{stderr}");
+    assert!(read(&reference.join("adapter_model.safetensors")) == read(&out.join("adapter_model.safetensors")), "resumed adapter differs");
+}
+
+#[test]
+fn failed_checkpoint_write_keeps_the_previous_checkpoint() {
+    // A file size limit makes the optimizer file of the next checkpoint fail half-way (EFBIG),
+    // after the adapter files of that checkpoint were written: the unfinished folder must go, the
+    // previous checkpoint must stay as it was, the error must name the path, the exit non-zero.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_data(tmp.path(), 48);
+    let model = model_dir("qwen2");
+    let reference = tmp.path().join("reference");
+    let log = tmp.path().join("log");
+    let (ok, stderr) = finish(lorafold_cmd(&disk_run_args(&model, &reference, &data), &log, false, None), &log);
+    assert!(ok, "{stderr}");
+    let ck = reference.join("checkpoint-2");
+    let (adapter_len, optim_len) = (read(&ck.join("adapter_model.safetensors")).len() as u64, read(&ck.join("optimizer.safetensors")).len() as u64);
+    let limit = (adapter_len + optim_len) / 2;
+    assert!(adapter_len < limit && limit < optim_len);
+
+    let out = tmp.path().join("run");
+    resumable_copy(&reference, &out);
+    let before = snapshot_dir(&out.join("checkpoint-2"));
+    let mut args = disk_run_args(&model, &out, &data);
+    args.extend(["--resume_from_checkpoint".into(), "latest".into()]);
+    let (ok, stderr) = finish(lorafold_cmd(&args, &log, false, Some(limit)), &log);
+    println!("file size limit {limit} bytes: {}", stderr.lines().last().unwrap_or(""));
+    assert!(!ok, "the run must fail: {stderr}");
+    let failed_at = out.join("checkpoint-4");
+    assert!(stderr.contains(&format!("saving checkpoint {} failed", failed_at.display())), "{stderr}");
+    assert!(stderr.contains(&out.join(".checkpoint-4.tmp").display().to_string()) && stderr.contains("too large"), "{stderr}");
+    assert_eq!(assert_clean(&out, "after the failed save"), [2]);
+    assert!(snapshot_dir(&out.join("checkpoint-2")) == before, "checkpoint-2 changed");
+    // Once there is room again, the run resumes from checkpoint-2 and ends as if never stopped.
+    resume_to_the_end_matches(&model, &reference, &out, &data, &log);
+}
+
+#[test]
+fn read_only_output_folder_mid_run_fails_the_save_cleanly() {
+    // The folder becomes read-only while the run trains (as a filesystem remounted read-only
+    // would): the next checkpoint cannot be created; the previous one stays. As root the child
+    // runs unprivileged so that permissions apply.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_data(tmp.path(), 48);
+    let (model, data) = world_readable_inputs(tmp.path(), &data);
+    let reference = tmp.path().join("reference");
+    let log = tmp.path().join("log");
+    let (ok, stderr) = finish(lorafold_cmd(&disk_run_args(&model, &reference, &data), &log, false, None), &log);
+    assert!(ok, "{stderr}");
+    let out = tmp.path().join("run");
+    resumable_copy(&reference, &out);
+    set_mode(&out, 0o777);
+    set_mode(&out.join("checkpoint-2"), 0o777);
+    for e in std::fs::read_dir(out.join("checkpoint-2")).unwrap().flatten() {
+        set_mode(&e.path(), 0o666);
+    }
+    set_mode(&out.join("metrics.jsonl"), 0o666);
+    let mut args = disk_run_args(&model, &out, &data);
+    args.extend(["--resume_from_checkpoint".into(), "latest".into()]);
+    let mut child = lorafold_cmd(&args, &log, is_root(), None).spawn().unwrap();
+    // Training has started once step 3 is logged; the save at step 4 comes after step 4.
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("step 3 |") {
+        assert!(child.try_wait().unwrap().is_none(), "ended early: {}", std::fs::read_to_string(&log).unwrap());
+        assert!(t0.elapsed() < Duration::from_secs(60), "no progress");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    set_mode(&out, 0o555);
+    let st = child.wait().unwrap();
+    set_mode(&out, 0o755);
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    println!("read-only after step 3: {}", stderr.lines().last().unwrap_or(""));
+    if stderr.contains("step 4 |") && stderr.contains("checkpoint-4 failed") {
+        assert!(!st.success());
+        assert!(stderr.contains(&out.join(".checkpoint-4.tmp").display().to_string()) && stderr.contains("ermission denied"), "{stderr}");
+        assert_eq!(assert_clean(&out, "after the failed save"), [2]);
+        resume_to_the_end_matches(&model, &reference, &out, &data, &log);
+    } else {
+        // The step-4 save won the race against chmod; nothing to check then but a clean folder.
+        println!("the save of step 4 finished before the folder became read-only; status {st}");
+        assert_clean(&out, "after the run");
+    }
+}
+
+/// Runs `script` with `sh -c` in a private mount namespace where it may mount a tmpfs (as root,
+/// or as the mapped root of a user namespace). `args[0]` is the mount point. `None` when the
+/// system allows neither.
+fn in_mount_namespace(script: &str, args: &[&Path], log: &Path) -> Option<std::process::ExitStatus> {
+    for flags in [["-m"].as_slice(), ["-U", "-r", "-m"].as_slice()] {
+        let probe = Command::new("unshare").args(flags).args(["sh", "-c", "mount -t tmpfs -o size=64k tmpfs \"$1\"", "sh"]).arg(args[0]).output();
+        if !probe.is_ok_and(|o| o.status.success()) {
+            continue;
+        }
+        let st = Command::new("unshare")
+            .args(flags)
+            .args(["sh", "-c", script, "sh"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(log).unwrap())
+            .status()
+            .unwrap();
+        return Some(st);
+    }
+    None
+}
+
+/// In a tmpfs of `size` bytes mounted at `mnt`: run lorafold with `args` (which write to
+/// `mnt/run`), then copy `mnt/run` to `copy` so the test can look at it; exit with lorafold's
+/// status. `None` when tmpfs cannot be mounted here.
+fn run_on_small_tmpfs(size: u64, mnt: &Path, copy: &Path, args: &[String], log: &Path) -> Option<(bool, String)> {
+    std::fs::create_dir_all(mnt).unwrap();
+    std::fs::create_dir_all(copy).unwrap();
+    let script = format!(
+        "mount -t tmpfs -o size={size} tmpfs \"$1\" || exit 99; mnt=\"$1\"; bin=\"$2\"; out=\"$3\"; shift 3; \
+         \"$bin\" \"$@\" 2>\"$out/../lorafold.log\"; rc=$?; cp -a \"$mnt/run/.\" \"$out/\" 2>/dev/null; exit $rc"
+    );
+    let mut a: Vec<&Path> = vec![mnt, Path::new(env!("CARGO_BIN_EXE_lorafold")), copy];
+    let owned: Vec<PathBuf> = args.iter().map(PathBuf::from).collect();
+    a.extend(owned.iter().map(|p| p.as_path()));
+    let st = in_mount_namespace(&script, &a, log)?;
+    assert_ne!(st.code(), Some(99), "mounting the tmpfs failed: {}", std::fs::read_to_string(log).unwrap_or_default());
+    Some((st.success(), std::fs::read_to_string(copy.join("../lorafold.log")).unwrap_or_default()))
+}
+
+#[test]
+fn full_disk_is_refused_up_front_or_fails_the_save_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_data(tmp.path(), 48);
+    let model = model_dir("qwen2");
+    assert!(checkpoint::free_bytes(tmp.path()).is_some_and(|b| b > 0), "statvfs gives no free space");
+    let reference = tmp.path().join("reference");
+    let log = tmp.path().join("log");
+    let (ok, stderr) = finish(lorafold_cmd(&disk_run_args(&model, &reference, &data), &log, false, None), &log);
+    assert!(ok, "{stderr}");
+    let ck_bytes: u64 = snapshot_dir(&reference.join("checkpoint-2")).iter().map(|(_, b)| (b.len() as u64).div_ceil(4096) * 4096).sum();
+
+    // 1. A filesystem smaller than one checkpoint: refused before training, naming the folder.
+    let mnt = tmp.path().join("mnt-small");
+    let copy = tmp.path().join("copy-small/run");
+    let args = disk_run_args(&model, &mnt.join("run"), &data);
+    let Some((ok, stderr)) = run_on_small_tmpfs(ck_bytes / 3, &mnt, &copy, &args, &log) else {
+        println!("skipped: this system cannot mount a small tmpfs in a private mount namespace (unshare -m / -Urm refused); the file-size-limit test covers failing writes");
+        return;
+    };
+    println!("tmpfs of {} bytes (checkpoint {ck_bytes} bytes): {}", ck_bytes / 3, stderr.trim());
+    assert!(!ok);
+    assert!(stderr.contains(&mnt.join("run").display().to_string()) && stderr.contains("one checkpoint needs about"), "{stderr}");
+    assert!(!stderr.contains("step 1 |"), "training started: {stderr}");
+
+    // 2. Room for one checkpoint and a half: the second save hits ENOSPC part-way. The first
+    // checkpoint stays, the unfinished one is removed, the run exits non-zero naming the path;
+    // after that, with room again, a resume ends as if the run was never stopped.
+    let size = ck_bytes * 8 / 5 + 64 * 1024;
+    let mnt = tmp.path().join("mnt-full");
+    let copy = tmp.path().join("copy-full/run");
+    let args = disk_run_args(&model, &mnt.join("run"), &data);
+    let (ok, stderr) = run_on_small_tmpfs(size, &mnt, &copy, &args, &log).unwrap();
+    println!("tmpfs of {size} bytes: {}", stderr.lines().last().unwrap_or(""));
+    assert!(!ok, "{stderr}");
+    assert!(stderr.contains(&format!("saving checkpoint {} failed", mnt.join("run/checkpoint-4").display())), "{stderr}");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    assert_eq!(assert_clean(&copy, "after the disk filled up"), [2]);
+    resume_to_the_end_matches(&model, &reference, &copy, &data, &log);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Soak: memory over repeated train / save / resume cycles in one process.
+// ---------------------------------------------------------------------------------------------
+
+/// Resident memory of this process in MiB.
+fn rss_mib() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap() / 1024.0
+}
+
+#[test]
+fn soak_memory_stays_flat() {
+    // The cycles run in a process of their own (this test binary, running only the worker), so
+    // that other tests running in parallel threads do not move its memory.
+    let t0 = Instant::now();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "resilience::soak_worker", "--ignored", "--nocapture", "--test-threads", "1"])
+        .env("LORAFOLD_SOAK_WORKER", "1")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    for l in text.lines().filter(|l| l.starts_with("soak")) {
+        println!("{l}");
+    }
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("soak: memory flat"), "the worker did not run: {text}");
+    println!("soak test took {:.1}s", t0.elapsed().as_secs_f64());
+}
+
+/// Train 4 steps (checkpoints at 2 and 4), then resume from checkpoint-2 and train steps 3-4
+/// again, in a fresh folder each cycle, through the library (`run_dpo`), for
+/// LORAFOLD_SOAK_SECS seconds (default 30) and at least 6 cycles. The resident memory after
+/// each cycle, over the last third of the cycles, must stay within 10% + 20 MiB of the first
+/// third's highest value; every cycle must give the same adapter bytes.
+#[test]
+#[ignore = "run by soak_memory_stays_flat in a process of its own"]
+fn soak_worker() {
+    if std::env::var_os("LORAFOLD_SOAK_WORKER").is_none() {
+        println!("soak_worker runs only as the child of soak_memory_stays_flat");
+        return;
+    }
+    let secs: f64 = std::env::var("LORAFOLD_SOAK_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30.0);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_data(tmp.path(), 48);
+    let base = lorafold::recipe::DpoOptions {
+        model: Some(model_dir("qwen2").to_str().unwrap().into()),
+        dataset: Some(vec![data.to_str().unwrap().into()]),
+        split_dataset_ratio: Some(0.1),
+        max_steps: Some(4),
+        save_steps: Some(2),
+        save_total_limit: Some(2),
+        batch_size: Some(2),
+        gradient_accumulation_steps: Some(2),
+        max_length: Some(64),
+        max_prompt_length: Some(48),
+        lora_rank: Some(16),
+        lora_dropout_p: Some(0.1),
+        learning_rate: Some(5e-3),
+        logging_steps: Some(1),
+        eval_steps: Some(2),
+        seed: Some(5),
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let mut series: Vec<f64> = Vec::new();
+    let mut first_adapter: Option<Vec<u8>> = None;
+    while series.len() < 6 || t0.elapsed().as_secs_f64() < secs {
+        let dir = tmp.path().join(format!("cycle-{}", series.len()));
+        let mut o = base.clone();
+        o.output_dir = Some(dir.clone());
+        let s = o.clone().resolve().unwrap();
+        lorafold::train::run::run_dpo(&s, true).unwrap();
+        let full = read(&dir.join("adapter_model.safetensors"));
+        o.resume_from_checkpoint = Some(dir.join("checkpoint-2").to_str().unwrap().into());
+        lorafold::train::run::run_dpo(&o.resolve().unwrap(), true).unwrap();
+        let resumed = read(&dir.join("adapter_model.safetensors"));
+        assert!(full == resumed, "cycle {}: the resumed adapter differs", series.len());
+        assert!(first_adapter.get_or_insert(full.clone()) == &full, "cycle {}: a different adapter than cycle 0", series.len());
+        std::fs::remove_dir_all(&dir).unwrap();
+        series.push(rss_mib());
+    }
+    let third = series.len() / 3;
+    let first_max = series[..third].iter().cloned().fold(0.0, f64::max);
+    let last_max = series[series.len() - third..].iter().cloned().fold(0.0, f64::max);
+    let allowed = first_max * 1.10 + 20.0;
+    let shown: Vec<String> = series.iter().map(|v| format!("{v:.1}")).collect();
+    println!("soak: {} cycles in {:.1}s; RSS after each cycle (MiB): {}", series.len(), t0.elapsed().as_secs_f64(), shown.join(" "));
+    println!("soak: first third max {first_max:.1} MiB, last third max {last_max:.1} MiB, allowed {allowed:.1} MiB");
+    assert!(last_max <= allowed, "memory grows over the cycles: {} -> {} MiB", first_max, last_max);
+    println!("soak: memory flat");
 }
