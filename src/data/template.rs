@@ -26,10 +26,14 @@ const MAX_OUTPUT: usize = 16 << 20;
 thread_local! {
     /// The memory bound of the render running on this thread (0: none running).
     static VALUE_LIMIT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// The `messages` list the render was given: already inside the bound, so the guards skip it
+    /// (recognised by identity, not by name: a template cannot forge it).
+    static GIVEN_MESSAGES: std::cell::RefCell<Option<Value>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Name of the function the guards call (see [`inject_guards`]).
+/// Names of the functions the guards call (see [`inject_guards`]).
 const GUARD: &str = "__lorafold_value_guard";
+const GUARD_ALL: &str = "__lorafold_scope_guard";
 /// Marks errors made by the guards.
 const GREW: &str = "values grew: ";
 
@@ -208,6 +212,7 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_function(GUARD, value_guard);
+        env.add_function(GUARD_ALL, value_guard_all);
         env.add_filter("tojson", tojson);
         env.add_filter("replace", capped_replace);
         env.add_filter("indent", capped_indent);
@@ -216,8 +221,12 @@ impl ChatTemplate {
         Environment::new()
             .template_from_str(&source)
             .map_err(|e| Error::Msg(format!("{origin}: cannot parse the chat template: {}", one_line(&e))))?;
-        env.add_template_owned("chat_template", inject_guards(&source))
-            .map_err(|e| Error::Msg(format!("{origin}: cannot parse the chat template: {}", one_line(&e))))?;
+        // The guarded form parses whenever the original does; should it ever not, the template
+        // still runs, bounded by fuel and the output cap only.
+        if env.add_template_owned("chat_template", inject_guards(&source)).is_err() {
+            env.add_template_owned("chat_template", source)
+                .map_err(|e| Error::Msg(format!("{origin}: cannot parse the chat template: {}", one_line(&e))))?;
+        }
         Ok(ChatTemplate { env, origin, tokens })
     }
 
@@ -258,9 +267,13 @@ impl ChatTemplate {
         };
         let limit = MAX_OUTPUT + 4 * messages.iter().map(|m| m.content.len()).sum::<usize>();
         let mut out = CappedWriter { buf: Vec::new(), limit };
+        let root = Value::from_serialize(&ctx);
+        let given = root.get_attr("messages").ok();
         let outer = VALUE_LIMIT.with(|l| l.replace(limit));
-        let rendered = tmpl.render_captured_to(Value::from_serialize(&ctx), &mut out);
+        let outer_messages = GIVEN_MESSAGES.with(|m| m.replace(given));
+        let rendered = tmpl.render_captured_to(root, &mut out);
         VALUE_LIMIT.with(|l| l.set(outer));
+        GIVEN_MESSAGES.with(|m| m.replace(outer_messages));
         if let Err(e) = rendered {
             return Err(err(match e.kind() {
                 ErrorKind::OutOfFuel => "the template ran too long (out of fuel) and was stopped; \
@@ -329,23 +342,28 @@ fn one_line(e: &minijinja::Error) -> String {
 //
 // Fuel bounds the instructions a render runs, and the output is capped, but one instruction can
 // double a string (`s ~ s`) or a list (`l + l`), so a short loop could build values far larger
-// than memory. To bound that, a guard call is inserted after every tag that can make values grow
-// step by step (`for`, `endfor`, `set`, `endset`, `macro`, `call`, `with`): it adds up the sizes
-// of all the variables in scope and stops the render when they pass the output bound. Filters
+// than memory. To bound that, a guard call is inserted after every tag through which values grow
+// step by step (`set`, `endset`, `macro`, `call`, `with`, recursive `for`): it adds up the sizes
+// of the variables the tag binds and stops the render when they pass the output bound. Filters
 // and methods that can multiply a size in one call (`replace`, `indent`) check their result size
 // before building it. Growth inside one expression is bounded by the template's own length.
 
-/// Insert `{% if <guard>() %}{% endif %}` after every `for`, `endfor`, `set`, `endset`, `macro`,
-/// `call`, `with` and `endwith` tag. The output is unchanged: the inserted tags render nothing,
-/// and they take over the original tag's trailing whitespace control (`-%}` / `+%}`), so
-/// trim_blocks and whitespace stripping act as before. `{% raw %}` blocks and comments are copied
-/// as they are; string literals inside tags are skipped when looking for the tag's end.
+/// Insert `{% if <guard>(names) %}{% endif %}` after every tag through which values grow step by
+/// step, naming the variables the tag binds: `set` (its targets; for `ns.x = ...` the whole
+/// `ns`), `endset` (the captured variable), `macro` and `call` (their parameters: recursion),
+/// `with` (its names) and recursive `for` (its loop variables). Where the names cannot be read,
+/// the guard checks every variable in scope instead (slower, same bound). The output is
+/// unchanged: the inserted tags render nothing, and they take over the original tag's trailing
+/// whitespace control (`-%}` / `+%}`), so trim_blocks and whitespace stripping act as before.
+/// `{% raw %}` blocks and comments are copied as they are; string literals inside tags are
+/// skipped when looking for a tag's end.
 pub fn inject_guards(src: &str) -> String {
-    const GROWING: [&str; 8] = ["for", "endfor", "set", "endset", "macro", "call", "with", "endwith"];
     let b = src.as_bytes();
     let mut out = String::with_capacity(src.len() + 256);
     let mut i = 0;
     let mut copied = 0;
+    // Names captured by the open `{% set name %}` blocks.
+    let mut block_sets: Vec<Option<Vec<String>>> = Vec::new();
     while i + 1 < b.len() {
         if b[i] != b'{' || !matches!(b[i + 1], b'%' | b'{' | b'#') {
             i += 1;
@@ -363,21 +381,53 @@ pub fn inject_guards(src: &str) -> String {
         };
         if open == b'%' {
             let inner = &src[i + 2..end - 2];
-            let body = inner.trim_start_matches(['-', '+']).trim_start();
+            let body = inner.trim_start_matches(['-', '+']).trim_end_matches(['-', '+']).trim();
             let word: String = body.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            let rest = body[word.len()..].trim();
             if word == "raw" {
                 // Copy up to and including the matching endraw tag.
                 i = find_endraw(src, end).unwrap_or(b.len());
                 continue;
             }
-            if GROWING.contains(&word.as_str()) {
+            // Some(names): guard those (None: every variable); no entry: no guard.
+            let guard: Option<Option<Vec<String>>> = match word.as_str() {
+                "set" => match top_level_find_assign(rest) {
+                    Some(eq) => Some(target_roots(&rest[..eq])),
+                    None => {
+                        // A block set: the name comes before an optional `| filter`.
+                        let name = rest.split('|').next().unwrap_or("").trim();
+                        block_sets.push(target_roots(name));
+                        None
+                    }
+                },
+                "endset" => block_sets.pop(),
+                "macro" => Some(rest.find('(').and_then(|p| params(&rest[p..]))),
+                "call" if rest.starts_with('(') => Some(params(rest)),
+                "with" => Some(
+                    split_top_level(rest)
+                        .iter()
+                        .map(|part| top_level_find_assign(part).and_then(|eq| target_roots(&part[..eq])))
+                        .collect::<Option<Vec<Vec<String>>>>()
+                        .map(|v| v.concat()),
+                ),
+                "for" if rest.split_whitespace().any(|w| w == "recursive") => {
+                    Some(rest.find(" in ").and_then(|k| target_roots(&rest[..k])))
+                }
+                _ => None,
+            };
+            if let Some(names) = guard {
                 let marker = match inner.trim_end().as_bytes().last() {
                     Some(b'-') => "-",
                     Some(b'+') => "+",
                     _ => "",
                 };
+                let call = match names {
+                    Some(names) if names.is_empty() => format!("{GUARD}('')"),
+                    Some(names) => format!("{GUARD}('{}', {})", names.join(","), names.join(", ")),
+                    None => format!("{GUARD_ALL}()"),
+                };
                 out.push_str(&src[copied..end]);
-                out.push_str(&format!("{{% if {GUARD}() %}}{{% endif {marker}%}}"));
+                out.push_str(&format!("{{% if {call} %}}{{% endif {marker}%}}"));
                 copied = end;
             }
         }
@@ -385,6 +435,135 @@ pub fn inject_guards(src: &str) -> String {
     }
     out.push_str(&src[copied..]);
     out
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Split at commas outside brackets and string literals.
+fn split_top_level(s: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut depth, mut quote, mut start) = (0i32, None::<char>, 0);
+    let mut escaped = false;
+    for (k, c) in s.char_indices() {
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == q {
+                    quote = None;
+                }
+            }
+            None => match c {
+                '\'' | '"' => quote = Some(c),
+                '(' | '[' | '{' => depth += 1,
+                ')' | ']' | '}' => depth -= 1,
+                ',' if depth == 0 => {
+                    parts.push(&s[start..k]);
+                    start = k + 1;
+                }
+                _ => {}
+            },
+        }
+    }
+    parts.push(&s[start..]);
+    parts
+}
+
+/// The byte offset of the first `=` outside brackets and strings that is an assignment (not part
+/// of `==`, `!=`, `<=`, `>=`).
+fn top_level_find_assign(s: &str) -> Option<usize> {
+    let b = s.as_bytes();
+    let (mut depth, mut quote) = (0i32, None::<u8>);
+    let mut k = 0;
+    while k < b.len() {
+        let c = b[k];
+        match quote {
+            Some(q) => {
+                if c == b'\\' {
+                    k += 1;
+                } else if c == q {
+                    quote = None;
+                }
+            }
+            None => match c {
+                b'\'' | b'"' => quote = Some(c),
+                b'(' | b'[' | b'{' => depth += 1,
+                b')' | b']' | b'}' => depth -= 1,
+                b'=' if depth == 0 => {
+                    let prev = if k > 0 { b[k - 1] } else { b' ' };
+                    let next = b.get(k + 1).copied().unwrap_or(b' ');
+                    if next != b'=' && !matches!(prev, b'=' | b'!' | b'<' | b'>') {
+                        return Some(k);
+                    }
+                    k += 1; // skip the second character of `==`
+                }
+                _ => {}
+            },
+        }
+        k += 1;
+    }
+    None
+}
+
+/// The variables an assignment target binds: `a`, `a, b`, `(a, b)`, `ns.x` (→ `ns`),
+/// `d['k']` (→ `d`). `None` when one is not a plain name.
+fn target_roots(targets: &str) -> Option<Vec<String>> {
+    let t = targets.trim().trim_start_matches('(').trim_end_matches(')');
+    let mut out = Vec::new();
+    for part in split_top_level(t) {
+        let part = part.trim().trim_start_matches('(').trim_end_matches(')').trim();
+        let root = part.split(['.', '[']).next().unwrap_or("").trim();
+        if !is_identifier(root) {
+            return None;
+        }
+        if !out.iter().any(|n| n == root) {
+            out.push(root.to_string());
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// The parameter names of `(a, b=1, c)` (the text starting at the opening parenthesis).
+fn params(s: &str) -> Option<Vec<String>> {
+    let close = {
+        let mut depth = 0i32;
+        let mut found = None;
+        for (k, c) in s.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        found = Some(k);
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        found?
+    };
+    let inner = s[1..close].trim();
+    if inner.is_empty() {
+        return Some(Vec::new());
+    }
+    split_top_level(inner)
+        .iter()
+        .map(|p| {
+            let name = match top_level_find_assign(p) {
+                Some(eq) => &p[..eq],
+                None => p,
+            };
+            let name = name.trim();
+            is_identifier(name).then(|| name.to_string())
+        })
+        .collect()
 }
 
 /// The index just past the `%}` / `}}` that closes a tag whose body starts at `from`, skipping
@@ -430,8 +609,35 @@ fn find_endraw(src: &str, from: usize) -> Option<usize> {
     None
 }
 
-/// The guard: fails when the variables in scope hold more than the render's bound.
-fn value_guard(state: &minijinja::State) -> std::result::Result<Value, minijinja::Error> {
+/// The guard: fails when the values it is given (the variables a tag just bound) hold more than
+/// the render's bound.
+fn value_guard(names: String, values: minijinja::value::Rest<Value>) -> std::result::Result<Value, minijinja::Error> {
+    let limit = VALUE_LIMIT.with(std::cell::Cell::get);
+    if limit == 0 {
+        return Ok(Value::from(false));
+    }
+    let mut budget = limit;
+    for (v, name) in values.iter().zip(names.split(',')) {
+        if !is_given_messages(v) && !charge(v, &mut budget, 0) {
+            return Err(grew(limit, Some(name)));
+        }
+    }
+    Ok(Value::from(false))
+}
+
+/// Is `v` the `messages` list the render was given (the very object, not a copy)?
+fn is_given_messages(v: &Value) -> bool {
+    let Some(this) = v.downcast_object::<Vec<Value>>() else { return false };
+    GIVEN_MESSAGES.with(|m| {
+        m.borrow()
+            .as_ref()
+            .and_then(|g| g.downcast_object::<Vec<Value>>())
+            .is_some_and(|g| std::sync::Arc::ptr_eq(&g, &this))
+    })
+}
+
+/// The guard for tags whose names could not be read: every variable in scope, added up.
+fn value_guard_all(state: &minijinja::State) -> std::result::Result<Value, minijinja::Error> {
     let limit = VALUE_LIMIT.with(std::cell::Cell::get);
     if limit == 0 {
         return Ok(Value::from(false));
@@ -441,6 +647,9 @@ fn value_guard(state: &minijinja::State) -> std::result::Result<Value, minijinja
     let mut largest: (usize, String) = (0, String::new());
     for name in state.known_variables() {
         let Some(v) = state.lookup(&name) else { continue };
+        if is_given_messages(&v) {
+            continue;
+        }
         let mut budget = limit;
         if !charge(&v, &mut budget, 0) {
             return Err(grew(limit, Some(&name)));
@@ -933,6 +1142,85 @@ mod tests {
             s,
             "{\n  \"a\": {},\n  \"b\": [\n    1,\n    2.0,\n    \"x\\\"y\\n\"\n  ],\n  \"c\": \"é\"\n}"
         );
+    }
+
+    /// Render `src` with the guards (ChatTemplate) and without (a plain environment with the
+    /// same whitespace settings).
+    fn both_ways(src: &str, messages: &[Message]) -> (String, String) {
+        let guarded = ChatTemplate::new(src, "test", SpecialTokens::default())
+            .unwrap()
+            .render(messages, true)
+            .unwrap();
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_keep_trailing_newline(false);
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        let plain = env
+            .template_from_str(src)
+            .unwrap()
+            .render(minijinja::context! { messages => messages, add_generation_prompt => true })
+            .unwrap();
+        (guarded, plain)
+    }
+
+    #[test]
+    fn guards_leave_the_output_unchanged() {
+        let msgs = [Message::system("Be brief."), Message::user("Hi there"), Message::assistant("Hello.")];
+        for src in [
+            "{% for m in messages %}\n  {{ m.role }}: {{ m.content }}\n{% endfor %}\n",
+            "{%- for m in messages -%}\n   {{ m.content }}   \n{%- endfor -%}\n  tail",
+            "{% for m in messages +%}\n{{ m.content }}\n{% endfor +%}\nend",
+            "{% set x = 'a' %}\n{% set y = x ~ '%}' ~ \"{%\" %}\n[{{ y }}]\n{%- set z -%}\n  cap {{ y }}\n{%- endset %}\n{{ z }}",
+            "{# {% for m in messages %} #}{% raw %}{% for x in y %}{% set %}{% endraw %}\n{{ messages|length }}",
+            "{% macro f(m) -%}\n  <{{ m.content }}>\n{%- endmacro %}\n{% for m in messages %}{{ f(m) }}{% endfor %}",
+            "{% with a = 1 %}\n{{ a }}\n{% endwith %}\n{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}",
+            "{{ messages[1].content|replace('there', 'you')|indent(2, true) }}{{ messages[1].content.replace('i', 'I', 1) }}",
+            "{% set a, b = 1, 2 %}{% set c = a == b %}{% set (d, e) = ('x', 'y') %}{{ a }}{{ b }}{{ c }}{{ d }}{{ e }}",
+            "{% macro f(x, y='=') %}[{{ x }}{{ y }}{{ caller() if caller else '' }}]{% endmacro %}{% call(z) f('a') %}{{ z }}{% endcall %}{{ f('b', y='c') }}",
+            "{% for a, b in [(1, [(2, [])])] recursive %}{{ a }}{% if b %}{{ loop(b) }}{% endif %}{% endfor %}",
+            "{%- set x | upper -%}\n  shout\n{%- endset %}\n{{ x }}",
+        ] {
+            let (guarded, plain) = both_ways(src, &msgs);
+            assert_eq!(guarded, plain, "{src:?}");
+        }
+        // The names each guard is given.
+        for (src, call) in [
+            ("{% set ns.x = 1 %}", "('ns', ns)"),
+            ("{% set a, (b) = 1, 2 %}", "('a,b', a, b)"),
+            ("{% set x = y == 1 %}", "('x', x)"),
+            ("{% set s | trim %}x{% endset %}", "('s', s)"),
+            ("{% macro m(p, q=[1, 2]) %}{% endmacro %}", "('p,q', p, q)"),
+            ("{% with a = [1, 2], b = 'x,y' %}{% endwith %}", "('a,b', a, b)"),
+            ("{% for k, v in d recursive %}{% endfor %}", "('k,v', k, v)"),
+        ] {
+            assert!(inject_guards(src).contains(call), "{src}: {}", inject_guards(src));
+        }
+        assert!(inject_guards("{% macro m() %}{% endmacro %}").contains(&format!("{GUARD}('')")));
+        // Targets that are not plain names: every variable in scope is checked instead.
+        assert!(inject_guards("{% set 9x = 1 %}").contains(GUARD_ALL));
+        let g = inject_guards("{% for x in y recursive -%}\n{% endfor %}{% set a = 1 +%}{{ '%}{% set' }}{% for z in y %}");
+        assert_eq!(g.matches(GUARD).count(), 2, "{g}");
+        assert!(g.contains("{% endif -%}") && g.contains("{% endif +%}"), "{g}");
+    }
+
+    #[test]
+    fn templates_that_build_huge_values_are_stopped() {
+        let msgs = [Message::user("hi")];
+        for src in [
+            "{% set ns = namespace(s='x') %}{% for i in range(100) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+            "{% set ns = namespace(l=[1]) %}{% for i in range(100) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|length }}",
+            "{% macro g(s, n) %}{% if n > 0 %}{{ g(s ~ s, n - 1) }}{% endif %}{% endmacro %}{{ g('x', 80) }}",
+            "{% for s in ['x'] recursive %}{{ loop([s ~ s]) }}{% endfor %}",
+            "{% set s = 'x' * 20000 %}{{ s|replace('x', s)|length }}",
+            "{% set s = 'x' * 20000 %}{{ s.replace('x', s)|length }}",
+            "{{ 'x'|indent(100000000000) }}",
+        ] {
+            let t = ChatTemplate::new(src, "big.jinja", SpecialTokens::default()).unwrap();
+            let e = t.render(&msgs, false).unwrap_err().to_string();
+            assert!(e.contains("big.jinja") && e.contains("bytes"), "{src}: {e}");
+        }
     }
 
     #[test]
