@@ -49,6 +49,18 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Recompute each decoder block in the backward pass (less memory, more time).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// Run chosen and rejected as separate padded sequences instead of sharing the prompt.
+    #[arg(long)]
+    pub no_prefix_sharing: bool,
+    /// Tokens to generate for the decode measurement (0 skips it).
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+    /// Skip the merge measurement.
+    #[arg(long)]
+    pub skip_merge: bool,
 }
 
 /// Size of the benchmark model.
@@ -156,7 +168,7 @@ fn measure(run: &DpoRun, pairs: &[PairIds], refs: Option<&[[f32; 2]]>, a: &Bench
     for i in 0..a.warmup + a.steps {
         let t = Instant::now();
         let MicroOut { loss, tokens: n, .. } = run.micro_batch(&refs_pairs, refs, Some(i as u64), &mut state)?;
-        let g = loss.backward()?;
+        let g = run.model.backward(&loss)?;
         let mut grads: HashMap<String, Tensor> = HashMap::new();
         for (k, v) in &params {
             if let Some(gv) = g.get(v.as_tensor()) {
@@ -187,10 +199,17 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     }
     let peak = matmul_peak()?;
     let mut model = Model::load_dir(&dir, &LoadOptions::default())?;
+    model.set_gradient_checkpointing(a.gradient_checkpointing);
     let params = model.cfg.num_params();
     let lcfg = LoraConfig::new(8, 16.0, 0.0, TargetModules::all_linear());
     let adapter = attach_new(&mut model, &lcfg, LoraInit::Peft { seed: 1 })?;
-    let settings = DpoOptions { model: Some(dir.display().to_string()), dataset: Some(vec!["bench".into()]), ..Default::default() }.resolve()?;
+    let settings = DpoOptions {
+        model: Some(dir.display().to_string()),
+        dataset: Some(vec!["bench".into()]),
+        prefix_sharing: Some(!a.no_prefix_sharing),
+        ..Default::default()
+    }
+    .resolve()?;
     let run = DpoRun::new(&model, Some(adapter), None, &settings)?;
     let pairs = make_pairs(a.pairs, a.prompt_len, a.response_len, BENCH_MODEL.vocab, 99);
     let base_mib = (params * 4) as f64 / (1024.0 * 1024.0);
@@ -219,11 +238,14 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
             base_weights_mib: base_mib,
         });
     }
+    let decode = if a.decode_tokens > 0 { Some(measure_decode(&run, &pairs[0].prompt, a.decode_tokens)?) } else { None };
+    let merge = if a.skip_merge { None } else { Some(measure_merge(&run, &dir)?) };
     if a.model_dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&results)?);
+        let out = serde_json::json!({ "train": results, "decode": decode, "merge": merge });
+        println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!("model: Llama, {params} parameters ({base_mib:.0} MiB f32), LoRA r8 all-linear; batch {} pairs, {} real tokens/step; {} threads", a.pairs, results[0].tokens_per_step, candle_core::utils::get_num_threads());
         println!("measured f32 matmul peak: {:.1} GFLOP/s", peak / 1e9);
@@ -234,6 +256,98 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
                 r.variant, r.median_step_s, r.tokens_per_s, r.model_flops_per_s / 1e9, 100.0 * r.fraction_of_peak, r.peak_rss_mib
             );
         }
+        if let Some(d) = &decode {
+            println!(
+                "decode (greedy, KV cache, adapter on): prompt {} tokens prefilled in {:.3}s; {} new tokens at {:.1} tokens/s",
+                d.prompt_tokens, d.prefill_s, d.new_tokens, d.decode_tokens_per_s
+            );
+        }
+        if let Some(m) = &merge {
+            println!(
+                "merge: {:.3}s for {:.0} MiB; copying the model files: {:.3}s ({:.2}x)",
+                m.merge_s,
+                m.bytes as f64 / (1024.0 * 1024.0),
+                m.copy_s,
+                m.merge_s / m.copy_s
+            );
+        }
     }
     Ok(())
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DecodeResult {
+    pub prompt_tokens: usize,
+    pub prefill_s: f64,
+    pub new_tokens: usize,
+    /// New tokens after the first, per second of decoding (prefill excluded).
+    pub decode_tokens_per_s: f64,
+}
+
+/// Greedy decoding with the KV cache and the adapter on, from `prompt`.
+fn measure_decode(run: &DpoRun, prompt: &[u32], n: usize) -> Result<DecodeResult> {
+    use crate::infer::generate::{generate, GenerateOptions};
+    let ctx = crate::lora::linear::Fwd { adapter: run.adapter.as_ref().map(|a| a.slot), dropout_seed: None };
+    let opts = GenerateOptions { max_new_tokens: n, stop_tokens: vec![], use_cache: true, ..Default::default() };
+    let start = Instant::now();
+    let mut first: Option<Instant> = None;
+    let g = generate(run.model, &ctx, prompt, &opts, |_| {
+        first.get_or_insert_with(Instant::now);
+        Ok(())
+    })?;
+    let end = Instant::now();
+    let first = first.unwrap_or(end);
+    let decode_s = (end - first).as_secs_f64();
+    Ok(DecodeResult {
+        prompt_tokens: prompt.len(),
+        prefill_s: (first - start).as_secs_f64(),
+        new_tokens: g.tokens.len(),
+        decode_tokens_per_s: g.tokens.len().saturating_sub(1) as f64 / decode_s.max(1e-9),
+    })
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MergeResult {
+    pub merge_s: f64,
+    /// Time to copy the model's files (config + weights) to a new folder: the floor for a merge.
+    pub copy_s: f64,
+    pub bytes: u64,
+}
+
+/// Save the bench adapter, merge it into the model with `lorafold merge`'s code path, and
+/// compare with copying the model files.
+fn measure_merge(run: &DpoRun, model_dir: &Path) -> Result<MergeResult> {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        merge: crate::merge::MergeArgs,
+    }
+    let adapter = run.adapter.as_ref().ok_or_else(|| Error::Msg("bench needs an adapter".into()))?;
+    let work = std::env::temp_dir().join(format!("lorafold-bench-merge-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let (ad_dir, merged, copied) = (work.join("adapter"), work.join("merged"), work.join("copied"));
+    adapter.save(&ad_dir, Some(&model_dir.display().to_string()))?;
+    let cmd = Cmd::try_parse_from([
+        "merge".as_ref(),
+        "--model".as_ref(),
+        model_dir.as_os_str(),
+        "--adapters".as_ref(),
+        ad_dir.as_os_str(),
+        "--output".as_ref(),
+        merged.as_os_str(),
+    ])
+    .map_err(|e| Error::Msg(e.to_string()))?;
+    let plan = crate::merge::MergePlan::from_args(&cmd.merge)?;
+    let t = Instant::now();
+    let summary = crate::merge::execute(&plan, false)?;
+    let merge_s = t.elapsed().as_secs_f64();
+    std::fs::create_dir_all(&copied).map_err(|e| Error::io(&copied, e))?;
+    let t = Instant::now();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(model_dir.join(f), copied.join(f)).map_err(|e| Error::io(&copied.join(f), e))?;
+    }
+    let copy_s = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(MergeResult { merge_s, copy_s, bytes: summary.bytes })
 }

@@ -47,7 +47,7 @@ pub(crate) fn strided_offsets(l: &Layout) -> Vec<usize> {
     out
 }
 
-fn to_cpu_tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
+pub(crate) fn to_cpu_tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
     fn gather<T: Copy>(v: &[T], l: &Layout) -> Vec<T> {
         match l.contiguous_offsets() {
             Some((a, b)) => v[a..b].to_vec(),
@@ -65,7 +65,7 @@ fn to_cpu_tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
     }
 }
 
-fn into_cpu_storage(t: Tensor) -> Result<(CpuStorage, Shape)> {
+pub(crate) fn into_cpu_storage(t: Tensor) -> Result<(CpuStorage, Shape)> {
     let t = t.contiguous()?;
     let shape = t.shape().clone();
     let (st, l) = t.storage_and_layout();

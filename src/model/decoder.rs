@@ -46,6 +46,14 @@ impl Block {
         [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
     }
 
+    /// Whether the adapter `ctx` selects has trainable tensors in this block.
+    fn has_trainable(&self, ctx: &Fwd) -> bool {
+        let Some(slot) = ctx.adapter else { return false };
+        self.linears()
+            .iter()
+            .any(|l| l.adapter(slot).is_some_and(|a| a.a.is_variable() || a.b.is_variable()))
+    }
+
     fn linears_mut(&mut self) -> [&mut LoraLinear; 7] {
         let (a, m) = (&mut self.attn, &mut self.mlp);
         [
@@ -68,6 +76,9 @@ pub struct Model {
     norm: Tensor,
     lm_head: Tensor,
     rope: Rope,
+    geo: Geometry,
+    /// Set when gradient checkpointing is on (CPU): recompute each block in the backward pass.
+    checkpointing: Option<std::sync::Arc<GradSink>>,
     dtype: DType,
     device: Device,
 }
@@ -157,6 +168,13 @@ impl Model {
             ws.load("lm_head.weight", &[cfg.vocab_size, h], dt, dev)?
         };
         let rope = Rope::new(&cfg);
+        let geo = Geometry {
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            eps: cfg.rms_norm_eps,
+            dtype: dt,
+        };
         Ok(Model {
             cfg,
             embed,
@@ -164,6 +182,8 @@ impl Model {
             norm,
             lm_head,
             rope,
+            geo,
+            checkpointing: None,
             dtype: dt,
             device: dev.clone(),
         })
@@ -171,6 +191,33 @@ impl Model {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Turn gradient checkpointing on or off: with it on, a training forward keeps only each
+    /// block's input and the backward pass recomputes the block (CPU; other devices ignore it).
+    /// Gradients must then be taken with [`Model::backward`].
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on.then(|| std::sync::Arc::new(GradSink::default()));
+    }
+
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.checkpointing.is_some()
+    }
+
+    /// `loss.backward()`, plus the LoRA gradients computed inside checkpointed blocks.
+    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        let mut grads = loss.backward()?;
+        if let Some(sink) = &self.checkpointing {
+            let mut pending = sink.0.lock().map_err(|_| Error::Msg("gradient sink poisoned".into()))?;
+            for (t, g) in pending.drain(..) {
+                let sum = match grads.remove(&t) {
+                    Some(prev) => (prev + g)?,
+                    None => g,
+                };
+                grads.insert(&t, sum);
+            }
+        }
+        Ok(grads)
     }
 
     pub fn device(&self) -> &Device {
@@ -292,87 +339,26 @@ impl Model {
                     m
                 }
             };
-            x = self.block_forward(block, &x, cos, sin, &mask, ctx)?;
+            x = match &self.checkpointing {
+                Some(sink) if x.device().is_cpu() && block.has_trainable(ctx) => {
+                    if !x.track_op() {
+                        // The op only runs backward when its input is tracked.
+                        x = candle_core::Var::from_tensor(&x)?.as_tensor().clone();
+                    }
+                    x.apply_op1(CheckpointedBlock {
+                        geo: self.geo,
+                        block: block.clone(),
+                        cos: cos.clone(),
+                        sin: sin.clone(),
+                        mask: mask.clone(),
+                        ctx: *ctx,
+                        sink: sink.clone(),
+                    })?
+                }
+                _ => self.geo.block_forward(block, &x, cos, sin, &mask, ctx)?,
+            };
         }
         Ok(rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn block_forward(
-        &self,
-        block: &Block,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        ctx: &Fwd,
-    ) -> Result<Tensor> {
-        let eps = self.cfg.rms_norm_eps;
-        let h = rms_norm(x, &block.input_norm, eps)?;
-        let a = self.attention(&block.attn, &h, cos, sin, mask, ctx)?;
-        self.mlp_residual(block, &(x + a)?, ctx)
-    }
-
-    /// The second half of a block: x + down(silu(gate(h)) · up(h)), h = post-attention norm of x.
-    fn mlp_residual(&self, block: &Block, x: &Tensor, ctx: &Fwd) -> Result<Tensor> {
-        let h = rms_norm(x, &block.post_norm, self.cfg.rms_norm_eps)?;
-        let m = &block.mlp;
-        let g = m.gate.forward(&h, ctx)?;
-        let u = m.up.forward(&h, ctx)?;
-        let d = m.down.forward(&silu_mul(&g, &u)?, ctx)?;
-        Ok((x + d)?)
-    }
-
-    /// Project x [B, T, H] to per-head q [B, nh, T, hd] and k, v [B, nkv, T, hd], with the q/k
-    /// norms (Qwen3) and RoPE applied; v is contiguous.
-    fn qkv(
-        &self,
-        attn: &Attention,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        ctx: &Fwd,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let eps = self.cfg.rms_norm_eps;
-        let heads = |y: Tensor, n: usize, norm: &Option<Tensor>| -> Result<Tensor> {
-            let mut y = y.reshape((b, t, n, hd))?;
-            if let Some(w) = norm {
-                y = rms_norm(&y, w, eps)?;
-            }
-            Ok(y.transpose(1, 2)?)
-        };
-        let q = heads(attn.q.forward(x, ctx)?, nh, &attn.q_norm)?;
-        let k = heads(attn.k.forward(x, ctx)?, nkv, &attn.k_norm)?;
-        let v = heads(attn.v.forward(x, ctx)?, nkv, &None)?.contiguous()?;
-        Ok((apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?, v))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        attn: &Attention,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        ctx: &Fwd,
-    ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let (q, k, v) = self.qkv(attn, x, cos, sin, ctx)?;
-        // Grouped-query attention without repeating K/V: fold the query heads that share a K/V
-        // head into the sequence axis, [B, nkv, rep*T, hd].
-        let rep = nh / nkv;
-        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, rep * t, hd))?;
-        let scores = q.matmul(&k.t()?.contiguous()?)?.reshape((b, nh, t, t))?;
-        let scores = add_frozen(&scores.to_dtype(DType::F32)?, mask)?;
-        let probs = softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
-        let probs = probs.reshape((b, nkv, rep * t, t))?;
-        let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
-        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        Ok(attn.o.forward(&out, ctx)?)
     }
 
     /// Logits for every position: hidden [B, T, H] -> [B, T, V] (model dtype).
@@ -463,7 +449,7 @@ impl Model {
             let h = rms_norm(&x, &block.input_norm, eps)?;
             let a =
                 self.attention_cached(&block.attn, &h, &cos, &sin, mask.as_ref(), cache, l, ctx)?;
-            x = self.mlp_residual(block, &(x + a)?, ctx)?;
+            x = self.geo.mlp_residual(block, &(x + a)?, ctx)?;
         }
         cache.advance(t);
         let last = x.narrow(1, t - 1, 1)?;
@@ -487,7 +473,7 @@ impl Model {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let (q, k, v) = self.qkv(attn, x, cos, sin, ctx)?;
+        let (q, k, v) = self.geo.qkv(attn, x, cos, sin, ctx)?;
         let (k, v) = cache.append(layer, &k, &v)?;
         let len = k.dim(2)?;
         // GQA folding as in `attention`: [B, nkv, rep*T, hd] against [B, nkv, len, hd].
@@ -555,6 +541,151 @@ fn padding_mask(mask: &Tensor) -> Result<Tensor> {
     let m = mask.to_dtype(DType::F32)?;
     let add = ((m - 1.0)? * (-(MASK_VALUE as f64)))?;
     Ok(add.reshape((b, 1, 1, t))?)
+}
+
+/// The per-layer sizes a decoder block needs, apart from its weights.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f64,
+    dtype: DType,
+}
+
+impl Geometry {
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        ctx: &Fwd,
+    ) -> Result<Tensor> {
+        let eps = self.eps;
+        let h = rms_norm(x, &block.input_norm, eps)?;
+        let a = self.attention(&block.attn, &h, cos, sin, mask, ctx)?;
+        self.mlp_residual(block, &(x + a)?, ctx)
+    }
+
+    /// The second half of a block: x + down(silu(gate(h)) · up(h)), h = post-attention norm of x.
+    fn mlp_residual(&self, block: &Block, x: &Tensor, ctx: &Fwd) -> Result<Tensor> {
+        let h = rms_norm(x, &block.post_norm, self.eps)?;
+        let m = &block.mlp;
+        let g = m.gate.forward(&h, ctx)?;
+        let u = m.up.forward(&h, ctx)?;
+        let d = m.down.forward(&silu_mul(&g, &u)?, ctx)?;
+        Ok((x + d)?)
+    }
+
+    /// Project x [B, T, H] to per-head q [B, nh, T, hd] and k, v [B, nkv, T, hd], with the q/k
+    /// norms (Qwen3) and RoPE applied; v is contiguous.
+    fn qkv(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        ctx: &Fwd,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let eps = self.eps;
+        let heads = |y: Tensor, n: usize, norm: &Option<Tensor>| -> Result<Tensor> {
+            let mut y = y.reshape((b, t, n, hd))?;
+            if let Some(w) = norm {
+                y = rms_norm(&y, w, eps)?;
+            }
+            Ok(y.transpose(1, 2)?)
+        };
+        let q = heads(attn.q.forward(x, ctx)?, nh, &attn.q_norm)?;
+        let k = heads(attn.k.forward(x, ctx)?, nkv, &attn.k_norm)?;
+        let v = heads(attn.v.forward(x, ctx)?, nkv, &None)?.contiguous()?;
+        Ok((apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?, v))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        ctx: &Fwd,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let (q, k, v) = self.qkv(attn, x, cos, sin, ctx)?;
+        // Grouped-query attention without repeating K/V: fold the query heads that share a K/V
+        // head into the sequence axis, [B, nkv, rep*T, hd].
+        let rep = nh / nkv;
+        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, rep * t, hd))?;
+        let scores = q.matmul(&k.t()?.contiguous()?)?.reshape((b, nh, t, t))?;
+        let scores = add_frozen(&scores.to_dtype(DType::F32)?, mask)?;
+        let probs = softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        let probs = probs.reshape((b, nkv, rep * t, t))?;
+        let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
+        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        Ok(attn.o.forward(&out, ctx)?)
+    }
+
+}
+
+/// Gradient checkpointing: a decoder block as one custom op that keeps only its input. Its
+/// backward runs the block again on that input, with the same dropout masks, and
+/// backpropagates through the recomputed graph. The block's LoRA gradients cannot leave
+/// through the op's single input, so they go to `sink`, which [`Model::backward`] empties into
+/// the gradient store.
+struct CheckpointedBlock {
+    geo: Geometry,
+    block: Block,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+    ctx: Fwd,
+    sink: std::sync::Arc<GradSink>,
+}
+
+/// LoRA gradients produced inside checkpointed blocks during a backward pass.
+#[derive(Default)]
+pub struct GradSink(std::sync::Mutex<Vec<(Tensor, Tensor)>>);
+
+impl candle_core::CustomOp1 for CheckpointedBlock {
+    fn name(&self) -> &'static str {
+        "checkpointed-decoder-block"
+    }
+
+    fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = super::constop::to_cpu_tensor(s, l)?;
+        let y = self
+            .geo
+            .block_forward(&self.block, &x, &self.cos, &self.sin, &self.mask, &self.ctx)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        super::constop::into_cpu_storage(y.detach())
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let x = candle_core::Var::from_tensor(&arg.detach())?;
+        let y = self
+            .geo
+            .block_forward(&self.block, x.as_tensor(), &self.cos, &self.sin, &self.mask, &self.ctx)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let grads = (y * grad.detach())?.sum_all()?.backward()?;
+        let mut sink = self.sink.0.lock().map_err(|_| candle_core::Error::Msg("gradient sink poisoned".into()))?;
+        for lin in self.block.linears() {
+            for ad in lin.adapters.iter().flatten() {
+                for t in [&ad.a, &ad.b] {
+                    if let Some(g) = grads.get(t) {
+                        sink.push((t.clone(), g.clone()));
+                    }
+                }
+            }
+        }
+        Ok(grads.get(x.as_tensor()).cloned())
+    }
 }
 
 /// Layout of packed rows for [`Model::forward_hidden_packed`], flat over [B, T].

@@ -154,6 +154,7 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
     crate::lora::io::write_atomic(&out_dir.join("recipe.yaml"), recipe_yaml.as_bytes())?;
 
     let mut model = load_model(&files, &s.dtype)?;
+    model.set_gradient_checkpointing(s.gradient_checkpointing);
     let data = prepare_data(&files, s)?;
     if !quiet {
         for line in &data.report {

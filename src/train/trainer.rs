@@ -31,13 +31,20 @@ pub struct DpoRun<'m> {
     pub loss: DpoLoss,
     pub needs_reference: bool,
     pub pad_id: u32,
+    /// Pack prompt + chosen + rejected in one row so the prompt is computed once.
+    pub share_prompt: bool,
 }
 
 /// Reference log-probs of each pair: [chosen, rejected].
 pub type RefLogps = Vec<[f32; 2]>;
 
 impl<'m> DpoRun<'m> {
-    pub fn new(model: &'m Model, adapter: Option<Adapter>, ref_slot: Option<usize>, s: &Settings) -> Result<Self> {
+    pub fn new(
+        model: &'m Model,
+        adapter: Option<Adapter>,
+        ref_slot: Option<usize>,
+        s: &Settings,
+    ) -> Result<Self> {
         let params = LossParams {
             label_smoothing: s.label_smoothing,
             simpo_gamma: s.simpo_gamma,
@@ -53,10 +60,22 @@ impl<'m> DpoRun<'m> {
         Ok(DpoRun {
             model,
             adapter,
-            reference: Fwd { adapter: ref_slot, dropout_seed: None },
-            loss: DpoLoss { terms, beta: s.beta, rpo_alpha: s.rpo_alpha },
+            reference: Fwd {
+                adapter: ref_slot,
+                dropout_seed: None,
+            },
+            loss: DpoLoss {
+                terms,
+                beta: s.beta,
+                rpo_alpha: s.rpo_alpha,
+            },
             needs_reference,
-            pad_id: model.cfg.pad_token_id.filter(|&p| (p as usize) < model.cfg.vocab_size).unwrap_or(0),
+            pad_id: model
+                .cfg
+                .pad_token_id
+                .filter(|&p| (p as usize) < model.cfg.vocab_size)
+                .unwrap_or(0),
+            share_prompt: s.prefix_sharing,
         })
     }
 
@@ -65,8 +84,11 @@ impl<'m> DpoRun<'m> {
         let mut out = Vec::with_capacity(pairs.len());
         for chunk in pairs.chunks(batch_size.max(1)) {
             let refs: Vec<&PairIds> = chunk.iter().collect();
-            let batch = Batch::new(&refs, self.pad_id, self.model.device())?;
-            let lp = sequence_logps(self.model, &batch, &self.reference)?.logps.detach().to_vec1::<f32>()?;
+            let batch = Batch::build(&refs, self.pad_id, self.model.device(), self.share_prompt)?;
+            let lp = sequence_logps(self.model, &batch, &self.reference)?
+                .logps
+                .detach()
+                .to_vec1::<f32>()?;
             let b = chunk.len();
             out.extend((0..b).map(|i| [lp[i], lp[b + i]]));
         }
@@ -84,8 +106,11 @@ impl<'m> DpoRun<'m> {
     ) -> Result<MicroOut> {
         let dev = self.model.device();
         let b = pairs.len();
-        let batch = Batch::new(pairs, self.pad_id, dev)?;
-        let ctx = Fwd { adapter: self.adapter.as_ref().map(|a| a.slot), dropout_seed };
+        let batch = Batch::build(pairs, self.pad_id, dev, self.share_prompt)?;
+        let ctx = Fwd {
+            adapter: self.adapter.as_ref().map(|a| a.slot),
+            dropout_seed,
+        };
         let pol = sequence_logps(self.model, &batch, &ctx)?;
         let (chosen, rejected) = (pol.chosen(b)?, pol.rejected(b)?);
         let (ref_c, ref_r) = if !self.needs_reference {
@@ -93,9 +118,14 @@ impl<'m> DpoRun<'m> {
         } else if let Some(r) = refs {
             let c: Vec<f32> = r.iter().map(|x| x[0]).collect();
             let j: Vec<f32> = r.iter().map(|x| x[1]).collect();
-            (Some(Tensor::from_vec(c, b, dev)?), Some(Tensor::from_vec(j, b, dev)?))
+            (
+                Some(Tensor::from_vec(c, b, dev)?),
+                Some(Tensor::from_vec(j, b, dev)?),
+            )
         } else {
-            let lp = sequence_logps(self.model, &batch, &self.reference)?.logps.detach();
+            let lp = sequence_logps(self.model, &batch, &self.reference)?
+                .logps
+                .detach();
             (Some(lp.narrow(0, 0, b)?), Some(lp.narrow(0, b, b)?))
         };
         let lens_c = batch.lengths.narrow(0, 0, b)?;
@@ -114,19 +144,45 @@ impl<'m> DpoRun<'m> {
         let cr = out.chosen_rewards.to_vec1::<f32>()?;
         let rr = out.rejected_rewards.to_vec1::<f32>()?;
         let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
-        let acc = cr.iter().zip(&rr).map(|(c, r)| if c > r { 1.0 } else { 0.0 }).collect::<Vec<f32>>();
+        let acc = cr
+            .iter()
+            .zip(&rr)
+            .map(|(c, r)| if c > r { 1.0 } else { 0.0 })
+            .collect::<Vec<f32>>();
         let margins = cr.iter().zip(&rr).map(|(c, r)| c - r).collect::<Vec<f32>>();
         let mut rec = Record::new();
-        rec.insert("loss".into(), out.loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64);
+        rec.insert(
+            "loss".into(),
+            out.loss
+                .to_dtype(candle_core::DType::F32)?
+                .to_scalar::<f32>()? as f64,
+        );
         rec.insert("rewards/chosen".into(), mean(&cr));
         rec.insert("rewards/rejected".into(), mean(&rr));
         rec.insert("rewards/accuracies".into(), mean(&acc));
         rec.insert("rewards/margins".into(), mean(&margins));
-        rec.insert("logps/chosen".into(), mean(&chosen.detach().to_vec1::<f32>()?));
-        rec.insert("logps/rejected".into(), mean(&rejected.detach().to_vec1::<f32>()?));
-        rec.insert("logits/chosen".into(), pol.logits_sum[0] / pol.logits_count[0].max(1.0));
-        rec.insert("logits/rejected".into(), pol.logits_sum[1] / pol.logits_count[1].max(1.0));
-        let vec = |t: Option<&Tensor>| -> Result<Option<Vec<f32>>> { Ok(match t { Some(t) => Some(t.to_vec1::<f32>()?), None => None }) };
+        rec.insert(
+            "logps/chosen".into(),
+            mean(&chosen.detach().to_vec1::<f32>()?),
+        );
+        rec.insert(
+            "logps/rejected".into(),
+            mean(&rejected.detach().to_vec1::<f32>()?),
+        );
+        rec.insert(
+            "logits/chosen".into(),
+            pol.logits_sum[0] / pol.logits_count[0].max(1.0),
+        );
+        rec.insert(
+            "logits/rejected".into(),
+            pol.logits_sum[1] / pol.logits_count[1].max(1.0),
+        );
+        let vec = |t: Option<&Tensor>| -> Result<Option<Vec<f32>>> {
+            Ok(match t {
+                Some(t) => Some(t.to_vec1::<f32>()?),
+                None => None,
+            })
+        };
         Ok(MicroOut {
             chosen_logps: chosen.detach().to_vec1::<f32>()?,
             rejected_logps: rejected.detach().to_vec1::<f32>()?,
@@ -141,7 +197,13 @@ impl<'m> DpoRun<'m> {
     }
 
     /// Mean metrics over `pairs` (no dropout, no gradient), keys prefixed `eval_`.
-    pub fn evaluate(&self, pairs: &[PairIds], refs: Option<&RefLogps>, batch_size: usize, state: &LossState) -> Result<Record> {
+    pub fn evaluate(
+        &self,
+        pairs: &[PairIds],
+        refs: Option<&RefLogps>,
+        batch_size: usize,
+        state: &LossState,
+    ) -> Result<Record> {
         self.evaluate_pairs(pairs, refs, batch_size, state, |_| {})
     }
 
@@ -167,7 +229,10 @@ impl<'m> DpoRun<'m> {
             }
             n += chunk.len();
         }
-        Ok(sums.into_iter().map(|(k, v)| (k, v / n.max(1) as f64)).collect())
+        Ok(sums
+            .into_iter()
+            .map(|(k, v)| (k, v / n.max(1) as f64))
+            .collect())
     }
 }
 
@@ -192,6 +257,8 @@ pub struct LoopConfig {
     pub accumulation: usize,
     pub total_steps: usize,
     pub shuffle: bool,
+    /// Group pairs of similar length into the same batches.
+    pub group_by_length: bool,
     pub seed: u64,
     pub schedule: Schedule,
     pub adamw: AdamWConfig,
@@ -215,7 +282,10 @@ impl LoopConfig {
         let micro_per_epoch = num_train_pairs.div_ceil(s.batch_size).max(1);
         let total_steps = match s.max_steps {
             Some(n) => n,
-            None => ((s.num_train_epochs * micro_per_epoch as f64) / s.gradient_accumulation_steps as f64).ceil().max(1.0) as usize,
+            None => ((s.num_train_epochs * micro_per_epoch as f64)
+                / s.gradient_accumulation_steps as f64)
+                .ceil()
+                .max(1.0) as usize,
         };
         let kind: SchedulerKind = s.lr_scheduler_type.parse().map_err(Error::Msg)?;
         Ok(LoopConfig {
@@ -224,6 +294,7 @@ impl LoopConfig {
             accumulation: s.gradient_accumulation_steps,
             total_steps,
             shuffle: s.shuffle,
+            group_by_length: s.group_by_length,
             seed: s.seed,
             schedule: Schedule {
                 kind,
@@ -231,7 +302,12 @@ impl LoopConfig {
                 warmup_steps: Schedule::warmup_from(s.warmup_steps, s.warmup_ratio, total_steps),
                 total_steps,
             },
-            adamw: AdamWConfig { beta1: s.adam_beta1, beta2: s.adam_beta2, eps: s.adam_epsilon, weight_decay: s.weight_decay },
+            adamw: AdamWConfig {
+                beta1: s.adam_beta1,
+                beta2: s.adam_beta2,
+                eps: s.adam_epsilon,
+                weight_decay: s.weight_decay,
+            },
             max_grad_norm: s.max_grad_norm,
             logging_steps: s.logging_steps,
             eval_steps: s.eval_steps,
@@ -251,6 +327,27 @@ pub fn epoch_order(n: usize, epoch: usize, seed: u64, shuffle: bool) -> Vec<usiz
     let mut order: Vec<usize> = (0..n).collect();
     if shuffle {
         Rng::stream(seed, 0x5eed_0000 + epoch as u64).shuffle(&mut order);
+    }
+    order
+}
+
+/// Pairs per length-sorted group, in batches: large enough that most batches hold pairs of
+/// close length, small enough that the order stays random (transformers uses the same 50).
+const LENGTH_GROUP_BATCHES: usize = 50;
+
+/// Length-grouped order: the epoch order of [`epoch_order`] cut into groups of
+/// `LENGTH_GROUP_BATCHES` batches, each sorted longest first, so a batch holds pairs of similar
+/// length and pads little.
+pub fn length_grouped_order(
+    lengths: &[usize],
+    epoch: usize,
+    seed: u64,
+    shuffle: bool,
+    batch_size: usize,
+) -> Vec<usize> {
+    let mut order = epoch_order(lengths.len(), epoch, seed, shuffle);
+    for group in order.chunks_mut(LENGTH_GROUP_BATCHES * batch_size.max(1)) {
+        group.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
     }
     order
 }
@@ -304,7 +401,14 @@ struct RefCache {
     eval: RefLogps,
 }
 
-fn cached_reference(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig, path: &Path, key: &str) -> Result<(RefLogps, RefLogps)> {
+fn cached_reference(
+    run: &DpoRun,
+    train: &[PairIds],
+    eval: &[PairIds],
+    cfg: &LoopConfig,
+    path: &Path,
+    key: &str,
+) -> Result<(RefLogps, RefLogps)> {
     if let Ok(c) = crate::error::read_json::<RefCache>(path) {
         if c.key == key && c.train.len() == train.len() && c.eval.len() == eval.len() {
             return Ok((c.train, c.eval));
@@ -313,21 +417,42 @@ fn cached_reference(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &Loo
     let t0 = Instant::now();
     let tr = run.reference_logps(train, cfg.eval_batch_size)?;
     let ev = run.reference_logps(eval, cfg.eval_batch_size)?;
-    let json = serde_json::to_vec(&RefCache { key: key.into(), train: tr.clone(), eval: ev.clone() }).map_err(|e| Error::Msg(e.to_string()))?;
+    let json = serde_json::to_vec(&RefCache {
+        key: key.into(),
+        train: tr.clone(),
+        eval: ev.clone(),
+    })
+    .map_err(|e| Error::Msg(e.to_string()))?;
     crate::lora::io::write_atomic(path, &json)?;
     if !cfg.quiet {
-        eprintln!("reference log-probs of {} pairs computed in {:.1}s, cached in {}", train.len() + eval.len(), t0.elapsed().as_secs_f64(), path.display());
+        eprintln!(
+            "reference log-probs of {} pairs computed in {:.1}s, cached in {}",
+            train.len() + eval.len(),
+            t0.elapsed().as_secs_f64(),
+            path.display()
+        );
     }
     Ok((tr, ev))
 }
 
 /// Train the adapter of `run` on `train`, evaluating on `eval`.
-pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig, out: &RunOutput) -> Result<Outcome> {
+pub fn train(
+    run: &DpoRun,
+    train: &[PairIds],
+    eval: &[PairIds],
+    cfg: &LoopConfig,
+    out: &RunOutput,
+) -> Result<Outcome> {
     if train.is_empty() {
-        return Err(Error::Msg("no training pairs left after preprocessing".into()));
+        return Err(Error::Msg(
+            "no training pairs left after preprocessing".into(),
+        ));
     }
     std::fs::create_dir_all(out.dir).map_err(|e| Error::io(out.dir, e))?;
-    let adapter = run.adapter.as_ref().ok_or_else(|| Error::Msg("training needs an adapter".into()))?;
+    let adapter = run
+        .adapter
+        .as_ref()
+        .ok_or_else(|| Error::Msg("training needs an adapter".into()))?;
     let params: Vec<(String, Var)> = adapter
         .params
         .iter()
@@ -351,16 +476,25 @@ pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig
             )));
         }
         for (key, var) in &params {
-            let t = ck.adapter.get(key).ok_or_else(|| Error::MissingTensor { path: dir.clone(), name: key.clone() })?;
+            let t = ck.adapter.get(key).ok_or_else(|| Error::MissingTensor {
+                path: dir.clone(),
+                name: key.clone(),
+            })?;
             if t.dims() != var.as_tensor().dims() {
-                return Err(Error::ShapeMismatch { path: dir.clone(), name: key.clone(), expected: var.as_tensor().dims().to_vec(), got: t.dims().to_vec() });
+                return Err(Error::ShapeMismatch {
+                    path: dir.clone(),
+                    name: key.clone(),
+                    expected: var.as_tensor().dims().to_vec(),
+                    got: t.dims().to_vec(),
+                });
             }
             var.set(&t.to_device(var.device())?)?;
         }
         opt.load_state(&ck.optimizer, ck.state.optimizer_t, dir)?;
         step = ck.state.step;
         consumed = ck.state.consumed_micro_batches;
-        loss_state = serde_json::from_value(ck.state.loss_state.clone()).map_err(|e| Error::Msg(format!("{}: loss state: {e}", dir.display())))?;
+        loss_state = serde_json::from_value(ck.state.loss_state.clone())
+            .map_err(|e| Error::Msg(format!("{}: loss state: {e}", dir.display())))?;
         history = ck.state.log_history.clone();
         checkpoint::truncate_metrics(&out.dir.join("metrics.jsonl"), step)?;
         if !cfg.quiet {
@@ -369,16 +503,31 @@ pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig
     }
 
     let refs = if cfg.precompute_ref && run.needs_reference {
-        let key = format!("{}-{}-{:?}", data_fp, fingerprint(eval), run.reference.adapter);
-        Some(cached_reference(run, train, eval, cfg, &out.dir.join("ref_logps.json"), &key)?)
+        let key = format!(
+            "{}-{}-{:?}",
+            data_fp,
+            fingerprint(eval),
+            run.reference.adapter
+        );
+        Some(cached_reference(
+            run,
+            train,
+            eval,
+            cfg,
+            &out.dir.join("ref_logps.json"),
+            &key,
+        )?)
     } else {
         None
     };
 
     let n = train.len();
     let micro_per_epoch = n.div_ceil(cfg.batch_size);
-    let mut metrics_file = MetricsFile::open(&out.dir.join("metrics.jsonl"), out.resume_from.is_none())?;
-    let last = cfg.stop_after.map_or(cfg.total_steps, |s| s.min(cfg.total_steps));
+    let mut metrics_file =
+        MetricsFile::open(&out.dir.join("metrics.jsonl"), out.resume_from.is_none())?;
+    let last = cfg
+        .stop_after
+        .map_or(cfg.total_steps, |s| s.min(cfg.total_steps));
     let pb = progress_bar(cfg, step);
     let mut window: Vec<Record> = Vec::new();
     let mut steps_out = Vec::new();
@@ -397,21 +546,33 @@ pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig
         for _ in 0..cfg.accumulation {
             let (epoch, k) = (consumed / micro_per_epoch, consumed % micro_per_epoch);
             if epoch != order_epoch {
-                order = epoch_order(n, epoch, cfg.seed, cfg.shuffle);
+                order = if cfg.group_by_length {
+                    let lengths: Vec<usize> = train.iter().map(|p| p.num_tokens()).collect();
+                    length_grouped_order(&lengths, epoch, cfg.seed, cfg.shuffle, cfg.batch_size)
+                } else {
+                    epoch_order(n, epoch, cfg.seed, cfg.shuffle)
+                };
                 order_epoch = epoch;
             }
             let idx = &order[k * cfg.batch_size..((k + 1) * cfg.batch_size).min(n)];
             let pairs: Vec<&PairIds> = idx.iter().map(|&i| &train[i]).collect();
-            let r: Option<Vec<[f32; 2]>> = refs.as_ref().map(|(tr, _)| idx.iter().map(|&i| tr[i]).collect());
+            let r: Option<Vec<[f32; 2]>> = refs
+                .as_ref()
+                .map(|(tr, _)| idx.iter().map(|&i| tr[i]).collect());
             let seed = Rng::stream(cfg.seed, consumed as u64 + 1).next_u64();
-            let MicroOut { loss, record: rec, tokens, .. } = run.micro_batch(&pairs, r.as_deref(), Some(seed), &mut loss_state)?;
+            let MicroOut {
+                loss,
+                record: rec,
+                tokens,
+                ..
+            } = run.micro_batch(&pairs, r.as_deref(), Some(seed), &mut loss_state)?;
             let lv = rec.get("loss").copied().unwrap_or(f64::NAN);
             if !lv.is_finite() {
                 bad_step = true;
                 consumed += 1;
                 continue;
             }
-            let g = (loss / cfg.accumulation as f64)?.backward()?;
+            let g = run.model.backward(&(loss / cfg.accumulation as f64)?)?;
             for (key, var) in &params {
                 if let Some(gv) = g.get(var.as_tensor()) {
                     let acc = match grads.remove(key) {
@@ -425,14 +586,22 @@ pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig
             window_tokens += tokens;
             consumed += 1;
         }
-        let norm = if bad_step { f64::NAN } else { clip_grad_norm(&mut grads, cfg.max_grad_norm)? };
+        let norm = if bad_step {
+            f64::NAN
+        } else {
+            clip_grad_norm(&mut grads, cfg.max_grad_norm)?
+        };
         if !norm.is_finite() {
             // Skip the update, keep the data position moving, stop after too many in a row.
             skipped += 1;
             nonfinite_run += 1;
             say(&pb, cfg.quiet, &format!("step {}: non-finite loss or gradient, update skipped ({nonfinite_run} in a row)", step + 1));
             if nonfinite_run >= cfg.max_nonfinite_steps.max(1) {
-                return Err(non_finite(step + 1, nonfinite_run, last_checkpoint.as_ref()));
+                return Err(non_finite(
+                    step + 1,
+                    nonfinite_run,
+                    last_checkpoint.as_ref(),
+                ));
             }
             step += 1;
             continue;
@@ -453,30 +622,71 @@ pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig
         if step % cfg.logging_steps == 0 || step == last {
             let mut w = metrics::mean(&window);
             let secs = window_start.elapsed().as_secs_f64();
-            w.insert("tokens_per_second".into(), window_tokens as f64 / secs.max(1e-9));
+            w.insert(
+                "tokens_per_second".into(),
+                window_tokens as f64 / secs.max(1e-9),
+            );
             if let Some(m) = metrics::peak_rss_mib() {
                 w.insert("peak_rss_mib".into(), m);
             }
             metrics_file.write(step, &w)?;
-            let line = metrics::format_line(step, &w, &["loss", "rewards/accuracies", "rewards/margins", "grad_norm", "learning_rate", "tokens_per_second"]);
+            let line = metrics::format_line(
+                step,
+                &w,
+                &[
+                    "loss",
+                    "rewards/accuracies",
+                    "rewards/margins",
+                    "grad_norm",
+                    "learning_rate",
+                    "tokens_per_second",
+                ],
+            );
             say(&pb, cfg.quiet, &line);
-            pb.set_message(format!("loss {:.4}", w.get("loss").copied().unwrap_or(f64::NAN)));
+            pb.set_message(format!(
+                "loss {:.4}",
+                w.get("loss").copied().unwrap_or(f64::NAN)
+            ));
             history.push(w);
             window.clear();
             window_tokens = 0;
             window_start = Instant::now();
         }
         if !eval.is_empty() && (step % cfg.eval_steps == 0 || step == cfg.total_steps) {
-            let e = run.evaluate(eval, refs.as_ref().map(|(_, ev)| ev), cfg.eval_batch_size, &loss_state)?;
+            let e = run.evaluate(
+                eval,
+                refs.as_ref().map(|(_, ev)| ev),
+                cfg.eval_batch_size,
+                &loss_state,
+            )?;
             metrics_file.write(step, &e)?;
-            say(&pb, cfg.quiet, &metrics::format_line(step, &e, &["eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"]));
+            say(
+                &pb,
+                cfg.quiet,
+                &metrics::format_line(
+                    step,
+                    &e,
+                    &[
+                        "eval_loss",
+                        "eval_rewards/accuracies",
+                        "eval_rewards/margins",
+                    ],
+                ),
+            );
             history.push(e.clone());
             evals.push((step, e));
         }
-        let stop_now = cfg.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+        let stop_now = cfg
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
         if stop_now && step < last {
             interrupted = true;
-            say(&pb, cfg.quiet, &format!("interrupted: saving a checkpoint at step {step} and stopping"));
+            say(
+                &pb,
+                cfg.quiet,
+                &format!("interrupted: saving a checkpoint at step {step} and stopping"),
+            );
         }
         if step % cfg.save_steps == 0 || step == last || interrupted {
             let state = TrainerState {
@@ -485,11 +695,19 @@ pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig
                 total_steps: cfg.total_steps,
                 optimizer_t: opt.t,
                 seed: cfg.seed,
-                loss_state: serde_json::to_value(&loss_state).map_err(|e| Error::Msg(e.to_string()))?,
+                loss_state: serde_json::to_value(&loss_state)
+                    .map_err(|e| Error::Msg(e.to_string()))?,
                 data_fingerprint: data_fp.clone(),
                 log_history: history.clone(),
             };
-            let dir = checkpoint::save(out.dir, adapter, out.base_model, &opt, &state, out.recipe_yaml)?;
+            let dir = checkpoint::save(
+                out.dir,
+                adapter,
+                out.base_model,
+                &opt,
+                &state,
+                out.recipe_yaml,
+            )?;
             if let Some(k) = cfg.save_total_limit {
                 checkpoint::rotate(out.dir, k, &dir)?;
             }
@@ -500,7 +718,14 @@ pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig
         }
     }
     pb.finish_and_clear();
-    Ok(Outcome { steps: steps_out, evals, last_step: step, last_checkpoint, skipped_nonfinite: skipped, interrupted })
+    Ok(Outcome {
+        steps: steps_out,
+        evals,
+        last_step: step,
+        last_checkpoint,
+        skipped_nonfinite: skipped,
+        interrupted,
+    })
 }
 
 fn non_finite(step: usize, in_a_row: usize, last: Option<&PathBuf>) -> Error {
@@ -520,7 +745,9 @@ fn progress_bar(cfg: &LoopConfig, start: usize) -> indicatif::ProgressBar {
     }
     let pb = indicatif::ProgressBar::new(cfg.total_steps as u64);
     pb.set_position(start as u64);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}") {
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+    ) {
         pb.set_style(style);
     }
     pb
