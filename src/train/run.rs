@@ -97,6 +97,7 @@ pub fn tokenize_options(s: &Settings) -> TokenizeOptions {
 }
 
 pub fn prepare_data(files: &ModelFiles, s: &Settings) -> Result<Prepared> {
+    let started = std::time::Instant::now();
     let pre = Preprocessor::from_model_dir(&files.dir, s.template.as_deref())?;
     let opts = tokenize_options(s);
     let mut report = Vec::new();
@@ -118,6 +119,7 @@ pub fn prepare_data(files: &ModelFiles, s: &Settings) -> Result<Prepared> {
     if let Some(m) = s.max_eval_pairs {
         eval.truncate(m);
     }
+    report.push(format!("data read, templated and tokenised in {:.1}s", started.elapsed().as_secs_f64()));
     Ok(Prepared { train, eval, report })
 }
 
