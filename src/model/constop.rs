@@ -6,6 +6,7 @@
 //! matmul per layer and per step, wasted, plus its memory; masks, norm weights and RoPE tables
 //! get the same treatment. These ops do the same forward and return only dL/dx.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor};
 
 enum Const {
@@ -95,6 +96,33 @@ impl CustomOp1 for Const {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        // Straight on the storages: no copy of the input or the output.
+        let (c, shape) = match self {
+            Const::MatmulT(w) | Const::Add(w) | Const::Mul(w) => (w, l.shape()),
+        };
+        let (cst, cl) = c.storage_and_layout();
+        if let Storage::Cpu(cs) = &*cst {
+            if cs.dtype() == s.dtype() {
+                match self {
+                    Const::MatmulT(_) if l.dims().len() == 2 && cl.dims().len() == 2 => {
+                        let (m, k) = (l.dims()[0], l.dims()[1]);
+                        let n = cl.dims()[0];
+                        let out = s.matmul(cs, (1, m, n, k), l, &cl.transpose(0, 1)?)?;
+                        return Ok((out, Shape::from((m, n))));
+                    }
+                    Const::Add(_) => {
+                        let out = s.binary_impl::<candle_core::op::Add>(cs, l, &cl.broadcast_as(shape)?)?;
+                        return Ok((out, shape.clone()));
+                    }
+                    Const::Mul(_) => {
+                        let out = s.binary_impl::<candle_core::op::Mul>(cs, l, &cl.broadcast_as(shape)?)?;
+                        return Ok((out, shape.clone()));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        drop(cst);
         let x = to_cpu_tensor(s, l)?;
         into_cpu_storage(self.apply(&x)?)
     }

@@ -622,10 +622,16 @@ impl Geometry {
         // Grouped-query attention without repeating K/V: fold the query heads that share a K/V
         // head into the sequence axis, [B, nkv, rep*T, hd].
         let rep = nh / nkv;
-        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, rep * t, hd))?;
-        let scores = q.matmul(&k.t()?.contiguous()?)?.reshape((b, nh, t, t))?;
-        let scores = add_frozen(&scores.to_dtype(DType::F32)?, mask)?;
-        let probs = softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        // Scaled after the product, as transformers' eager attention does.
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = q.reshape((b, nkv, rep * t, hd))?.matmul(&k.t()?.contiguous()?)?.reshape((b, nh, t, t))?;
+        let probs = match super::fused::scaled_masked_softmax(&scores, mask, scale)? {
+            Some(p) => p,
+            None => {
+                let scores = (scores.to_dtype(DType::F32)? * scale)?;
+                softmax_last_dim(&add_frozen(&scores, mask)?)?.to_dtype(self.dtype)?
+            }
+        };
         let probs = probs.reshape((b, nkv, rep * t, t))?;
         let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;

@@ -373,6 +373,79 @@ pub fn token_logps(logits: &Tensor, labels: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(logits.apply_op1(TokenLogps { labels })?))
 }
 
+// ---------------------------------------------------------------------------------------------
+// Attention probabilities: y = softmax(scale · x + mask) over the last dimension, for scores
+// x [B, H, T, K] and an additive mask [B or 1, H or 1, T, K]. Backward from the output only:
+// dx = scale · y · (g − Σ g·y).
+
+struct ScaledMaskedSoftmax {
+    mask: Vec<f32>,
+    /// Mask dims: batch and head counts (1 when broadcast).
+    mask_b: usize,
+    mask_h: usize,
+    scale: f32,
+}
+
+impl CustomOp1 for ScaledMaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "fused-scaled-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_view(s, l)?;
+        let (_, h, t, k) = l.shape().dims4()?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(k).zip(x.par_chunks(k)).enumerate().for_each(|(row, (yr, xr))| {
+            let (i, hh, b) = (row % t, (row / t) % h, row / (t * h));
+            let mb = if self.mask_b == 1 { 0 } else { b };
+            let mh = if self.mask_h == 1 { 0 } else { hh };
+            let m = &self.mask[((mb * self.mask_h + mh) * t + i) * k..][..k];
+            let mut max = f32::NEG_INFINITY;
+            for ((o, &xv), &mv) in yr.iter_mut().zip(xr).zip(m) {
+                *o = xv * self.scale + mv;
+                max = max.max(*o);
+            }
+            let mut sum = 0f32;
+            for o in yr.iter_mut() {
+                *o = (*o - max).exp();
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            yr.iter_mut().for_each(|o| *o *= inv);
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let y = tensor_f32(res)?;
+        let g = tensor_f32(grad)?;
+        let k = arg.dim(candle_core::D::Minus1)?;
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(k).zip(y.par_chunks(k).zip(g.par_chunks(k))).for_each(|(dr, (yr, gr))| {
+            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for ((d, &yv), &gv) in dr.iter_mut().zip(yr).zip(gr) {
+                *d = self.scale * yv * (gv - dot);
+            }
+        });
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// softmax(scale · scores + mask) over the last dimension for scores [B, H, T, K] and a frozen
+/// additive mask [B or 1, H or 1, T, K], fused when both are f32 on the CPU.
+pub fn scaled_masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    if !fused_ok(scores) || !fused_ok(mask) || scores.rank() != 4 || mask.rank() != 4 {
+        return Ok(None);
+    }
+    let (b, h, t, k) = scores.dims4()?;
+    let (mb, mh, mt, mk) = mask.dims4()?;
+    if !(mb == 1 || mb == b) || !(mh == 1 || mh == h) || mt != t || mk != k {
+        return Ok(None);
+    }
+    let op = ScaledMaskedSoftmax { mask: tensor_f32(mask)?, mask_b: mb, mask_h: mh, scale: scale as f32 };
+    Ok(Some(scores.apply_op1(op)?))
+}
+
 #[cfg(test)]
 mod tests {
     //! Each fused op against the composed version, which runs in f64 (the fused kernels only
@@ -457,6 +530,24 @@ mod tests {
                     let xv = x[0].transpose(1, 2).unwrap();
                     ops::apply_rope(&xv, &cos.to_dtype(dt).unwrap(), &sin.to_dtype(dt).unwrap())
                         .unwrap()
+                },
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn scaled_masked_softmax_matches_composed() {
+        for mask_shape in [[1usize, 1, 5, 6], [2, 1, 5, 6], [2, 3, 5, 6]] {
+            let mask = (rand(&mask_shape, 12).ge(0.5).unwrap().to_dtype(candle_core::DType::F32).unwrap() * -1e9).unwrap();
+            check(
+                &[rand(&[2, 3, 5, 6], 11)],
+                |x| {
+                    let m = mask.to_dtype(x[0].dtype()).unwrap();
+                    match super::scaled_masked_softmax(&x[0], &m, 0.3).unwrap() {
+                        Some(y) => y,
+                        None => ops::softmax_last_dim(&(&x[0] * 0.3).unwrap().broadcast_add(&m).unwrap()).unwrap(),
+                    }
                 },
                 1e-5,
             );
