@@ -3,7 +3,9 @@
 Same model (the ~30M Llama written by `lorafold bench --model_dir DIR`), same preference batch
 (`--dump_pairs DIR/pairs.json`), same settings: LoRA r 8, alpha 16, all linear layers, fp32,
 batch 4 pairs, online reference (the base with the adapter disabled), 2 threads. Reports the median
-seconds per step after warm-up, tokens/s (real tokens, chosen + rejected) and peak RSS.
+seconds per step after warm-up, tokens/s (real tokens, chosen + rejected) and peak RSS; then greedy
+decode tokens/s of `generate` with the trained adapter on (KV cache, prefill excluded), and the time
+of PEFT's merge_and_unload + save_pretrained against copying the model files.
 
     ./target/release/lorafold bench --model_dir /tmp/lfbench --dump_pairs /tmp/lfbench/pairs.json
     python benchmarks/trl_bench.py --model_dir /tmp/lfbench
@@ -32,6 +34,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precompute_ref_log_probs", action="store_true")
+    ap.add_argument("--gradient_checkpointing", action="store_true")
+    ap.add_argument("--decode_tokens", type=int, default=128, help="0 skips the decode measurement")
+    ap.add_argument("--skip_merge", action="store_true")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
@@ -70,7 +75,7 @@ def main():
     args = DPOConfig(
         output_dir="/tmp/trl-bench-out", per_device_train_batch_size=n_pairs, gradient_accumulation_steps=1,
         max_steps=total, learning_rate=1e-4, beta=0.1, loss_type="sigmoid", max_length=4096,
-        precompute_ref_log_probs=a.precompute_ref_log_probs, gradient_checkpointing=False, bf16=False, fp16=False,
+        precompute_ref_log_probs=a.precompute_ref_log_probs, gradient_checkpointing=a.gradient_checkpointing, bf16=False, fp16=False,
         use_cpu=True, logging_steps=1000, save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=True, train_sampling_strategy="sequential", dataloader_num_workers=0, seed=0,
     )
@@ -88,11 +93,48 @@ def main():
         "peak_rss_mib": rss_mib, "threads": a.threads,
         "versions": {"torch": torch.__version__, "trl": __import__("trl").__version__, "peft": __import__("peft").__version__},
     }
+    peft_model = trainer.model
+    peft_model.eval()
+    if a.decode_tokens > 0:
+        prompt = torch.tensor([pairs[0]["prompt"]])
+        gen = dict(do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+        with torch.no_grad():
+            peft_model.generate(input_ids=prompt, max_new_tokens=4, min_new_tokens=4, **gen)  # warm-up
+            t0 = time.perf_counter()
+            peft_model.generate(input_ids=prompt, max_new_tokens=1, min_new_tokens=1, **gen)
+            prefill = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out_ids = peft_model.generate(input_ids=prompt, max_new_tokens=a.decode_tokens, min_new_tokens=a.decode_tokens, **gen)
+            total_s = time.perf_counter() - t0
+        new = out_ids.shape[1] - prompt.shape[1]
+        out["decode"] = {"prompt_tokens": prompt.shape[1], "prefill_s": prefill, "new_tokens": new,
+                         "decode_tokens_per_s": (new - 1) / max(total_s - prefill, 1e-9)}
+    if not a.skip_merge:
+        import shutil
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            merged = peft_model.merge_and_unload()
+            merged.save_pretrained(os.path.join(tmp, "merged"), safe_serialization=True)
+            merge_s = time.perf_counter() - t0
+            os.makedirs(os.path.join(tmp, "copied"))
+            t0 = time.perf_counter()
+            for f in ("config.json", "model.safetensors"):
+                shutil.copy(os.path.join(a.model_dir, f), os.path.join(tmp, "copied", f))
+            copy_s = time.perf_counter() - t0
+        out["merge"] = {"merge_s": merge_s, "copy_s": copy_s}
     if a.json:
         print(json.dumps(out, indent=2))
     else:
         print(f"{out['variant']}: {params} parameters, {tokens} real tokens/step, {a.threads} threads")
         print(f"  median {step:.3f} s/step, {tokens / step:.1f} tokens/s, peak RSS {rss_mib:.0f} MiB")
+        if "decode" in out:
+            d = out["decode"]
+            print(f"  decode (greedy, KV cache, adapter on): prompt {d['prompt_tokens']} tokens prefilled in {d['prefill_s']:.3f}s;"
+                  f" {d['new_tokens']} new tokens at {d['decode_tokens_per_s']:.1f} tokens/s")
+        if "merge" in out:
+            m = out["merge"]
+            print(f"  merge_and_unload + save_pretrained: {m['merge_s']:.3f}s; copying the model files: {m['copy_s']:.3f}s")
 
 
 if __name__ == "__main__":
