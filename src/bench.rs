@@ -58,6 +58,9 @@ pub struct BenchArgs {
     /// Tokens to generate for the decode measurement (0 skips it).
     #[arg(long, default_value_t = 128)]
     pub decode_tokens: usize,
+    /// Base weight dtype: f32, bf16 or f16 (LoRA stays f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// Skip the merge measurement.
     #[arg(long)]
     pub skip_merge: bool,
@@ -198,7 +201,8 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         make_model(&dir, &BENCH_MODEL, 1234)?;
     }
     let peak = matmul_peak()?;
-    let mut model = Model::load_dir(&dir, &LoadOptions::default())?;
+    let dtype = crate::train::run::parse_dtype(&a.dtype, None, &Device::Cpu)?;
+    let mut model = Model::load_dir(&dir, &LoadOptions { dtype, device: Device::Cpu })?;
     model.set_gradient_checkpointing(a.gradient_checkpointing);
     let params = model.cfg.num_params();
     let lcfg = LoraConfig::new(8, 16.0, 0.0, TargetModules::all_linear());
@@ -212,7 +216,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     .resolve()?;
     let run = DpoRun::new(&model, Some(adapter), None, &settings)?;
     let pairs = make_pairs(a.pairs, a.prompt_len, a.response_len, BENCH_MODEL.vocab, 99);
-    let base_mib = (params * 4) as f64 / (1024.0 * 1024.0);
+    let base_mib = (params * dtype.size_in_bytes()) as f64 / (1024.0 * 1024.0);
     if let Some(p) = &a.dump_pairs {
         std::fs::write(p, serde_json::to_string(&pairs)?)?;
     }
@@ -247,7 +251,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         let out = serde_json::json!({ "train": results, "decode": decode, "merge": merge });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("model: Llama, {params} parameters ({base_mib:.0} MiB f32), LoRA r8 all-linear; batch {} pairs, {} real tokens/step; {} threads", a.pairs, results[0].tokens_per_step, candle_core::utils::get_num_threads());
+        println!("model: Llama, {params} parameters ({base_mib:.0} MiB {}), LoRA r8 all-linear; batch {} pairs, {} real tokens/step; {} threads", a.dtype, a.pairs, results[0].tokens_per_step, candle_core::utils::get_num_threads());
         println!("measured f32 matmul peak: {:.1} GFLOP/s", peak / 1e9);
         println!("{:<24} {:>10} {:>10} {:>12} {:>10} {:>14}", "variant", "s/step", "tokens/s", "GFLOP/s", "of peak", "peak RSS MiB");
         for r in &results {
