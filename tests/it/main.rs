@@ -12,5 +12,6 @@ mod hub;
 mod infer;
 mod losses;
 mod merge;
+mod props;
 mod resilience;
 mod train;
