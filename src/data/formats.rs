@@ -313,9 +313,9 @@ fn response_keys(format: Format) -> (&'static str, &'static str) {
     }
 }
 
-/// A file in which every pair has an empty (blank) chosen or rejected response gives nothing to
-/// train on or score: that is an error naming the file and its first row. (A few such pairs
-/// among good ones are dropped and counted later, when tokenising.)
+/// A file in which every pair has an empty (blank) chosen or rejected response, or identical
+/// ones, gives nothing to train on or score: that is an error naming the file, its first row and
+/// the key. (A few such pairs among good ones are dropped and counted later, when tokenising.)
 fn check_something_to_score(
     pairs: &[(RowRef, PreferencePair)],
     first_loc: Option<&str>,
@@ -323,16 +323,23 @@ fn check_something_to_score(
     display: &str,
 ) -> Result<()> {
     let blank = |msgs: &[Message]| msgs.iter().all(|m| m.content.trim().is_empty());
-    if pairs.is_empty() || !pairs.iter().all(|(_, p)| blank(&p.chosen) || blank(&p.rejected)) {
+    let empty = |p: &PreferencePair| blank(&p.chosen) || blank(&p.rejected);
+    let same = |p: &PreferencePair| p.chosen == p.rejected && p.rejected_prompt.is_none();
+    if pairs.is_empty() || !pairs.iter().all(|(_, p)| empty(p) || same(p)) {
         return Ok(());
     }
     let (row, first) = &pairs[0];
     let (ck, rk) = response_keys(format);
-    let key = if blank(&first.chosen) { ck } else { rk };
     let loc = first_loc.map_or_else(|| row.to_string(), str::to_string);
+    let what = if empty(first) {
+        let key = if blank(&first.chosen) { ck } else { rk };
+        format!("key `{key}` is empty")
+    } else {
+        format!("keys `{ck}` and `{rk}` hold the same response")
+    };
     Err(Error::Msg(format!(
-        "{display}: every row has an empty chosen or rejected response, so nothing can be scored \
-         ({loc}: key `{ck}` or `{rk}` is empty; first: `{key}`)"
+        "{display}: every row has an empty chosen or rejected response, or the same response for \
+         both, so nothing can be scored (first: {loc}: {what})"
     )))
 }
 
