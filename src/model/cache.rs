@@ -6,19 +6,32 @@
 //! Every layer keeps all keys and values seen so far, after RoPE (and Qwen3's k-norm). Sliding
 //! window layers keep them too and mask the keys that fell out of the window, so one cache serves
 //! every layer and can be cut back to any earlier length.
+//!
+//! Keys and values are written in place into buffers with room to spare, which grow by
+//! doubling: appending a token copies only that token, not everything cached so far.
 
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 
-/// Keys and values of one layer: [B, n_kv_heads, T, head_dim] each.
-#[derive(Debug, Clone)]
+/// Keys and values of one layer: buffers [B, n_kv_heads, capacity, head_dim] each, of which the
+/// first `KvCache::len` positions are valid.
+#[derive(Debug)]
 struct LayerKv {
     k: Tensor,
     v: Tensor,
 }
 
-#[derive(Debug, Clone)]
+impl LayerKv {
+    fn capacity(&self) -> usize {
+        self.k.dims()[2]
+    }
+}
+
+/// Smallest buffer, in positions.
+const MIN_CAPACITY: usize = 256;
+
+#[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     /// Positions cached (the same in every layer once a forward pass has completed).
@@ -29,7 +42,7 @@ impl KvCache {
     /// An empty cache for a model with `num_layers` layers.
     pub fn new(num_layers: usize) -> KvCache {
         KvCache {
-            layers: vec![None; num_layers],
+            layers: (0..num_layers).map(|_| None).collect(),
             len: 0,
         }
     }
@@ -63,10 +76,7 @@ impl KvCache {
             self.reset();
             return Ok(());
         }
-        for kv in self.layers.iter_mut().flatten() {
-            kv.k = kv.k.narrow(2, 0, len)?.contiguous()?;
-            kv.v = kv.v.narrow(2, 0, len)?.contiguous()?;
-        }
+        // Positions past `len` are simply overwritten by the next append.
         self.len = len;
         Ok(())
     }
@@ -83,32 +93,78 @@ impl KvCache {
         let slot = self.layers.get_mut(layer).ok_or_else(|| {
             Error::Msg(format!("KV cache has {n} layers, layer {layer} asked for"))
         })?;
-        let kv = match slot.take() {
-            None => LayerKv {
-                k: k.contiguous()?,
-                v: v.contiguous()?,
-            },
-            Some(old) => {
-                if old.k.dims()[..2] != k.dims()[..2] {
-                    return Err(Error::Msg(format!(
-                        "KV cache holds batch/heads {:?}, new keys have {:?}",
-                        &old.k.dims()[..2],
-                        &k.dims()[..2]
-                    )));
-                }
-                LayerKv {
-                    k: Tensor::cat(&[&old.k, k], 2)?,
-                    v: Tensor::cat(&[&old.v, v], 2)?,
-                }
+        let t_new = k.dims()[2];
+        let need = self.len + t_new;
+        if let Some(old) = slot.as_ref() {
+            if old.k.dims()[..2] != k.dims()[..2] || old.k.dims()[3] != k.dims()[3] {
+                return Err(Error::Msg(format!(
+                    "KV cache holds batch/heads {:?}, new keys have {:?}",
+                    &old.k.dims()[..2],
+                    &k.dims()[..2]
+                )));
             }
-        };
-        let out = (kv.k.clone(), kv.v.clone());
-        *slot = Some(kv);
-        Ok(out)
+        }
+        if slot.as_ref().is_none_or(|kv| kv.capacity() < need) {
+            let cap = slot.as_ref().map_or(0, |kv| 2 * kv.capacity()).max(need).max(MIN_CAPACITY);
+            let (b, h, _, d) = k.dims4()?;
+            let grown = LayerKv {
+                k: Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?,
+                v: Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?,
+            };
+            if let (Some(old), true) = (slot.as_ref(), self.len > 0) {
+                grown.k.slice_set(&old.k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                grown.v.slice_set(&old.v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            *slot = Some(grown);
+        }
+        let kv = slot.as_ref().ok_or_else(|| Error::Msg("KV cache slot missing".into()))?;
+        kv.k.slice_set(&k.contiguous()?, 2, self.len)?;
+        kv.v.slice_set(&v.contiguous()?, 2, self.len)?;
+        Ok((kv.k.narrow(2, 0, need)?, kv.v.narrow(2, 0, need)?))
     }
 
     /// Record that a forward pass appended `t_new` positions to every layer.
     pub(crate) fn advance(&mut self, t_new: usize) {
         self.len += t_new;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::{KvCache, MIN_CAPACITY};
+
+    fn chunk(start: usize, t: usize) -> Tensor {
+        // [B=2, heads=3, t, d=4] with values that identify the position.
+        let v: Vec<f32> = (0..2 * 3 * t * 4).map(|i| (start + (i / 4) % t) as f32 + (i % 4) as f32 * 0.01 + (i / (t * 4)) as f32 * 1000.0).collect();
+        Tensor::from_vec(v, (2, 3, t, 4), &Device::Cpu).unwrap()
+    }
+
+    /// Appends across buffer growth, and a truncation followed by new appends, give exactly the
+    /// concatenation of what was fed.
+    #[test]
+    fn appends_grow_and_truncate_like_concatenation() {
+        let mut cache = KvCache::new(1);
+        let mut fed: Vec<Tensor> = Vec::new();
+        let mut pos = 0;
+        for t in [5, 1, MIN_CAPACITY, 3, MIN_CAPACITY * 2, 1] {
+            let c = chunk(pos, t);
+            let (k, v) = cache.append(0, &c, &(&c * 2.0).unwrap()).unwrap();
+            cache.advance(t);
+            fed.push(c);
+            pos += t;
+            let want = Tensor::cat(&fed.iter().collect::<Vec<_>>(), 2).unwrap();
+            assert_eq!(k.contiguous().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            let want_v = (want * 2.0).unwrap();
+            assert_eq!(v.contiguous().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), want_v.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        cache.truncate(7).unwrap();
+        assert_eq!(cache.len(), 7);
+        let c = chunk(1000, 2);
+        let (k, _) = cache.append(0, &c, &c).unwrap();
+        let kept = Tensor::cat(&fed.iter().collect::<Vec<_>>(), 2).unwrap().narrow(2, 0, 7).unwrap();
+        let want = Tensor::cat(&[&kept, &c], 2).unwrap();
+        assert_eq!(k.contiguous().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     }
 }

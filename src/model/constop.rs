@@ -172,10 +172,11 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Dispatch: the custom op where it pays (CPU, input part of a gradient graph), the plain op
-/// otherwise (no graph to save, or a device without a CPU-side implementation).
+/// Dispatch: the custom op on the CPU (it also runs untracked inputs, as its forward works on
+/// the storages directly), the plain op where the constant itself is tracked or on devices
+/// without a CPU-side implementation.
 fn run(x: &Tensor, c: Const) -> Result<Tensor> {
-    if x.device().is_cpu() && x.track_op() && !c_is_tracked(&c) && x.dtype() != DType::U32 {
+    if x.device().is_cpu() && !c_is_tracked(&c) && x.dtype() != DType::U32 {
         x.apply_op1(c)
     } else {
         c.apply(x)

@@ -363,7 +363,12 @@ impl Model {
 
     /// Logits for every position: hidden [B, T, H] -> [B, T, V] (model dtype).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.broadcast_matmul(&self.lm_head.t()?)?)
+        // As a 2-D product against the [V, H] weight read transposed in place: a broadcast
+        // matmul against `lm_head.t()` would copy the whole vocabulary matrix on every call.
+        let (b, t, h) = hidden.dims3()?;
+        let rows = hidden.reshape((b * t, h))?;
+        let out = matmul_frozen_t(&rows, &self.lm_head)?;
+        Ok(out.reshape((b, t, self.cfg.vocab_size))?)
     }
 
     /// Logits at selected flat positions only: hidden [B, T, H], `positions` u32 indices into
@@ -479,7 +484,8 @@ impl Model {
         // GQA folding as in `attention`: [B, nkv, rep*T, hd] against [B, nkv, len, hd].
         let rep = nh / nkv;
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, rep * t, hd))?;
-        let scores = q.matmul(&k.t()?.contiguous()?)?.reshape((b, nh, t, len))?;
+        // k is a view into the cache's buffer; the product reads it transposed in place.
+        let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, len))?;
         let mut scores = scores.to_dtype(DType::F32)?;
         if let Some(m) = mask {
             scores = scores.broadcast_add(m)?;
