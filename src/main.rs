@@ -7,10 +7,13 @@ use std::process::ExitCode;
 fn tune_malloc() {
     // SAFETY: mallopt only changes allocator parameters; called once before any threads start.
     unsafe {
-        if libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30) == 0 {
+        // No mmap at all: blocks above glibc's 32 MiB ceiling for M_MMAP_THRESHOLD (attention
+        // scores at long sequence lengths) would otherwise still be mapped and unmapped per use.
+        if libc::mallopt(libc::M_MMAP_MAX, 0) == 0 {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         }
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        // The largest value mallopt takes (an int): freed memory stays in the heap.
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
 
