@@ -213,13 +213,10 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()>
         .collect::<Result<_>>()?;
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    let tmp = tmp_name(path);
-    let written = safetensors::tensor::serialize_to_file(views, Some(meta), &tmp)
-        .map_err(|e| Error::Msg(format!("{}: cannot write safetensors: {e}", tmp.display())))
-        .and_then(|()| std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e)));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    // Serialised in memory and written with `write_atomic`, not with `serialize_to_file`: that
+    // one goes through a randomly named temporary file (left behind if the process is killed
+    // mid-write) created with mode 0600 (adapters unreadable to other users).
+    let bytes = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+    drop(owned);
+    write_atomic(path, &bytes)
 }

@@ -18,6 +18,8 @@ use crate::train::optim::AdamW;
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const RECIPE_FILE: &str = "recipe.yaml";
+/// The run's `metrics.jsonl` as it was at the checkpoint's step (optional in a checkpoint).
+pub const METRICS_FILE: &str = "metrics.jsonl";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainerState {
@@ -66,12 +68,29 @@ fn is_unfinished_name(name: &str) -> bool {
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// Remove what killed saves and deletes left behind under `output_dir` (best effort); returns
-/// the folders removed. Called before each save; one run writes an output folder at a time.
+/// Temporary files of the atomic writes lorafold makes in an output folder.
+const TMP_FILES: [&str; 6] = [
+    ".adapter_config.json.tmp",
+    ".adapter_model.safetensors.tmp",
+    ".metrics.jsonl.tmp",
+    ".recipe.yaml.tmp",
+    ".ref_logps.json.tmp",
+    ".lorafold-write-test",
+];
+
+/// Remove what killed saves, deletes and file writes left behind under `output_dir` (best
+/// effort); returns what was removed. Called when a run starts and before each save; one run
+/// writes an output folder at a time.
 pub fn remove_unfinished(output_dir: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     for e in std::fs::read_dir(output_dir).into_iter().flatten().flatten() {
-        if is_unfinished_name(&e.file_name().to_string_lossy()) && std::fs::remove_dir_all(e.path()).is_ok() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let gone = if is_unfinished_name(&name) {
+            std::fs::remove_dir_all(e.path()).is_ok()
+        } else {
+            TMP_FILES.contains(&name.as_str()) && std::fs::remove_file(e.path()).is_ok()
+        };
+        if gone {
             removed.push(e.path());
         }
     }
@@ -102,6 +121,13 @@ pub fn save(
         adapter.save(&tmp, Some(base_model))?;
         save_safetensors(&tmp.join(OPTIMIZER_FILE), &optimizer.state_tensors())?;
         write_atomic(&tmp.join(RECIPE_FILE), recipe_yaml.as_bytes())?;
+        // The metrics logged so far, so that a resume from this checkpoint restores exactly them
+        // whatever other (killed, or resumed from elsewhere) attempts appended since.
+        let metrics = output_dir.join(METRICS_FILE);
+        if metrics.is_file() {
+            let bytes = std::fs::read(&metrics).map_err(|e| Error::io(&metrics, e))?;
+            write_atomic(&tmp.join(METRICS_FILE), &bytes)?;
+        }
         // The state file last: a folder with it has everything else.
         let json = serde_json::to_string_pretty(state).map_err(|e| Error::Msg(e.to_string()))?;
         write_atomic(&tmp.join(STATE_FILE), json.as_bytes())?;
@@ -210,8 +236,23 @@ pub fn resolve(spec: &str, output_dir: &Path) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// On resume: drop the lines of `metrics.jsonl` logged after `step` (by the run that was stopped
-/// before its next checkpoint) and any cut-off last line, so the resumed run does not repeat them.
+/// On resume from `dir` (at `step`): put back the run's `metrics.jsonl` (`path`) as it was when
+/// the checkpoint was written, so that lines logged after it (by the attempt that was stopped, or
+/// by later attempts resumed from elsewhere) are neither repeated nor lost. Checkpoints without a
+/// copy of the metrics fall back to [`truncate_metrics`].
+pub fn restore_metrics(dir: &Path, path: &Path, step: usize) -> Result<()> {
+    let saved = dir.join(METRICS_FILE);
+    if !saved.is_file() {
+        return truncate_metrics(path, step);
+    }
+    if saved.canonicalize().ok() == path.canonicalize().ok() {
+        return Ok(());
+    }
+    let bytes = std::fs::read(&saved).map_err(|e| Error::io(&saved, e))?;
+    write_atomic(path, &bytes)
+}
+
+/// Drop the lines of `metrics.jsonl` logged after `step` and any cut-off last line.
 pub fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,

@@ -147,6 +147,11 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
     // when this call created it, if the model cannot be found).
     let created = !out_dir.exists();
     check_writable(&out_dir)?;
+    for p in crate::train::checkpoint::remove_unfinished(&out_dir) {
+        if !quiet {
+            eprintln!("removed {}, left unfinished by an interrupted run", p.display());
+        }
+    }
     let files = resolve_model(&s.model, s.revision.as_deref()).inspect_err(|_| {
         if created {
             let _ = std::fs::remove_dir(&out_dir);

@@ -496,7 +496,7 @@ pub fn train(
         loss_state = serde_json::from_value(ck.state.loss_state.clone())
             .map_err(|e| Error::Msg(format!("{}: loss state: {e}", dir.display())))?;
         history = ck.state.log_history.clone();
-        checkpoint::truncate_metrics(&out.dir.join("metrics.jsonl"), step)?;
+        checkpoint::restore_metrics(dir, &out.dir.join("metrics.jsonl"), step)?;
         if !cfg.quiet {
             eprintln!("resumed from {} at step {step}", dir.display());
         }

@@ -45,12 +45,12 @@ fn small_data(dir: &Path, n: usize) -> PathBuf {
     p
 }
 
-const KILL_STEPS: usize = 20;
+const KILL_STEPS: usize = 30;
 /// SIGKILLs before a run is left to finish.
-const KILLS: usize = 20;
+const KILLS: usize = 40;
 
 /// A small run that saves a checkpoint after every step. LoRA dropout and shuffling are on, and
-/// 20 steps of 2x2 pairs cross an epoch boundary of 48 pairs, so an exact resume has to restore
+/// 30 steps of 2x2 pairs cross two epoch boundaries of 48 pairs, so an exact resume has to restore
 /// the data position, the dropout stream and the epoch's shuffle, not only the weights.
 fn kill_run_args(out: &Path, data: &Path) -> Vec<String> {
     let mut a: Vec<String> = vec!["dpo".into(), "--model".into(), model_dir("qwen2").to_str().unwrap().into()];
@@ -195,75 +195,79 @@ enum Kill {
     AfterStep(usize, Duration),
     /// When a new `.checkpoint-N.tmp` folder appears, after skipping this many.
     OnTmp(u64),
+    /// When the finished run starts writing its adapter to the output folder.
+    OnFinal,
 }
 
-#[test]
-fn sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = small_data(tmp.path(), 48);
-    let reference = tmp.path().join("reference");
-    let (t_first, t_ref) = reference_run(&reference, &data, &tmp.path().join("reference.log"));
-    let per_step = t_ref.saturating_sub(t_first) / (KILL_STEPS as u32 - 1);
-    let out = tmp.path().join("killed");
-    let mut rng = SplitMix(0x00c0_ffee_5eed);
-    let (mut kills, mut in_save, mut in_final_write) = (0usize, 0usize, 0usize);
-    let mut resumes_latest = 0usize;
-    let mut resumes_explicit = 0usize;
-    let mut resumes_older = 0usize;
-    let mut log_lines = Vec::new();
-    let t_all = Instant::now();
+/// What the kill rounds observed.
+#[derive(Default)]
+struct KillStats {
+    kills: usize,
+    in_save: usize,
+    in_final_write: usize,
+    resumes_latest: usize,
+    resumes_explicit: usize,
+    resumes_older: usize,
+}
+
+/// One round: start the run in `out`, SIGKILL it at moments chosen by `rng`, restart it (fresh,
+/// `latest` or a named checkpoint folder), until it finishes (after at most `KILLS` kills it is
+/// left to finish). After every
+/// kill, every checkpoint folder present must be complete and loadable.
+fn kill_round(round: usize, out: &Path, data: &Path, logs: &Path, timing: (Duration, Duration), rng: &mut SplitMix, st: &mut KillStats) {
+    let (t_first, per_step) = timing;
+    let mut kills = 0usize;
     for attempt in 0.. {
         // How to start: fresh when no checkpoint exists yet, else `latest` or a named folder
         // (sometimes an older one than the newest, which re-saves over existing checkpoints).
-        let present = checkpoint::list(&out);
-        let mut args = kill_run_args(&out, &data);
-        let how = if present.is_empty() {
-            "fresh".to_string()
+        let present = checkpoint::list(out);
+        let mut args = kill_run_args(out, data);
+        let (how, from) = if present.is_empty() {
+            ("fresh".to_string(), 0)
         } else if rng.below(5) < 3 {
-            resumes_latest += 1;
+            st.resumes_latest += 1;
             args.extend(["--resume_from_checkpoint".into(), "latest".into()]);
-            "latest".into()
+            ("latest".into(), present.last().unwrap().0)
         } else {
             let (step, dir) = &present[rng.below(present.len() as u64) as usize];
-            resumes_explicit += 1;
+            st.resumes_explicit += 1;
             if *step < present.last().unwrap().0 {
-                resumes_older += 1;
+                st.resumes_older += 1;
             }
             args.extend(["--resume_from_checkpoint".into(), dir.to_str().unwrap().into()]);
-            format!("checkpoint-{step}")
+            (format!("checkpoint-{step}"), *step)
         };
-        let log = tmp.path().join(format!("attempt-{attempt}.log"));
-        let before = unfinished_ids(&out);
+        let log = logs.join(format!("round-{round}-attempt-{attempt}.log"));
+        let before = unfinished_ids(out);
         let mut child = spawn(&args, &log);
-        // Where to kill, tied to the run's progress (its own log) rather than to wall time alone,
-        // since timings vary with the load of the machine:
+        // Where to kill, tied to the run's progress (its own log, its files) rather than to wall
+        // time alone, since timings vary with the load of the machine:
         // - mid-run: once the log shows a random step still to come, wait a random part of a
         //   step, then kill (lands in the save after that step, in the next step's compute, ...);
         // - on a save: the moment a `.checkpoint-N.tmp` folder shows up (after skipping a random
         //   number of them);
+        // - on the final write: the moment the finished run's adapter_config.json shows up;
         // - at startup: within the time the reference took to its first checkpoint.
-        // After KILLS kills the run is left to finish.
-        let from = match how.as_str() {
-            "fresh" => 0,
-            "latest" => present.last().unwrap().0,
-            named => named["checkpoint-".len()..].parse().unwrap(),
-        };
         let mut mode = match (kills >= KILLS, rng.below(20)) {
             (true, _) => Kill::Never,
+            (false, 0..=8) if from + 3 >= KILL_STEPS => Kill::OnFinal,
             (false, 0..=8) => Kill::AfterStep((from + 1 + rng.below(3) as usize).min(KILL_STEPS), per_step.mul_f64(rng.unit())),
             (false, 9..=16) => Kill::OnTmp(rng.below(3)),
             (false, _) => Kill::At(Instant::now() + t_first.mul_f64(rng.unit())),
         };
         let mut seen_tmp: Option<String> = None;
         let mut step_seen_at: Option<Instant> = None;
+        let final_config = out.join("adapter_config.json");
+        let had_final = final_config.exists();
         let killed = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                assert!(st.success(), "attempt {attempt} ({how}) failed on its own:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "round {round} attempt {attempt} ({how}) failed on its own:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
                 break false;
             }
             let fire = match &mut mode {
                 Kill::Never => false,
                 Kill::At(t) => Instant::now() >= *t,
+                Kill::OnFinal => !had_final && final_config.exists(),
                 Kill::AfterStep(step, wait) => {
                     if step_seen_at.is_none() && std::fs::read_to_string(&log).unwrap_or_default().contains(&format!("step {step} |")) {
                         step_seen_at = Some(Instant::now());
@@ -271,7 +275,7 @@ fn sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter() {
                     step_seen_at.is_some_and(|t| t.elapsed() >= *wait)
                 }
                 Kill::OnTmp(skip) => {
-                    let tmp_now = leftovers(&out).into_iter().find(|n| n.starts_with(".checkpoint-") && n.ends_with(".tmp"));
+                    let tmp_now = leftovers(out).into_iter().find(|n| n.starts_with(".checkpoint-") && n.ends_with(".tmp"));
                     match tmp_now {
                         Some(n) if seen_tmp.as_deref() != Some(n.as_str()) => {
                             seen_tmp = Some(n);
@@ -294,49 +298,85 @@ fn sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter() {
             std::thread::sleep(Duration::from_micros(100));
         };
         if !killed {
-            log_lines.push(format!("attempt {attempt}: {how}, ran to completion"));
-            break;
+            println!("round {round} attempt {attempt}: {how}, ran to completion");
+            return;
         }
         kills += 1;
+        st.kills += 1;
         // Where it landed: unfinished writes this attempt started (a stale folder of an earlier
-        // attempt that is still there does not count).
-        let left = leftovers(&out);
-        let new: Vec<String> = unfinished_ids(&out).into_iter().filter(|x| !before.contains(x)).map(|(n, _)| n).collect();
+        // attempt that is still there does not count), or a final adapter half written.
+        let left = leftovers(out);
+        let new: Vec<String> = unfinished_ids(out).into_iter().filter(|x| !before.contains(x)).map(|(n, _)| n).collect();
         let during_save = new.iter().any(|n| n.starts_with(".checkpoint-"));
-        let during_final = new.iter().any(|n| n.starts_with(".adapter_"));
-        in_save += during_save as usize;
-        in_final_write += during_final as usize;
+        let during_final = new.iter().any(|n| n.starts_with(".adapter_"))
+            || (!had_final && final_config.exists() && !out.join("adapter_model.safetensors").exists());
+        st.in_save += during_save as usize;
+        st.in_final_write += during_final as usize;
         // After every kill: each checkpoint folder present is complete, and `latest` picks one.
-        let steps = assert_checkpoints_complete(&out, &format!("after kill {kills}"));
-        if let Ok(p) = checkpoint::resolve("latest", &out) {
+        let steps = assert_checkpoints_complete(out, &format!("round {round}, after kill {kills}"));
+        if let Ok(p) = checkpoint::resolve("latest", out) {
             checkpoint::load(&p).unwrap_or_else(|e| panic!("latest = {} does not load: {e}", p.display()));
         }
-        log_lines.push(format!(
-            "attempt {attempt}: {how}, SIGKILL {} -> checkpoints {steps:?}, leftovers {left:?}{}",
+        println!(
+            "round {round} attempt {attempt}: {how}, SIGKILL {} -> checkpoints {steps:?}, leftovers {left:?}{}",
             match &mode {
                 Kill::AfterStep(s, w) => format!("{:.0} ms after step {s} was logged", w.as_secs_f64() * 1e3),
                 Kill::OnTmp(_) => "on a .tmp folder".into(),
+                Kill::OnFinal => "on the final adapter write".into(),
                 _ => "at startup".into(),
             },
-            if during_save { " [during a save]" } else { "" }
-        ));
+            if during_save { " [during a save]" } else if during_final { " [during the final write]" } else { "" }
+        );
     }
-    for l in &log_lines {
-        println!("{l}");
+}
+
+#[test]
+fn sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter() {
+    // LORAFOLD_KILL_ROUNDS rounds (default 3), every round from scratch.
+    let rounds: usize = std::env::var("LORAFOLD_KILL_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_data(tmp.path(), 48);
+    let reference = tmp.path().join("reference");
+    let (t_first, t_ref) = reference_run(&reference, &data, &tmp.path().join("reference.log"));
+    let per_step = t_ref.saturating_sub(t_first) / (KILL_STEPS as u32 - 1);
+    let mut st = KillStats::default();
+    let t_all = Instant::now();
+    for round in 0..rounds {
+        let out = tmp.path().join(format!("killed-{round}"));
+        let mut rng = SplitMix(0x00c0_ffee_5eed + round as u64);
+        kill_round(round, &out, &data, tmp.path(), (t_first, per_step), &mut rng, &mut st);
+        assert_same_final_output(&reference, &out);
+        assert_eq!(leftovers(&out), Vec::<String>::new(), "round {round}: unfinished writes left behind");
+        assert_eq!(assert_checkpoints_complete(&out, "at the end"), [KILL_STEPS - 1, KILL_STEPS]);
+    }
+    // Written files get the ordinary permissions (0666 less the umask), not a temporary file's 0600.
+    let umask = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Umask:").and_then(|v| u32::from_str_radix(v.trim(), 8).ok())));
+    if let Some(umask) = umask {
+        use std::os::unix::fs::PermissionsExt;
+        let last = format!("checkpoint-{KILL_STEPS}");
+        for f in ["adapter_model.safetensors".to_string(), format!("{last}/adapter_model.safetensors"), format!("{last}/optimizer.safetensors")] {
+            let mode = std::fs::metadata(tmp.path().join("killed-0").join(&f)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o666 & !umask, "{f}: mode {mode:o}");
+        }
     }
     println!(
-        "reference run {:.2}s (first checkpoint after {:.2}s); {kills} SIGKILLs, {in_save} during a checkpoint save, {in_final_write} during the final adapter write; \
-         resumes: {resumes_latest} latest, {resumes_explicit} named folder ({resumes_older} older than the newest); total {:.1}s",
+        "reference run {:.2}s (first checkpoint after {:.2}s); {rounds} rounds: {} SIGKILLs, {} during a checkpoint save, {} during the final \
+         adapter write; resumes: {} latest, {} named folder ({} older than the newest); total {:.1}s",
         t_ref.as_secs_f64(),
         t_first.as_secs_f64(),
+        st.kills,
+        st.in_save,
+        st.in_final_write,
+        st.resumes_latest,
+        st.resumes_explicit,
+        st.resumes_older,
         t_all.elapsed().as_secs_f64()
     );
-    assert_same_final_output(&reference, &out);
-    assert_eq!(leftovers(&out), Vec::<String>::new(), "unfinished writes left behind");
-    assert_eq!(assert_checkpoints_complete(&out, "at the end"), [KILL_STEPS - 1, KILL_STEPS]);
-    assert!(kills >= 12, "too few kills ({kills}) to mean anything");
-    assert!(in_save >= 3, "fewer than three kills landed during a checkpoint save");
-    println!("final adapter, last checkpoint and metrics.jsonl are bit-identical to the uninterrupted run");
+    println!("every round: final adapter, last checkpoint and metrics.jsonl bit-identical to the uninterrupted run");
+    assert!(st.kills >= 15 * rounds, "too few kills ({}) to mean anything", st.kills);
+    assert!(st.in_save >= 3 * rounds, "too few kills ({}) landed during a checkpoint save", st.in_save);
 }
 
 /// Copy a reference checkpoint folder (files only).
