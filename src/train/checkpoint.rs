@@ -34,7 +34,14 @@ pub struct TrainerState {
     pub loss_state: serde_json::Value,
     /// Fingerprint of the tokenised training data, so a resume on other data is refused.
     pub data_fingerprint: String,
+    /// Non-finite values (a NaN eval loss...) are written as `null` by JSON and read back as NaN.
+    #[serde(deserialize_with = "nullable_records")]
     pub log_history: Vec<BTreeMap<String, f64>>,
+}
+
+fn nullable_records<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<BTreeMap<String, f64>>, D::Error> {
+    let raw: Vec<BTreeMap<String, Option<f64>>> = Deserialize::deserialize(d)?;
+    Ok(raw.into_iter().map(|r| r.into_iter().map(|(k, v)| (k, v.unwrap_or(f64::NAN))).collect()).collect())
 }
 
 pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {

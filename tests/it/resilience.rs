@@ -840,3 +840,27 @@ fn soak_worker() {
     assert!(last_med <= first_med + 4.0, "memory creeps up over the cycles: median {first_med} -> {last_med} MiB");
     println!("soak: memory flat");
 }
+
+#[test]
+fn a_checkpoint_with_a_nan_in_its_log_history_still_loads() {
+    // JSON has no NaN: a non-finite logged value (say a NaN eval loss) is written as null, and
+    // must not make the checkpoint unreadable.
+    let mut rec = std::collections::BTreeMap::new();
+    rec.insert("eval_loss".to_string(), f64::NAN);
+    rec.insert("loss".to_string(), 0.5);
+    let st = checkpoint::TrainerState {
+        step: 3,
+        consumed_micro_batches: 3,
+        total_steps: 6,
+        optimizer_t: 3,
+        seed: 1,
+        loss_state: serde_json::Value::Null,
+        data_fingerprint: "x".into(),
+        log_history: vec![rec],
+    };
+    let json = serde_json::to_string(&st).unwrap();
+    assert!(json.contains("\"eval_loss\":null"), "{json}");
+    let back: checkpoint::TrainerState = serde_json::from_str(&json).unwrap();
+    assert!(back.log_history[0]["eval_loss"].is_nan());
+    assert_eq!(back.log_history[0]["loss"], 0.5);
+}
