@@ -291,7 +291,7 @@ pub struct DecodeResult {
 /// Greedy decoding with the KV cache and the adapter on, from `prompt`.
 fn measure_decode(run: &DpoRun, prompt: &[u32], n: usize) -> Result<DecodeResult> {
     use crate::infer::generate::{generate, GenerateOptions};
-    let ctx = crate::lora::linear::Fwd { adapter: run.adapter.as_ref().map(|a| a.slot), dropout_seed: None };
+    let ctx = crate::lora::linear::Fwd { adapter: run.adapter.as_ref().map(|a| a.slot), dropout_seed: None, no_grad: false };
     let opts = GenerateOptions { max_new_tokens: n, stop_tokens: vec![], use_cache: true, ..Default::default() };
     let start = Instant::now();
     let mut first: Option<Instant> = None;

@@ -15,6 +15,8 @@ pub struct Fwd {
     pub adapter: Option<usize>,
     /// Seed for LoRA dropout masks; `None` disables dropout (evaluation).
     pub dropout_seed: Option<u64>,
+    /// No gradient will be taken (decoding): each linear layer may run as one fused product.
+    pub no_grad: bool,
 }
 
 impl Fwd {
@@ -28,6 +30,7 @@ impl Fwd {
         Fwd {
             adapter: Some(slot),
             dropout_seed: None,
+            no_grad: false,
         }
     }
 
@@ -36,6 +39,7 @@ impl Fwd {
         Fwd {
             adapter: Some(slot),
             dropout_seed: Some(seed),
+            no_grad: false,
         }
     }
 }
@@ -112,6 +116,16 @@ impl LoraLinear {
         let in_f = self.in_features();
         let n: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((n, in_f))?;
+        let ad = ctx.adapter.and_then(|s| self.adapter(s));
+        if ctx.no_grad && self.bias.is_none() {
+            if let Some(y) = crate::model::constop::lora_product_no_grad(&x2, &self.weight, ad.map(|a| (&a.a, &a.b, a.scale)))? {
+                let mut out_dims = dims;
+                if let Some(last) = out_dims.last_mut() {
+                    *last = self.out_features();
+                }
+                return y.reshape(out_dims);
+            }
+        }
         let mut y = matmul_frozen_t(&x2, &self.weight)?;
         if let Some(b) = &self.bias {
             y = add_frozen(&y, b)?;

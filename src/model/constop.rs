@@ -86,6 +86,44 @@ pub(crate) fn into_cpu_storage(t: Tensor) -> Result<(CpuStorage, Shape)> {
     Ok((out, shape))
 }
 
+/// x [m, k] · Wᵀ + scale · (x Aᵀ) Bᵀ computed straight on the CPU storages, with no autograd
+/// node: for decoding, where a linear layer with an adapter is otherwise five tensor ops, each
+/// dispatched to the thread pool for a single row. `None` where it does not apply (not CPU,
+/// not f32, not 2-D).
+pub fn lora_product_no_grad(x: &Tensor, w: &Tensor, adapter: Option<(&Tensor, &Tensor, f64)>) -> Result<Option<Tensor>> {
+    let all_f32_cpu = std::iter::once(x).chain([w]).chain(adapter.iter().flat_map(|(a, b, _)| [*a, *b])).all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2);
+    if !all_f32_cpu {
+        return Ok(None);
+    }
+    let (m, k) = x.dims2()?;
+    let n = w.dim(0)?;
+    let mm = |lhs: &Tensor, rhs_t: &Tensor| -> Result<CpuStorage> {
+        // lhs [m, k'] · rhs_tᵀ with rhs_t [n', k'].
+        let (ls, ll) = lhs.storage_and_layout();
+        let (rs, rl) = rhs_t.storage_and_layout();
+        let (Storage::Cpu(lc), Storage::Cpu(rc)) = (&*ls, &*rs) else { candle_core::bail!("expected CPU storage") };
+        let (mm_, kk) = (ll.dims()[0], ll.dims()[1]);
+        lc.matmul(rc, (1, mm_, rl.dims()[0], kk), ll, &rl.transpose(0, 1)?)
+    };
+    let base = mm(x, w)?;
+    let CpuStorage::F32(mut y) = base else { return Ok(None) };
+    if let Some((a, b, scale)) = adapter {
+        let r = a.dim(0)?;
+        let CpuStorage::F32(xa) = mm(x, a)? else { return Ok(None) };
+        let bv = b.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        for i in 0..m {
+            let xr = &xa[i * r..(i + 1) * r];
+            let yr = &mut y[i * n..(i + 1) * n];
+            for (o, brow) in yr.iter_mut().zip(bv.chunks_exact(r)) {
+                let d: f32 = xr.iter().zip(brow).map(|(p, q)| p * q).sum();
+                *o += scale as f32 * d;
+            }
+        }
+    }
+    let _ = k;
+    Ok(Some(Tensor::from_vec(y, (m, n), x.device())?))
+}
+
 impl CustomOp1 for Const {
     fn name(&self) -> &'static str {
         match self {

@@ -415,6 +415,8 @@ impl Model {
                 self.blocks.len()
             )));
         }
+        // Decoding never takes a gradient.
+        let ctx = &Fwd { no_grad: true, ..*ctx };
         let r = self.forward_cached_inner(input_ids, cache, ctx);
         if r.is_err() {
             cache.reset();

@@ -63,6 +63,7 @@ impl<'m> DpoRun<'m> {
             reference: Fwd {
                 adapter: ref_slot,
                 dropout_seed: None,
+                no_grad: false,
             },
             loss: DpoLoss {
                 terms,
@@ -110,6 +111,7 @@ impl<'m> DpoRun<'m> {
         let ctx = Fwd {
             adapter: self.adapter.as_ref().map(|a| a.slot),
             dropout_seed,
+            no_grad: false,
         };
         let pol = sequence_logps(self.model, &batch, &ctx)?;
         let (chosen, rejected) = (pol.chosen(b)?, pol.rejected(b)?);
