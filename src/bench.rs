@@ -14,6 +14,7 @@ use clap::Args;
 use crate::dpo::batch::PairIds;
 use crate::error::{Error, Result};
 use crate::lora::config::{LoraConfig, TargetModules};
+use crate::lora::linear::Fwd;
 use crate::lora::{attach_new, LoraInit};
 use crate::model::{LoadOptions, Model};
 use crate::recipe::DpoOptions;
@@ -291,7 +292,7 @@ pub struct DecodeResult {
 /// Greedy decoding with the KV cache and the adapter on, from `prompt`.
 fn measure_decode(run: &DpoRun, prompt: &[u32], n: usize) -> Result<DecodeResult> {
     use crate::infer::generate::{generate, GenerateOptions};
-    let ctx = crate::lora::linear::Fwd { adapter: run.adapter.as_ref().map(|a| a.slot), dropout_seed: None, no_grad: false };
+    let ctx = run.adapter.as_ref().map_or(Fwd::base(), |a| Fwd::eval(a.slot));
     let opts = GenerateOptions { max_new_tokens: n, stop_tokens: vec![], use_cache: true, ..Default::default() };
     let start = Instant::now();
     let mut first: Option<Instant> = None;
@@ -349,7 +350,7 @@ fn measure_merge(run: &DpoRun, model_dir: &Path) -> Result<MergeResult> {
     std::fs::create_dir_all(&copied).map_err(|e| Error::io(&copied, e))?;
     let t = Instant::now();
     for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(model_dir.join(f), copied.join(f)).map_err(|e| Error::io(&copied.join(f), e))?;
+        std::fs::copy(model_dir.join(f), copied.join(f)).map_err(|e| Error::io(copied.join(f), e))?;
     }
     let copy_s = t.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(&work);

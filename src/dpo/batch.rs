@@ -81,8 +81,7 @@ impl Batch {
         let mut ids = vec![pad_id; b * t];
         let mut positions = vec![0u32; b * t];
         let mut segments = vec![Packing::PAD; b * t];
-        let (mut scored, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
-        let mut lengths = vec![0f32; 2 * b];
+        let mut scored = Scored::default();
         let mut num_tokens = 0;
         const CHOSEN: u8 = 1;
         const REJECTED: u8 = 2;
@@ -101,32 +100,22 @@ impl Batch {
             }
             num_tokens += 2 * pl + cl + rl;
             for k in pl..pl + cl {
-                scored.push((row + k - 1) as u32);
-                targets.push(all[k]);
-                owner.push(r);
-                lengths[r] += 1.0;
+                scored.push(row + k - 1, all[k], r);
             }
             for j in 0..rl {
                 let from = if j == 0 { pl - 1 } else { pl + cl + j - 1 };
-                scored.push((row + from) as u32);
-                targets.push(p.rejected[j]);
-                owner.push(b + r);
-                lengths[b + r] += 1.0;
+                scored.push(row + from, p.rejected[j], b + r);
             }
         }
-        let n = scored.len();
-        let mut select = vec![0f32; 2 * b * n];
-        for (k, &r) in owner.iter().enumerate() {
-            select[r * n + k] = 1.0;
-        }
+        let (scored_at, targets, select, lengths) = scored.into_tensors(2 * b, device)?;
         Ok(Batch {
             pairs: b,
             input_ids: Tensor::from_vec(ids, (b, t), device)?,
             attention_mask: None,
-            positions: Tensor::from_vec(scored, n, device)?,
-            targets: Tensor::from_vec(targets, n, device)?,
-            select: Tensor::from_vec(select, (2 * b, n), device)?,
-            lengths: Tensor::from_vec(lengths, 2 * b, device)?,
+            positions: scored_at,
+            targets,
+            select,
+            lengths,
             num_tokens,
             packing: Some(Packing {
                 positions,
@@ -150,8 +139,7 @@ impl Batch {
         let rows = seqs.len();
         let mut ids = vec![pad_id; rows * t];
         let mut mask = vec![0f32; rows * t];
-        let (mut positions, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
-        let mut lengths = vec![0f32; rows];
+        let mut scored = Scored::default();
         let mut padded = false;
         let mut num_tokens = 0;
         for (r, (s, plen)) in seqs.iter().enumerate() {
@@ -163,17 +151,10 @@ impl Batch {
             num_tokens += s.len();
             // The token at position i is predicted by the logits at i-1.
             for i in (*plen).max(1)..s.len() {
-                positions.push((r * t + i - 1) as u32);
-                targets.push(s[i]);
-                owner.push(r);
-                lengths[r] += 1.0;
+                scored.push(r * t + i - 1, s[i], r);
             }
         }
-        let n = positions.len();
-        let mut select = vec![0f32; rows * n];
-        for (k, &r) in owner.iter().enumerate() {
-            select[r * n + k] = 1.0;
-        }
+        let (positions, targets, select, lengths) = scored.into_tensors(rows, device)?;
         Ok(Batch {
             pairs: b,
             input_ids: Tensor::from_vec(ids, (rows, t), device)?,
@@ -182,13 +163,48 @@ impl Batch {
             } else {
                 None
             },
-            positions: Tensor::from_vec(positions, n, device)?,
-            targets: Tensor::from_vec(targets, n, device)?,
-            select: Tensor::from_vec(select, (rows, n), device)?,
-            lengths: Tensor::from_vec(lengths, rows, device)?,
+            positions,
+            targets,
+            select,
+            lengths,
             num_tokens,
             packing: None,
         })
+    }
+}
+
+/// The scored tokens of a batch, as they are laid out: for each, the flat position whose logits
+/// predict it, the token, and the sequence (0..2B) it belongs to.
+#[derive(Default)]
+struct Scored {
+    positions: Vec<u32>,
+    targets: Vec<u32>,
+    owner: Vec<usize>,
+}
+
+impl Scored {
+    fn push(&mut self, from: usize, token: u32, seq: usize) {
+        self.positions.push(from as u32);
+        self.targets.push(token);
+        self.owner.push(seq);
+    }
+
+    /// Positions [N], targets [N], the [seqs, N] selection matrix and the scored tokens per
+    /// sequence [seqs].
+    fn into_tensors(self, seqs: usize, device: &Device) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let n = self.positions.len();
+        let mut select = vec![0f32; seqs * n];
+        let mut lengths = vec![0f32; seqs];
+        for (k, &r) in self.owner.iter().enumerate() {
+            select[r * n + k] = 1.0;
+            lengths[r] += 1.0;
+        }
+        Ok((
+            Tensor::from_vec(self.positions, n, device)?,
+            Tensor::from_vec(self.targets, n, device)?,
+            Tensor::from_vec(select, (seqs, n), device)?,
+            Tensor::from_vec(lengths, seqs, device)?,
+        ))
     }
 }
 

@@ -19,6 +19,13 @@ enum Const {
 }
 
 impl Const {
+    /// The frozen operand.
+    fn constant(&self) -> &Tensor {
+        match self {
+            Const::MatmulT(t) | Const::Add(t) | Const::Mul(t) => t,
+        }
+    }
+
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Const::MatmulT(w) => x.matmul(&w.t()?),
@@ -95,15 +102,13 @@ pub fn lora_product_no_grad(x: &Tensor, w: &Tensor, adapter: Option<(&Tensor, &T
     if !all_f32_cpu {
         return Ok(None);
     }
-    let (m, k) = x.dims2()?;
+    let m = x.dims2()?.0;
     let n = w.dim(0)?;
-    let mm = |lhs: &Tensor, rhs_t: &Tensor| -> Result<CpuStorage> {
-        // lhs [m, k'] · rhs_tᵀ with rhs_t [n', k'].
+    let mm = |lhs: &Tensor, rhs: &Tensor| -> Result<CpuStorage> {
         let (ls, ll) = lhs.storage_and_layout();
-        let (rs, rl) = rhs_t.storage_and_layout();
+        let (rs, rl) = rhs.storage_and_layout();
         let (Storage::Cpu(lc), Storage::Cpu(rc)) = (&*ls, &*rs) else { candle_core::bail!("expected CPU storage") };
-        let (mm_, kk) = (ll.dims()[0], ll.dims()[1]);
-        lc.matmul(rc, (1, mm_, rl.dims()[0], kk), ll, &rl.transpose(0, 1)?)
+        storage_matmul_t(lc, ll, rc, rl)
     };
     let base = mm(x, w)?;
     let CpuStorage::F32(mut y) = base else { return Ok(None) };
@@ -120,8 +125,13 @@ pub fn lora_product_no_grad(x: &Tensor, w: &Tensor, adapter: Option<(&Tensor, &T
             }
         }
     }
-    let _ = k;
     Ok(Some(Tensor::from_vec(y, (m, n), x.device())?))
+}
+
+/// x [m, k] · Wᵀ for W [n, k], both 2-D, on CPU storages: W is read transposed in place.
+fn storage_matmul_t(x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout) -> Result<CpuStorage> {
+    let (m, k) = (xl.dims()[0], xl.dims()[1]);
+    x.matmul(w, (1, m, wl.dims()[0], k), xl, &wl.transpose(0, 1)?)
 }
 
 impl CustomOp1 for Const {
@@ -135,18 +145,14 @@ impl CustomOp1 for Const {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         // Straight on the storages: no copy of the input or the output.
-        let (c, shape) = match self {
-            Const::MatmulT(w) | Const::Add(w) | Const::Mul(w) => (w, l.shape()),
-        };
-        let (cst, cl) = c.storage_and_layout();
+        let shape = l.shape();
+        let (cst, cl) = self.constant().storage_and_layout();
         if let Storage::Cpu(cs) = &*cst {
             if cs.dtype() == s.dtype() {
                 match self {
                     Const::MatmulT(_) if l.dims().len() == 2 && cl.dims().len() == 2 => {
-                        let (m, k) = (l.dims()[0], l.dims()[1]);
-                        let n = cl.dims()[0];
-                        let out = s.matmul(cs, (1, m, n, k), l, &cl.transpose(0, 1)?)?;
-                        return Ok((out, Shape::from((m, n))));
+                        let out = storage_matmul_t(s, l, cs, cl)?;
+                        return Ok((out, Shape::from((l.dims()[0], cl.dims()[0]))));
                     }
                     Const::Add(_) => {
                         let out = s.binary_impl::<candle_core::op::Add>(cs, l, &cl.broadcast_as(shape)?)?;
@@ -214,18 +220,13 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// the storages directly), the plain op where the constant itself is tracked or on devices
 /// without a CPU-side implementation.
 fn run(x: &Tensor, c: Const) -> Result<Tensor> {
-    if x.device().is_cpu() && !c_is_tracked(&c) && x.dtype() != DType::U32 {
+    if x.device().is_cpu() && !c.constant().track_op() && x.dtype() != DType::U32 {
         x.apply_op1(c)
     } else {
         c.apply(x)
     }
 }
 
-fn c_is_tracked(c: &Const) -> bool {
-    match c {
-        Const::MatmulT(t) | Const::Add(t) | Const::Mul(t) => t.track_op(),
-    }
-}
 
 /// x [N, in] · Wᵀ for a frozen W [out, in].
 pub fn matmul_frozen_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {

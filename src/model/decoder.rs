@@ -200,10 +200,6 @@ impl Model {
         self.checkpointing = on.then(|| std::sync::Arc::new(GradSink::default()));
     }
 
-    pub fn gradient_checkpointing(&self) -> bool {
-        self.checkpointing.is_some()
-    }
-
     /// `loss.backward()`, plus the LoRA gradients computed inside checkpointed blocks.
     pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
         let mut grads = loss.backward()?;
@@ -645,7 +641,6 @@ impl Geometry {
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         Ok(attn.o.forward(&out, ctx)?)
     }
-
 }
 
 /// Gradient checkpointing: a decoder block as one custom op that keeps only its input. Its
@@ -746,10 +741,11 @@ impl Packing {
 /// Gather per-token log-probs of `labels` from logits: logits [N, V] (any float dtype),
 /// labels [N] (u32) -> [N] f32.
 pub fn token_logps(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    if let Some(lp) = super::fused::token_logps(&logits.to_dtype(DType::F32)?, labels)? {
+    let logits = logits.to_dtype(DType::F32)?;
+    if let Some(lp) = super::fused::token_logps(&logits, labels)? {
         return Ok(lp);
     }
-    let lp = super::ops::log_softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+    let lp = super::ops::log_softmax_last_dim(&logits)?;
     let idx = labels.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?;
     Ok(lp.gather(&idx, D::Minus1)?.squeeze(D::Minus1)?)
 }
