@@ -458,9 +458,20 @@ fn disk_run_args(model: &Path, out: &Path, data: &Path) -> Vec<String> {
 /// unprivileged uid/gid 65534 before exec (the files it reads must then be world-readable).
 /// With `fsize`, the child's file size limit (RLIMIT_FSIZE) is set and SIGXFSZ ignored, so a
 /// write past the limit fails with EFBIG as a write to a full disk fails with ENOSPC.
-fn lorafold_cmd(args: &[String], log: &Path, as_nobody: bool, fsize: Option<u64>) -> Command {
+///
+/// `as_nobody` is the copy of the binary the unprivileged child runs (see
+/// [`world_readable_inputs`]): the checkout may sit below a folder only its owner can enter.
+fn lorafold_cmd(args: &[String], log: &Path, as_nobody: Option<&Path>, fsize: Option<u64>) -> Command {
     use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lorafold"));
+    let mut cmd = match as_nobody {
+        Some(bin) => {
+            let mut c = Command::new(bin);
+            c.current_dir(bin.parent().unwrap());
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_lorafold")),
+    };
+    let as_nobody = as_nobody.is_some();
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(File::create(log).unwrap());
     // SAFETY: only async-signal-safe calls (setgroups/setgid/setuid/signal/setrlimit) between
     // fork and exec.
@@ -482,9 +493,9 @@ fn lorafold_cmd(args: &[String], log: &Path, as_nobody: bool, fsize: Option<u64>
     cmd
 }
 
-/// A world-readable copy of the qwen2 fixture model and of `data`, for a child that runs as an
-/// unprivileged user; `dir` is opened to everyone.
-fn world_readable_inputs(dir: &Path, data: &Path) -> (PathBuf, PathBuf) {
+/// World-readable copies of the qwen2 fixture model, of `data` and of the lorafold binary, for
+/// a child that runs as an unprivileged user; `dir` is opened to everyone.
+fn world_readable_inputs(dir: &Path, data: &Path) -> (PathBuf, PathBuf, PathBuf) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let model = dir.join("model");
@@ -495,7 +506,10 @@ fn world_readable_inputs(dir: &Path, data: &Path) -> (PathBuf, PathBuf) {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
     std::fs::set_permissions(&model, std::fs::Permissions::from_mode(0o755)).unwrap();
-    (model, d)
+    let bin = dir.join("lorafold");
+    std::fs::copy(env!("CARGO_BIN_EXE_lorafold"), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (model, d, bin)
 }
 
 fn set_mode(p: &Path, mode: u32) {
@@ -513,10 +527,10 @@ fn finish(mut cmd: Command, log: &Path) -> (bool, String) {
 fn unwritable_output_folder_is_refused_before_training() {
     let tmp = tempfile::tempdir().unwrap();
     let data = small_data(tmp.path(), 48);
-    let (model, data) = world_readable_inputs(tmp.path(), &data);
+    let (model, data, bin) = world_readable_inputs(tmp.path(), &data);
     let log = tmp.path().join("log");
     let check = |out: &Path, as_nobody: bool, want: &str| {
-        let (ok, stderr) = finish(lorafold_cmd(&disk_run_args(&model, out, &data), &log, as_nobody, None), &log);
+        let (ok, stderr) = finish(lorafold_cmd(&disk_run_args(&model, out, &data), &log, as_nobody.then_some(bin.as_path()), None), &log);
         println!("{}: {}", out.display(), stderr.trim());
         assert!(!ok, "{stderr}");
         assert!(stderr.contains(&format!("--output_dir {}: {want}", out.display())), "{stderr}");
@@ -567,7 +581,7 @@ fn resumable_copy(reference: &Path, out: &Path) {
 fn resume_to_the_end_matches(model: &Path, reference: &Path, out: &Path, data: &Path, log: &Path) {
     let mut args = disk_run_args(model, out, data);
     args.extend(["--resume_from_checkpoint".into(), "latest".into()]);
-    let (ok, stderr) = finish(lorafold_cmd(&args, log, false, None), log);
+    let (ok, stderr) = finish(lorafold_cmd(&args, log, None, None), log);
     assert!(ok, "{stderr}");
     assert!(read(&reference.join("adapter_model.safetensors")) == read(&out.join("adapter_model.safetensors")), "resumed adapter differs");
 }
@@ -582,7 +596,7 @@ fn failed_checkpoint_write_keeps_the_previous_checkpoint() {
     let model = model_dir("qwen2");
     let reference = tmp.path().join("reference");
     let log = tmp.path().join("log");
-    let (ok, stderr) = finish(lorafold_cmd(&disk_run_args(&model, &reference, &data), &log, false, None), &log);
+    let (ok, stderr) = finish(lorafold_cmd(&disk_run_args(&model, &reference, &data), &log, None, None), &log);
     assert!(ok, "{stderr}");
     let ck = reference.join("checkpoint-2");
     let (adapter_len, optim_len) = (read(&ck.join("adapter_model.safetensors")).len() as u64, read(&ck.join("optimizer.safetensors")).len() as u64);
@@ -594,7 +608,7 @@ fn failed_checkpoint_write_keeps_the_previous_checkpoint() {
     let before = snapshot_dir(&out.join("checkpoint-2"));
     let mut args = disk_run_args(&model, &out, &data);
     args.extend(["--resume_from_checkpoint".into(), "latest".into()]);
-    let (ok, stderr) = finish(lorafold_cmd(&args, &log, false, Some(limit)), &log);
+    let (ok, stderr) = finish(lorafold_cmd(&args, &log, None, Some(limit)), &log);
     println!("file size limit {limit} bytes: {}", stderr.lines().last().unwrap_or(""));
     assert!(!ok, "the run must fail: {stderr}");
     let failed_at = out.join("checkpoint-4");
@@ -613,10 +627,10 @@ fn read_only_output_folder_mid_run_fails_the_save_cleanly() {
     // runs unprivileged so that permissions apply.
     let tmp = tempfile::tempdir().unwrap();
     let data = small_data(tmp.path(), 48);
-    let (model, data) = world_readable_inputs(tmp.path(), &data);
+    let (model, data, bin) = world_readable_inputs(tmp.path(), &data);
     let reference = tmp.path().join("reference");
     let log = tmp.path().join("log");
-    let (ok, stderr) = finish(lorafold_cmd(&disk_run_args(&model, &reference, &data), &log, false, None), &log);
+    let (ok, stderr) = finish(lorafold_cmd(&disk_run_args(&model, &reference, &data), &log, None, None), &log);
     assert!(ok, "{stderr}");
     let out = tmp.path().join("run");
     resumable_copy(&reference, &out);
@@ -628,7 +642,7 @@ fn read_only_output_folder_mid_run_fails_the_save_cleanly() {
     set_mode(&out.join("metrics.jsonl"), 0o666);
     let mut args = disk_run_args(&model, &out, &data);
     args.extend(["--resume_from_checkpoint".into(), "latest".into()]);
-    let mut child = lorafold_cmd(&args, &log, is_root(), None).spawn().unwrap();
+    let mut child = lorafold_cmd(&args, &log, is_root().then_some(bin.as_path()), None).spawn().unwrap();
     // Training has started once step 3 is logged; the save at step 4 comes after step 4.
     let t0 = Instant::now();
     while !std::fs::read_to_string(&log).unwrap_or_default().contains("step 3 |") {
@@ -702,7 +716,7 @@ fn full_disk_is_refused_up_front_or_fails_the_save_cleanly() {
     assert!(checkpoint::free_bytes(tmp.path()).is_some_and(|b| b > 0), "statvfs gives no free space");
     let reference = tmp.path().join("reference");
     let log = tmp.path().join("log");
-    let (ok, stderr) = finish(lorafold_cmd(&disk_run_args(&model, &reference, &data), &log, false, None), &log);
+    let (ok, stderr) = finish(lorafold_cmd(&disk_run_args(&model, &reference, &data), &log, None, None), &log);
     assert!(ok, "{stderr}");
     let ck_bytes: u64 = snapshot_dir(&reference.join("checkpoint-2")).iter().map(|(_, b)| (b.len() as u64).div_ceil(4096) * 4096).sum();
 
