@@ -76,7 +76,13 @@ pub struct BenchModel {
     pub vocab: usize,
 }
 
-pub const BENCH_MODEL: BenchModel = BenchModel { hidden: 512, layers: 8, heads: 8, intermediate: 1376, vocab: 16000 };
+pub const BENCH_MODEL: BenchModel = BenchModel {
+    hidden: 512,
+    layers: 8,
+    heads: 8,
+    intermediate: 1376,
+    vocab: 16000,
+};
 
 /// Write a random Llama model laid out like a hub snapshot.
 pub fn make_model(dir: &Path, m: &BenchModel, seed: u64) -> Result<()> {
@@ -93,7 +99,9 @@ pub fn make_model(dir: &Path, m: &BenchModel, seed: u64) -> Result<()> {
     let mut rng = Rng::new(seed);
     let dev = Device::Cpu;
     let mut randn = |shape: (usize, usize), std: f64| -> Result<Tensor> {
-        let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| (rng.next_normal() * std) as f32).collect();
+        let v: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| (rng.next_normal() * std) as f32)
+            .collect();
         Ok(Tensor::from_vec(v, shape, &dev)?)
     };
     let h = m.hidden;
@@ -101,13 +109,24 @@ pub fn make_model(dir: &Path, m: &BenchModel, seed: u64) -> Result<()> {
     for l in 0..m.layers {
         let p = format!("model.layers.{l}");
         for (name, o, i) in [
-            ("self_attn.q_proj", h, h), ("self_attn.k_proj", h, h), ("self_attn.v_proj", h, h), ("self_attn.o_proj", h, h),
-            ("mlp.gate_proj", m.intermediate, h), ("mlp.up_proj", m.intermediate, h), ("mlp.down_proj", h, m.intermediate),
+            ("self_attn.q_proj", h, h),
+            ("self_attn.k_proj", h, h),
+            ("self_attn.v_proj", h, h),
+            ("self_attn.o_proj", h, h),
+            ("mlp.gate_proj", m.intermediate, h),
+            ("mlp.up_proj", m.intermediate, h),
+            ("mlp.down_proj", h, m.intermediate),
         ] {
             ts.push((format!("{p}.{name}.weight"), randn((o, i), 1.0 / (i as f64).sqrt())?));
         }
-        ts.push((format!("{p}.input_layernorm.weight"), Tensor::ones(h, DType::F32, &dev)?));
-        ts.push((format!("{p}.post_attention_layernorm.weight"), Tensor::ones(h, DType::F32, &dev)?));
+        ts.push((
+            format!("{p}.input_layernorm.weight"),
+            Tensor::ones(h, DType::F32, &dev)?,
+        ));
+        ts.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            Tensor::ones(h, DType::F32, &dev)?,
+        ));
     }
     ts.push(("model.norm.weight".into(), Tensor::ones(h, DType::F32, &dev)?));
     crate::lora::io::save_safetensors(&dir.join("model.safetensors"), &ts)
@@ -116,12 +135,23 @@ pub fn make_model(dir: &Path, m: &BenchModel, seed: u64) -> Result<()> {
 /// The fixed preference batch: lengths vary by ±10% around the targets.
 pub fn make_pairs(n: usize, prompt_len: usize, response_len: usize, vocab: usize, seed: u64) -> Vec<PairIds> {
     let mut rng = Rng::new(seed);
-    let seq = |len: usize, rng: &mut Rng| -> Vec<u32> { (0..len).map(|_| 3 + rng.below(vocab as u64 - 3) as u32).collect() };
-    let jitter = |base: usize, rng: &mut Rng| -> usize { base - base / 10 + rng.below((base / 5).max(1) as u64) as usize };
+    let seq =
+        |len: usize, rng: &mut Rng| -> Vec<u32> { (0..len).map(|_| 3 + rng.below(vocab as u64 - 3) as u32).collect() };
+    let jitter =
+        |base: usize, rng: &mut Rng| -> usize { base - base / 10 + rng.below((base / 5).max(1) as u64) as usize };
     (0..n)
         .map(|_| {
-            let (p, c, r) = (jitter(prompt_len, &mut rng), jitter(response_len, &mut rng), jitter(response_len, &mut rng));
-            PairIds { prompt: seq(p, &mut rng), chosen: seq(c, &mut rng), rejected: seq(r, &mut rng), rejected_prompt: None }
+            let (p, c, r) = (
+                jitter(prompt_len, &mut rng),
+                jitter(response_len, &mut rng),
+                jitter(response_len, &mut rng),
+            );
+            PairIds {
+                prompt: seq(p, &mut rng),
+                chosen: seq(c, &mut rng),
+                rejected: seq(r, &mut rng),
+                rejected_prompt: None,
+            }
         })
         .collect()
 }
@@ -162,9 +192,24 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn measure(run: &DpoRun, pairs: &[PairIds], refs: Option<&[[f32; 2]]>, a: &BenchArgs) -> Result<(f64, usize)> {
-    let adapter = run.adapter.as_ref().ok_or_else(|| Error::Msg("bench needs an adapter".into()))?;
-    let params: Vec<(String, candle_core::Var)> = adapter.params.iter().filter_map(|p| p.var.clone().map(|v| (p.key.clone(), v))).collect();
-    let mut opt = AdamW::new(params.clone(), AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 })?;
+    let adapter = run
+        .adapter
+        .as_ref()
+        .ok_or_else(|| Error::Msg("bench needs an adapter".into()))?;
+    let params: Vec<(String, candle_core::Var)> = adapter
+        .params
+        .iter()
+        .filter_map(|p| p.var.clone().map(|v| (p.key.clone(), v)))
+        .collect();
+    let mut opt = AdamW::new(
+        params.clone(),
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+    )?;
     let refs_pairs: Vec<&PairIds> = pairs.iter().collect();
     let mut times = Vec::new();
     let mut tokens = 0;
@@ -203,7 +248,13 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     }
     let peak = matmul_peak()?;
     let dtype = crate::train::run::parse_dtype(&a.dtype, None, &Device::Cpu)?;
-    let mut model = Model::load_dir(&dir, &LoadOptions { dtype, device: Device::Cpu })?;
+    let mut model = Model::load_dir(
+        &dir,
+        &LoadOptions {
+            dtype,
+            device: Device::Cpu,
+        },
+    )?;
     model.set_gradient_checkpointing(a.gradient_checkpointing);
     let params = model.cfg.num_params();
     let lcfg = LoraConfig::new(8, 16.0, 0.0, TargetModules::all_linear());
@@ -224,7 +275,11 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
     let mut variants: Vec<(&str, f64, Option<Vec<[f32; 2]>>)> = vec![("online reference", 6.0, None)];
     if a.precomputed_ref {
-        variants.push(("precomputed reference", 4.0, Some(run.reference_logps(&pairs, a.pairs)?)));
+        variants.push((
+            "precomputed reference",
+            4.0,
+            Some(run.reference_logps(&pairs, a.pairs)?),
+        ));
     }
     for (name, flops_per_param, refs) in variants {
         let (step_s, tokens) = measure(&run, &pairs, refs.as_deref(), a)?;
@@ -243,8 +298,16 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
             base_weights_mib: base_mib,
         });
     }
-    let decode = if a.decode_tokens > 0 { Some(measure_decode(&run, &pairs[0].prompt, a.decode_tokens)?) } else { None };
-    let merge = if a.skip_merge { None } else { Some(measure_merge(&run, &dir)?) };
+    let decode = if a.decode_tokens > 0 {
+        Some(measure_decode(&run, &pairs[0].prompt, a.decode_tokens)?)
+    } else {
+        None
+    };
+    let merge = if a.skip_merge {
+        None
+    } else {
+        Some(measure_merge(&run, &dir)?)
+    };
     if a.model_dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -254,11 +317,19 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     } else {
         println!("model: Llama, {params} parameters ({base_mib:.0} MiB {}), LoRA r8 all-linear; batch {} pairs, {} real tokens/step; {} threads", a.dtype, a.pairs, results[0].tokens_per_step, candle_core::utils::get_num_threads());
         println!("measured f32 matmul peak: {:.1} GFLOP/s", peak / 1e9);
-        println!("{:<24} {:>10} {:>10} {:>12} {:>10} {:>14}", "variant", "s/step", "tokens/s", "GFLOP/s", "of peak", "peak RSS MiB");
+        println!(
+            "{:<24} {:>10} {:>10} {:>12} {:>10} {:>14}",
+            "variant", "s/step", "tokens/s", "GFLOP/s", "of peak", "peak RSS MiB"
+        );
         for r in &results {
             println!(
                 "{:<24} {:>10.3} {:>10.1} {:>12.1} {:>9.1}% {:>14.0}",
-                r.variant, r.median_step_s, r.tokens_per_s, r.model_flops_per_s / 1e9, 100.0 * r.fraction_of_peak, r.peak_rss_mib
+                r.variant,
+                r.median_step_s,
+                r.tokens_per_s,
+                r.model_flops_per_s / 1e9,
+                100.0 * r.fraction_of_peak,
+                r.peak_rss_mib
             );
         }
         if let Some(d) = &decode {
@@ -293,7 +364,12 @@ pub struct DecodeResult {
 fn measure_decode(run: &DpoRun, prompt: &[u32], n: usize) -> Result<DecodeResult> {
     use crate::infer::generate::{generate, GenerateOptions};
     let ctx = run.adapter.as_ref().map_or(Fwd::base(), |a| Fwd::eval(a.slot));
-    let opts = GenerateOptions { max_new_tokens: n, stop_tokens: vec![], use_cache: true, ..Default::default() };
+    let opts = GenerateOptions {
+        max_new_tokens: n,
+        stop_tokens: vec![],
+        use_cache: true,
+        ..Default::default()
+    };
     let start = Instant::now();
     let mut first: Option<Instant> = None;
     let g = generate(run.model, &ctx, prompt, &opts, |_| {
@@ -328,7 +404,10 @@ fn measure_merge(run: &DpoRun, model_dir: &Path) -> Result<MergeResult> {
         #[command(flatten)]
         merge: crate::merge::MergeArgs,
     }
-    let adapter = run.adapter.as_ref().ok_or_else(|| Error::Msg("bench needs an adapter".into()))?;
+    let adapter = run
+        .adapter
+        .as_ref()
+        .ok_or_else(|| Error::Msg("bench needs an adapter".into()))?;
     let work = std::env::temp_dir().join(format!("lorafold-bench-merge-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     let (ad_dir, merged, copied) = (work.join("adapter"), work.join("merged"), work.join("copied"));
@@ -354,5 +433,9 @@ fn measure_merge(run: &DpoRun, model_dir: &Path) -> Result<MergeResult> {
     }
     let copy_s = t.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(&work);
-    Ok(MergeResult { merge_s, copy_s, bytes: summary.bytes })
+    Ok(MergeResult {
+        merge_s,
+        copy_s,
+        bytes: summary.bytes,
+    })
 }

@@ -29,11 +29,7 @@ pub enum Error {
     UnsupportedArchitecture { path: PathBuf, name: String },
 
     #[error("{path}: key {key:?}: {msg}")]
-    Config {
-        path: PathBuf,
-        key: String,
-        msg: String,
-    },
+    Config { path: PathBuf, key: String, msg: String },
 
     #[error("{path}: tensor {name:?} is missing")]
     MissingTensor { path: PathBuf, name: String },
@@ -106,7 +102,10 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Resu
 /// Read a JSON file and deserialize it into `T`, naming the key at fault when a value has the
 /// wrong type or is missing (serde alone only says "expected usize"). Syntax errors keep their
 /// line and column. `example` is any valid `T` as JSON (see [`from_json_named`]).
-pub fn read_json_named<T: serde::de::DeserializeOwned>(path: &std::path::Path, example: &serde_json::Value) -> Result<T> {
+pub fn read_json_named<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    example: &serde_json::Value,
+) -> Result<T> {
     let value: serde_json::Value = read_json(path)?;
     from_json_named(&value, example, path)
 }
@@ -145,7 +144,11 @@ pub fn from_json_named<T: serde::de::DeserializeOwned>(
         Ok(v) => return Ok(v),
         Err(e) => e,
     };
-    let config = |key: &str, msg: String| Error::Config { path: path.into(), key: key.into(), msg };
+    let config = |key: &str, msg: String| Error::Config {
+        path: path.into(),
+        key: key.into(),
+        msg,
+    };
     if let Value::Object(base) = example {
         for (k, v) in map {
             let mut one = base.clone();

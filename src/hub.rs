@@ -64,7 +64,9 @@ pub fn resolve_model(spec: &str, revision: Option<&str>) -> Result<ModelFiles> {
         return local_model(spec, path);
     }
     if path.exists() {
-        return Err(Error::Msg(format!("{spec}: --model must be a folder or a hub id, not a file")));
+        return Err(Error::Msg(format!(
+            "{spec}: --model must be a folder or a hub id, not a file"
+        )));
     }
     if !looks_like_hub_id(spec) {
         return Err(Error::MissingFile { path: path.into() });
@@ -119,7 +121,11 @@ impl HubRepo {
     }
 
     fn cached(&self, file: &str) -> Option<PathBuf> {
-        let repo = self.cache.repo(Repo::with_revision(self.id.clone(), RepoType::Model, self.revision.clone()));
+        let repo = self.cache.repo(Repo::with_revision(
+            self.id.clone(),
+            RepoType::Model,
+            self.revision.clone(),
+        ));
         if let Some(p) = repo.get(file) {
             return Some(p);
         }

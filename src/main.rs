@@ -70,7 +70,10 @@ fn dpo(args: cli::DpoArgs) -> anyhow::Result<()> {
     let summary = lorafold::train::run::run_dpo(&s, false)?;
     let o = &summary.outcome;
     if o.skipped_nonfinite > 0 {
-        eprintln!("warning: {} steps skipped because the loss or a gradient was NaN/Inf", o.skipped_nonfinite);
+        eprintln!(
+            "warning: {} steps skipped because the loss or a gradient was NaN/Inf",
+            o.skipped_nonfinite
+        );
     }
     if o.interrupted {
         eprintln!(
@@ -101,13 +104,20 @@ fn dpo(args: cli::DpoArgs) -> anyhow::Result<()> {
 fn eval(args: cli::EvalArgs) -> anyhow::Result<()> {
     let s = settings(args.recipe.as_deref(), &args.options)?;
     let (rec, n, report) = lorafold::train::run::run_eval(&s, args.per_pair.as_deref())?;
-    let rec: std::collections::BTreeMap<String, f64> =
-        rec.into_iter().map(|(k, v)| (k.trim_start_matches("eval_").to_string(), v)).collect();
+    let rec: std::collections::BTreeMap<String, f64> = rec
+        .into_iter()
+        .map(|(k, v)| (k.trim_start_matches("eval_").to_string(), v))
+        .collect();
     if args.json {
         let mut obj = serde_json::Map::new();
         obj.insert("pairs".into(), n.into());
         for (k, v) in &rec {
-            obj.insert(k.clone(), serde_json::Number::from_f64(*v).map(Into::into).unwrap_or(serde_json::Value::Null));
+            obj.insert(
+                k.clone(),
+                serde_json::Number::from_f64(*v)
+                    .map(Into::into)
+                    .unwrap_or(serde_json::Value::Null),
+            );
         }
         println!("{}", serde_json::Value::Object(obj));
     } else {

@@ -171,8 +171,8 @@ impl DpoOptions {
     /// Read a YAML recipe. Keys may use `_` or `-`; unknown keys are errors naming them.
     pub fn from_yaml_file(path: &Path) -> Result<DpoOptions> {
         let text = crate::error::read_to_string(path)?;
-        let value: serde_yaml::Value = serde_yaml::from_str(&text)
-            .map_err(|e| Error::Msg(format!("{}: invalid YAML: {e}", path.display())))?;
+        let value: serde_yaml::Value =
+            serde_yaml::from_str(&text).map_err(|e| Error::Msg(format!("{}: invalid YAML: {e}", path.display())))?;
         let value = match value {
             serde_yaml::Value::Mapping(m) => serde_yaml::Value::Mapping(
                 m.into_iter()
@@ -196,7 +196,16 @@ impl DpoOptions {
             }
         };
         // Single values are accepted where lists are expected (dataset: file.jsonl).
-        let value = listify(value, &["dataset", "val_dataset", "lora_target_modules", "loss_type", "loss_weights"]);
+        let value = listify(
+            value,
+            &[
+                "dataset",
+                "val_dataset",
+                "lora_target_modules",
+                "loss_type",
+                "loss_weights",
+            ],
+        );
         let opts: DpoOptions = serde_yaml::from_value(value.clone()).map_err(|e| {
             // Name the key at fault: check the keys one at a time.
             let key = match &value {
@@ -210,10 +219,17 @@ impl DpoOptions {
                     .and_then(|(k, _)| k.as_str().map(str::to_string)),
                 _ => None,
             };
-            Error::Config { path: path.into(), key: key.unwrap_or_else(|| "recipe".into()), msg: e.to_string() }
+            Error::Config {
+                path: path.into(),
+                key: key.unwrap_or_else(|| "recipe".into()),
+                msg: e.to_string(),
+            }
         })?;
-        opts.check_values()
-            .map_err(|(key, msg)| Error::Config { path: path.into(), key, msg })?;
+        opts.check_values().map_err(|(key, msg)| Error::Config {
+            path: path.into(),
+            key,
+            msg,
+        })?;
         Ok(opts)
     }
 
@@ -366,7 +382,9 @@ impl DpoOptions {
 }
 
 /// The `--dtype` spellings lorafold accepts (lower case).
-const DTYPES: [&str; 9] = ["auto", "fp32", "f32", "float32", "bf16", "bfloat16", "fp16", "f16", "float16"];
+const DTYPES: [&str; 9] = [
+    "auto", "fp32", "f32", "float32", "bf16", "bfloat16", "fp16", "f16", "float16",
+];
 
 /// Loss type names as given: each value may hold several, comma-separated.
 fn loss_names(values: &[String]) -> Vec<String> {
@@ -472,7 +490,11 @@ pub struct Settings {
 }
 
 fn bad(key: &str, msg: impl Into<String>) -> Error {
-    Error::Config { path: PathBuf::from("settings"), key: key.into(), msg: msg.into() }
+    Error::Config {
+        path: PathBuf::from("settings"),
+        key: key.into(),
+        msg: msg.into(),
+    }
 }
 
 impl DpoOptions {
@@ -480,10 +502,15 @@ impl DpoOptions {
     pub fn resolve(self) -> Result<Settings> {
         self.check_values().map_err(|(key, msg)| bad(&key, msg))?;
         let o = self;
-        let model = o.model.ok_or_else(|| bad("model", "is required (--model DIR or a hub id)"))?;
+        let model = o
+            .model
+            .ok_or_else(|| bad("model", "is required (--model DIR or a hub id)"))?;
         if let Some(t) = &o.sft_type {
             if !t.eq_ignore_ascii_case("lora") {
-                return Err(bad("sft_type", format!("{t:?} is not supported: lorafold trains LoRA adapters only (--sft_type lora)")));
+                return Err(bad(
+                    "sft_type",
+                    format!("{t:?} is not supported: lorafold trains LoRA adapters only (--sft_type lora)"),
+                ));
             }
         }
         if let Some(r) = &o.ref_model_type {
@@ -503,7 +530,10 @@ impl DpoOptions {
         }
         let truncation_mode = o.truncation_mode.unwrap_or_else(|| "keep_end".into());
         if truncation_mode != "keep_end" && truncation_mode != "keep_start" {
-            return Err(bad("truncation_mode", format!("{truncation_mode:?} must be keep_end or keep_start")));
+            return Err(bad(
+                "truncation_mode",
+                format!("{truncation_mode:?} must be keep_end or keep_start"),
+            ));
         }
         let loss_type = o.loss_type.unwrap_or_else(|| vec!["sigmoid".into()]);
         let loss_type = loss_names(&loss_type);
@@ -520,7 +550,10 @@ impl DpoOptions {
         }
         let loss_weights = o.loss_weights.unwrap_or_else(|| vec![1.0; loss_type.len()]);
         if loss_weights.len() != loss_type.len() {
-            return Err(bad("loss_weights", format!("{} weights for {} loss types", loss_weights.len(), loss_type.len())));
+            return Err(bad(
+                "loss_weights",
+                format!("{} weights for {} loss types", loss_weights.len(), loss_type.len()),
+            ));
         }
         let lr_scheduler_type = o.lr_scheduler_type.unwrap_or_else(|| "cosine".into());
         lr_scheduler_type
@@ -531,7 +564,13 @@ impl DpoOptions {
             return Err(bad("dtype", format!("{dtype:?} must be AUTO, fp32, bf16 or fp16")));
         }
         let batch_size = o.batch_size.unwrap_or(1);
-        let positive = |key: &str, v: usize| if v == 0 { Err(bad(key, "must be at least 1")) } else { Ok(v) };
+        let positive = |key: &str, v: usize| {
+            if v == 0 {
+                Err(bad(key, "must be at least 1"))
+            } else {
+                Ok(v)
+            }
+        };
         positive("batch_size", batch_size)?;
         let s = Settings {
             output_dir: o.output_dir.unwrap_or_else(|| default_output_dir(&model)),
@@ -554,7 +593,10 @@ impl DpoOptions {
             ref_adapters: o.ref_adapters,
             batch_size,
             eval_batch_size: positive("eval_batch_size", o.eval_batch_size.unwrap_or(batch_size))?,
-            gradient_accumulation_steps: positive("gradient_accumulation_steps", o.gradient_accumulation_steps.unwrap_or(1))?,
+            gradient_accumulation_steps: positive(
+                "gradient_accumulation_steps",
+                o.gradient_accumulation_steps.unwrap_or(1),
+            )?,
             shuffle: o.shuffle.unwrap_or(true),
             learning_rate: o.learning_rate.unwrap_or(1e-4),
             weight_decay: o.weight_decay.unwrap_or(0.1),
@@ -600,7 +642,11 @@ impl DpoOptions {
                 return Err(bad(key, format!("{v} is outside [{lo}, {hi})")));
             }
         }
-        for (key, v) in [("learning_rate", s.learning_rate), ("beta", s.beta), ("lora_alpha", s.lora_alpha)] {
+        for (key, v) in [
+            ("learning_rate", s.learning_rate),
+            ("beta", s.beta),
+            ("lora_alpha", s.lora_alpha),
+        ] {
             if !(v > 0.0 && v.is_finite()) {
                 return Err(bad(key, format!("{v} must be positive")));
             }
@@ -635,7 +681,12 @@ pub fn utc_stamp(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -650,7 +701,9 @@ mod tests {
 
     #[test]
     fn flag_spellings() {
-        let v = normalize_flag_spelling(["lorafold", "--max_length", "5", "--lora_target_modules=ALL", "x_y"].map(String::from));
+        let v = normalize_flag_spelling(
+            ["lorafold", "--max_length", "5", "--lora_target_modules=ALL", "x_y"].map(String::from),
+        );
         assert_eq!(v, ["lorafold", "--max-length", "5", "--lora-target-modules=ALL", "x_y"]);
     }
 }

@@ -117,17 +117,17 @@ pub fn read_jsonl(bytes: &[u8], display: &str) -> Vec<RawRow> {
             Err(too_long("the line", line.len()))
         } else {
             match std::str::from_utf8(line) {
-            Err(e) => Err(format!(
-                "not valid UTF-8 text (byte {} of the line)",
-                e.valid_up_to() + 1
-            )),
-            Ok(text) => {
-                let text = text.trim();
-                if text.is_empty() {
-                    continue;
+                Err(e) => Err(format!(
+                    "not valid UTF-8 text (byte {} of the line)",
+                    e.valid_up_to() + 1
+                )),
+                Ok(text) => {
+                    let text = text.trim();
+                    if text.is_empty() {
+                        continue;
+                    }
+                    parse_line(text)
                 }
-                parse_line(text)
-            }
             }
         };
         rows.push(RawRow {

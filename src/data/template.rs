@@ -382,7 +382,10 @@ pub fn inject_guards(src: &str) -> String {
         if open == b'%' {
             let inner = &src[i + 2..end - 2];
             let body = inner.trim_start_matches(['-', '+']).trim_end_matches(['-', '+']).trim();
-            let word: String = body.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            let word: String = body
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
             let rest = body[word.len()..].trim();
             if word == "raw" {
                 // Copy up to and including the matching endraw tag.
@@ -627,7 +630,9 @@ fn value_guard(names: String, values: minijinja::value::Rest<Value>) -> std::res
 
 /// Is `v` the `messages` list the render was given (the very object, not a copy)?
 fn is_given_messages(v: &Value) -> bool {
-    let Some(this) = v.downcast_object::<Vec<Value>>() else { return false };
+    let Some(this) = v.downcast_object::<Vec<Value>>() else {
+        return false;
+    };
     GIVEN_MESSAGES.with(|m| {
         m.borrow()
             .as_ref()
@@ -671,10 +676,7 @@ fn grew(limit: usize, name: Option<&str>) -> minijinja::Error {
         Some(n) => format!(" (variable `{n}`)"),
         None => String::new(),
     };
-    minijinja::Error::new(
-        ErrorKind::InvalidOperation,
-        format!("{GREW}past {limit} bytes{what}"),
-    )
+    minijinja::Error::new(ErrorKind::InvalidOperation, format!("{GREW}past {limit} bytes{what}"))
 }
 
 /// Take the size of `v` out of `budget`; false when it does not fit. Strings count their bytes,
@@ -690,7 +692,9 @@ fn charge(v: &Value, budget: &mut usize, depth: usize) -> bool {
         None => false,
     };
     match v.kind() {
-        ValueKind::String | ValueKind::Bytes => take(v.as_str().map_or_else(|| v.len().unwrap_or(16), str::len).max(16)),
+        ValueKind::String | ValueKind::Bytes => {
+            take(v.as_str().map_or_else(|| v.len().unwrap_or(16), str::len).max(16))
+        }
         ValueKind::Seq | ValueKind::Map if depth < 16 => {
             if let Some(n) = v.len() {
                 if !take(n.saturating_mul(16)) {
@@ -726,13 +730,22 @@ fn current_limit() -> usize {
 
 /// Bytes of `s.replace(from, to)` (at most `count` replacements), without building it.
 fn replaced_len(s: &str, from: &str, to: &str, count: Option<usize>) -> usize {
-    let hits = if from.is_empty() { s.chars().count() + 1 } else { s.matches(from).count() };
+    let hits = if from.is_empty() {
+        s.chars().count() + 1
+    } else {
+        s.matches(from).count()
+    };
     let hits = count.map_or(hits, |c| hits.min(c));
     (s.len() - hits.saturating_mul(from.len()).min(s.len())).saturating_add(hits.saturating_mul(to.len()))
 }
 
 /// The `replace` filter, refusing results past the render's bound.
-fn capped_replace(value: Value, from: Value, to: Value, count: Option<usize>) -> std::result::Result<Value, minijinja::Error> {
+fn capped_replace(
+    value: Value,
+    from: Value,
+    to: Value,
+    count: Option<usize>,
+) -> std::result::Result<Value, minijinja::Error> {
     let as_text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
     let (s, f, t) = (as_text(&value), as_text(&from), as_text(&to));
     let limit = current_limit();
@@ -778,7 +791,10 @@ fn capped_methods(
             args.first().and_then(Value::as_str),
             args.get(1).and_then(Value::as_str),
         ) {
-            let count = args.get(2).and_then(|c| c.as_i64()).and_then(|c| usize::try_from(c).ok());
+            let count = args
+                .get(2)
+                .and_then(|c| c.as_i64())
+                .and_then(|c| usize::try_from(c).ok());
             let limit = current_limit();
             if replaced_len(s, f, t, count) > limit {
                 return Err(grew(limit, None));
@@ -1167,7 +1183,11 @@ mod tests {
 
     #[test]
     fn guards_leave_the_output_unchanged() {
-        let msgs = [Message::system("Be brief."), Message::user("Hi there"), Message::assistant("Hello.")];
+        let msgs = [
+            Message::system("Be brief."),
+            Message::user("Hi there"),
+            Message::assistant("Hello."),
+        ];
         for src in [
             "{% for m in messages %}\n  {{ m.role }}: {{ m.content }}\n{% endfor %}\n",
             "{%- for m in messages -%}\n   {{ m.content }}   \n{%- endfor -%}\n  tail",
@@ -1200,7 +1220,8 @@ mod tests {
         assert!(inject_guards("{% macro m() %}{% endmacro %}").contains(&format!("{GUARD}('')")));
         // Targets that are not plain names: every variable in scope is checked instead.
         assert!(inject_guards("{% set 9x = 1 %}").contains(GUARD_ALL));
-        let g = inject_guards("{% for x in y recursive -%}\n{% endfor %}{% set a = 1 +%}{{ '%}{% set' }}{% for z in y %}");
+        let g =
+            inject_guards("{% for x in y recursive -%}\n{% endfor %}{% set a = 1 +%}{{ '%}{% set' }}{% for z in y %}");
         assert_eq!(g.matches(GUARD).count(), 2, "{g}");
         assert!(g.contains("{% endif -%}") && g.contains("{% endif +%}"), "{g}");
     }

@@ -51,15 +51,9 @@ impl Batch {
     /// The batch for `pairs`: packed with the prompt shared by chosen and rejected when
     /// `share_prompt` is set and every pair scores both responses after one prompt, else as
     /// 2B separate sequences.
-    pub fn build(
-        pairs: &[&PairIds],
-        pad_id: u32,
-        device: &Device,
-        share_prompt: bool,
-    ) -> Result<Batch> {
-        let shareable = |p: &&PairIds| {
-            p.rejected_prompt.as_ref().is_none_or(|rp| rp == &p.prompt) && !p.prompt.is_empty()
-        };
+    pub fn build(pairs: &[&PairIds], pad_id: u32, device: &Device, share_prompt: bool) -> Result<Batch> {
+        let shareable =
+            |p: &&PairIds| p.rejected_prompt.as_ref().is_none_or(|rp| rp == &p.prompt) && !p.prompt.is_empty();
         if share_prompt && !pairs.is_empty() && pairs.iter().all(shareable) {
             Self::packed(pairs, pad_id, device)
         } else {
@@ -117,10 +111,7 @@ impl Batch {
             select,
             lengths,
             num_tokens,
-            packing: Some(Packing {
-                positions,
-                segments,
-            }),
+            packing: Some(Packing { positions, segments }),
         })
     }
 
@@ -144,9 +135,7 @@ impl Batch {
         let mut num_tokens = 0;
         for (r, (s, plen)) in seqs.iter().enumerate() {
             ids[r * t..r * t + s.len()].copy_from_slice(s);
-            mask[r * t..r * t + s.len()]
-                .iter_mut()
-                .for_each(|m| *m = 1.0);
+            mask[r * t..r * t + s.len()].iter_mut().for_each(|m| *m = 1.0);
             padded |= s.len() < t;
             num_tokens += s.len();
             // The token at position i is predicted by the logits at i-1.

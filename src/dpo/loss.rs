@@ -189,31 +189,25 @@ impl LossKind {
 
     /// Check the parameters: a value outside its range is an error naming the loss.
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str, v: f64| {
-            Err(Error::Msg(format!(
-                "loss type {:?}: {what}, got {v}",
-                self.name()
-            )))
-        };
+        let bad = |what: &str, v: f64| Err(Error::Msg(format!("loss type {:?}: {what}, got {v}", self.name())));
         match *self {
             LossKind::Sigmoid { label_smoothing: e }
             | LossKind::Aot { label_smoothing: e }
             | LossKind::AotPair { label_smoothing: e }
-            | LossKind::Simpo {
-                label_smoothing: e, ..
-            } if !(0.0..=1.0).contains(&e) => bad("label_smoothing must lie in [0, 1]", e),
+            | LossKind::Simpo { label_smoothing: e, .. }
+                if !(0.0..=1.0).contains(&e) =>
+            {
+                bad("label_smoothing must lie in [0, 1]", e)
+            }
             // TRL warns outside [0, 0.5); at 0.5 the loss divides by zero, beyond it flips sign.
             LossKind::Robust { label_smoothing: e } if !(0.0..0.5).contains(&e) => {
                 bad("label_smoothing must lie in [0, 0.5)", e)
             }
             // log(ε) and log(1 − ε) must be finite; TRL refuses ε = 0 too.
-            LossKind::ExoPair { label_smoothing: e } if !(e > 0.0 && e < 1.0) => bad(
-                "label_smoothing must lie in (0, 1) (the EXO paper suggests 1e-3)",
-                e,
-            ),
-            LossKind::DiscoPop { tau } if !(tau > 0.0 && tau.is_finite()) => {
-                bad("discopop_tau must be > 0", tau)
+            LossKind::ExoPair { label_smoothing: e } if !(e > 0.0 && e < 1.0) => {
+                bad("label_smoothing must lie in (0, 1) (the EXO paper suggests 1e-3)", e)
             }
+            LossKind::DiscoPop { tau } if !(tau > 0.0 && tau.is_finite()) => bad("discopop_tau must be > 0", tau),
             LossKind::Simpo { gamma, .. } if !gamma.is_finite() => bad("simpo_gamma must be finite", gamma),
             _ => Ok(()),
         }
@@ -325,10 +319,7 @@ impl LossKind {
                 let d = ((lc / &c.chosen_len)? - (lr / &c.rejected_len)?)?;
                 log_sigmoid(&(d * beta)?)?.neg()?
             }
-            LossKind::Simpo {
-                gamma,
-                label_smoothing,
-            } => {
+            LossKind::Simpo { gamma, label_smoothing } => {
                 let (mc, mr) = c.means()?;
                 let logits = (((mc - mr)? * beta)? - gamma)?;
                 cdpo(&logits, label_smoothing)?
@@ -454,10 +445,9 @@ impl DpoLoss {
                 || c.ref_chosen.is_none()
                 || c.ref_rejected.is_none());
         let (chosen_rewards, rejected_rewards) = match (&c.ref_chosen, &c.ref_rejected) {
-            (Some(rc), Some(rr)) if !reference_free => (
-                ((&c.chosen - rc)? * self.beta)?,
-                ((&c.rejected - rr)? * self.beta)?,
-            ),
+            (Some(rc), Some(rr)) if !reference_free => {
+                (((&c.chosen - rc)? * self.beta)?, ((&c.rejected - rr)? * self.beta)?)
+            }
             _ => {
                 let (mc, mr) = c.means()?;
                 ((mc * self.beta)?, (mr * self.beta)?)
@@ -500,10 +490,7 @@ impl Prepared {
         }
         let check = |name: &str, t: &Tensor| -> Result<Tensor> {
             if t.dims() != [b] {
-                return Err(Error::Msg(format!(
-                    "{name}: expected shape [{b}], got {:?}",
-                    t.dims()
-                )));
+                return Err(Error::Msg(format!("{name}: expected shape [{b}], got {:?}", t.dims())));
             }
             Ok(t.to_dtype(dtype)?)
         };
@@ -525,9 +512,7 @@ impl Prepared {
             ref_chosen: refs.0,
             ref_rejected: refs.1,
             chosen_len: check("chosen_lengths", x.chosen_lengths)?.detach().maximum(1.0)?,
-            rejected_len: check("rejected_lengths", x.rejected_lengths)?
-                .detach()
-                .maximum(1.0)?,
+            rejected_len: check("rejected_lengths", x.rejected_lengths)?.detach().maximum(1.0)?,
         })
     }
 

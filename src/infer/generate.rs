@@ -109,12 +109,7 @@ impl<'m> Session<'m> {
         }
         // Reuse the cached prefix; at least one prompt token must be fed to get logits.
         let common = if opts.use_cache {
-            let c = self
-                .cached
-                .iter()
-                .zip(prompt)
-                .take_while(|(a, b)| a == b)
-                .count();
+            let c = self.cached.iter().zip(prompt).take_while(|(a, b)| a == b).count();
             c.min(prompt.len() - 1)
         } else {
             0

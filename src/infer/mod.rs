@@ -136,9 +136,7 @@ pub fn run(args: &InferArgs) -> anyhow::Result<()> {
         }),
         top_k: top_k.or(gen_cfg.top_k).unwrap_or(50),
         top_p: top_p.or(gen_cfg.top_p).unwrap_or(1.0),
-        repetition_penalty: repetition_penalty
-            .or(gen_cfg.repetition_penalty)
-            .unwrap_or(1.0),
+        repetition_penalty: repetition_penalty.or(gen_cfg.repetition_penalty).unwrap_or(1.0),
         seed: *seed,
     };
     sampling.validate()?;
@@ -216,11 +214,7 @@ impl GenerationConfig {
 fn ids_of(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| x as u32).into_iter().collect(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_u64)
-            .map(|x| x as u32)
-            .collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
         _ => Vec::new(),
     }
 }
@@ -294,8 +288,7 @@ pub fn read_prompts(path: &Path) -> anyhow::Result<Vec<PromptItem>> {
             )
         })?;
         let line = line.strip_suffix('\r').unwrap_or(line);
-        let parsed = parse_prompt_line(line)
-            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+        let parsed = parse_prompt_line(line).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
         if let Some((messages, source)) = parsed {
             items.push(PromptItem {
                 line: i + 1,
@@ -319,10 +312,7 @@ pub fn parse_prompt_line(line: &str) -> Result<Option<(Vec<Message>, Value)>, St
         return Ok(None);
     }
     if !t.starts_with(['{', '[', '"']) {
-        return Ok(Some((
-            vec![Message::user(line)],
-            Value::String(line.to_string()),
-        )));
+        return Ok(Some((vec![Message::user(line)], Value::String(line.to_string()))));
     }
     let v: Value = serde_json::from_str(t).map_err(|e| format!("invalid JSON: {e}"))?;
     let messages = match &v {
@@ -343,9 +333,7 @@ pub fn parse_prompt_line(line: &str) -> Result<Option<(Vec<Message>, Value)>, St
                 };
                 let mut msgs = Vec::new();
                 if let Some(s) = o.get("system") {
-                    msgs.push(Message::system(
-                        s.as_str().ok_or("\"system\" must be a string")?,
-                    ));
+                    msgs.push(Message::system(s.as_str().ok_or("\"system\" must be a string")?));
                 }
                 msgs.push(Message::user(text));
                 msgs
@@ -368,12 +356,8 @@ fn parse_messages(v: &Value) -> Result<Vec<Message>, String> {
             let content = m.get("content").and_then(Value::as_str);
             match (role, content) {
                 (Some(r @ ("system" | "user" | "assistant")), Some(c)) => Ok(Message::new(r, c)),
-                (Some(r), Some(_)) => Err(format!(
-                    "message {i}: role {r:?} is not system, user or assistant"
-                )),
-                _ => Err(format!(
-                    "message {i}: needs string \"role\" and \"content\""
-                )),
+                (Some(r), Some(_)) => Err(format!("message {i}: role {r:?} is not system, user or assistant")),
+                _ => Err(format!("message {i}: needs string \"role\" and \"content\"")),
             }
         })
         .collect()
@@ -394,10 +378,7 @@ impl Inference<'_> {
     /// Token ids of a conversation, ready for the assistant's answer.
     fn prompt_ids(&self, messages: &[Message]) -> anyhow::Result<Vec<u32>> {
         let mut msgs = Vec::with_capacity(messages.len() + 1);
-        if let (Some(s), false) = (
-            &self.system,
-            messages.first().is_some_and(|m| m.role == "system"),
-        ) {
+        if let (Some(s), false) = (&self.system, messages.first().is_some_and(|m| m.role == "system")) {
             msgs.push(Message::system(s.clone()));
         }
         msgs.extend_from_slice(messages);
@@ -433,9 +414,7 @@ impl Inference<'_> {
                 return Ok(());
             }
             if let (Some(w), Some(piece)) = (out.as_mut(), stream.push(tok)?) {
-                w.write_all(piece.as_bytes())
-                    .and_then(|_| w.flush())
-                    .map_err(io_err)?;
+                w.write_all(piece.as_bytes()).and_then(|_| w.flush()).map_err(io_err)?;
             }
             Ok(())
         })?;
@@ -564,11 +543,7 @@ impl Inference<'_> {
             let mut opts = self.opts.clone();
             opts.sampling.seed = self.opts.sampling.seed.wrapping_add(turn);
             turn += 1;
-            for (((label, _), session), history) in self
-                .sides
-                .iter()
-                .zip(sessions.iter_mut())
-                .zip(histories.iter_mut())
+            for (((label, _), session), history) in self.sides.iter().zip(sessions.iter_mut()).zip(histories.iter_mut())
             {
                 history.push(Message::user(text));
                 let ids = match self.prompt_ids(history) {

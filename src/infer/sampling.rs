@@ -137,9 +137,7 @@ pub fn argmax(logits: &[f32]) -> Result<u32> {
     let mut best: Option<(usize, f32)> = None;
     for (i, &x) in logits.iter().enumerate() {
         if x.is_nan() {
-            return Err(Error::Msg(format!(
-                "the model produced a NaN logit (token {i})"
-            )));
+            return Err(Error::Msg(format!("the model produced a NaN logit (token {i})")));
         }
         if best.is_none_or(|(_, b)| x > b) {
             best = Some((i, x));
@@ -198,10 +196,7 @@ impl Sampler {
             }
         }
         // Rounding left u at the very end: the last token with mass.
-        Ok(probs
-            .iter()
-            .rposition(|p| *p > 0.0)
-            .unwrap_or(best as usize) as u32)
+        Ok(probs.iter().rposition(|p| *p > 0.0).unwrap_or(best as usize) as u32)
     }
 }
 

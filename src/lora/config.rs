@@ -94,9 +94,7 @@ impl TargetMatcher {
         match self {
             TargetMatcher::All => true,
             TargetMatcher::Regex(re) => re.is_match(path),
-            TargetMatcher::Suffix(list) => list
-                .iter()
-                .any(|t| path == t || path.ends_with(&format!(".{t}"))),
+            TargetMatcher::Suffix(list) => list.iter().any(|t| path == t || path.ends_with(&format!(".{t}"))),
         }
     }
 }
@@ -183,7 +181,10 @@ impl LoraConfig {
             msg,
         };
         if self.peft_type != "LORA" {
-            return Err(bad("peft_type", format!("{:?} is not supported (LORA only)", self.peft_type)));
+            return Err(bad(
+                "peft_type",
+                format!("{:?} is not supported (LORA only)", self.peft_type),
+            ));
         }
         if self.r == 0 {
             return Err(bad("r", "must be positive".into()));
@@ -198,7 +199,10 @@ impl LoraConfig {
             return Err(bad("bias", format!("{:?} is not supported (\"none\" only)", self.bias)));
         }
         if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(bad("modules_to_save", "fully trained extra modules are not supported".into()));
+            return Err(bad(
+                "modules_to_save",
+                "fully trained extra modules are not supported".into(),
+            ));
         }
         if self.layers_to_transform.as_ref().is_some_and(|v| !v.is_null()) {
             return Err(bad("layers_to_transform", "is not supported".into()));

@@ -153,8 +153,7 @@ impl Adapter {
         }
         let json = serde_json::to_string_pretty(&config).map_err(|e| Error::Msg(e.to_string()))?;
         write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())?;
-        let tensors: Vec<(String, Tensor)> =
-            self.params.iter().map(|p| (p.key.clone(), p.tensor.clone())).collect();
+        let tensors: Vec<(String, Tensor)> = self.params.iter().map(|p| (p.key.clone(), p.tensor.clone())).collect();
         save_safetensors(&dir.join(WEIGHTS_FILE), &tensors)?;
         Ok(())
     }
@@ -177,7 +176,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn tmp_name(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp"))
 }
 
@@ -190,13 +192,19 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()>
         let shape = t.dims().to_vec();
         let t = t.flatten_all()?;
         let (bytes, dt) = match t.dtype() {
-            DType::F32 => (t.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(), Dtype::F32),
+            DType::F32 => (
+                t.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                Dtype::F32,
+            ),
             DType::F16 => (
                 t.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
                 Dtype::F16,
             ),
             DType::BF16 => (
-                t.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                t.to_vec1::<half::bf16>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
                 Dtype::BF16,
             ),
             other => return Err(Error::Msg(format!("tensor {name}: cannot save dtype {other:?}"))),
@@ -216,7 +224,8 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()>
     // Serialised in memory and written with `write_atomic`, not with `serialize_to_file`: that
     // one goes through a randomly named temporary file (left behind if the process is killed
     // mid-write) created with mode 0600 (adapters unreadable to other users).
-    let bytes = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+    let bytes = safetensors::tensor::serialize(views, Some(meta))
+        .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
     drop(owned);
     write_atomic(path, &bytes)
 }

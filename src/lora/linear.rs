@@ -118,7 +118,9 @@ impl LoraLinear {
         let x2 = x.reshape((n, in_f))?;
         let ad = ctx.adapter.and_then(|s| self.adapter(s));
         if ctx.no_grad && self.bias.is_none() {
-            if let Some(y) = crate::model::constop::lora_product_no_grad(&x2, &self.weight, ad.map(|a| (&a.a, &a.b, a.scale)))? {
+            if let Some(y) =
+                crate::model::constop::lora_product_no_grad(&x2, &self.weight, ad.map(|a| (&a.a, &a.b, a.scale)))?
+            {
                 let mut out_dims = dims;
                 if let Some(last) = out_dims.last_mut() {
                     *last = self.out_features();
@@ -149,14 +151,7 @@ impl LoraLinear {
 }
 
 /// Inverted-dropout mask [n, d] with entries 0 or 1/(1-p), reproducible from (seed, layer).
-fn dropout_mask(
-    n: usize,
-    d: usize,
-    p: f32,
-    seed: u64,
-    layer: usize,
-    device: &candle_core::Device,
-) -> Result<Tensor> {
+fn dropout_mask(n: usize, d: usize, p: f32, seed: u64, layer: usize, device: &candle_core::Device) -> Result<Tensor> {
     let mut rng = Rng::stream(seed, layer as u64 + 1);
     let keep = 1.0 / (1.0 - p);
     let v: Vec<f32> = (0..n * d)

@@ -92,7 +92,10 @@ pub fn attach_new(model: &mut Model, config: &LoraConfig, init: LoraInit) -> Res
                 let mut draw = |n: usize| -> Vec<f32> { (0..n).map(|_| (rng.next_normal() * std) as f32).collect() };
                 let a = draw(r * i);
                 let b = draw(o * r);
-                (Tensor::from_vec(a, (r, i), &device)?, Tensor::from_vec(b, (o, r), &device)?)
+                (
+                    Tensor::from_vec(a, (r, i), &device)?,
+                    Tensor::from_vec(b, (o, r), &device)?,
+                )
             }
         };
         let (va, vb) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
@@ -121,7 +124,9 @@ pub fn attach_new(model: &mut Model, config: &LoraConfig, init: LoraInit) -> Res
         )));
     }
     let mut config = config.clone();
-    config.target_modules = Some(config::TargetModules::Modules(target.resolved_names(model.cfg.num_layers)?));
+    config.target_modules = Some(config::TargetModules::Modules(
+        target.resolved_names(model.cfg.num_layers)?,
+    ));
     if let config::TargetModules::Pattern(p) = &target {
         if !p.eq_ignore_ascii_case("all-linear") && p != "ALL" {
             config.target_modules = Some(target.clone());

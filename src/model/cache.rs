@@ -83,16 +83,12 @@ impl KvCache {
 
     /// Append the keys and values of new positions to layer `layer` and return all of them
     /// (cached + new). `k`, `v`: [B, n_kv_heads, T_new, head_dim].
-    pub(crate) fn append(
-        &mut self,
-        layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = self.layers.len();
-        let slot = self.layers.get_mut(layer).ok_or_else(|| {
-            Error::Msg(format!("KV cache has {n} layers, layer {layer} asked for"))
-        })?;
+        let slot = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| Error::Msg(format!("KV cache has {n} layers, layer {layer} asked for")))?;
         let t_new = k.dims()[2];
         let need = self.len + t_new;
         if let Some(old) = slot.as_ref() {
@@ -105,7 +101,11 @@ impl KvCache {
             }
         }
         if slot.as_ref().is_none_or(|kv| kv.capacity() < need) {
-            let cap = slot.as_ref().map_or(0, |kv| 2 * kv.capacity()).max(need).max(MIN_CAPACITY);
+            let cap = slot
+                .as_ref()
+                .map_or(0, |kv| 2 * kv.capacity())
+                .max(need)
+                .max(MIN_CAPACITY);
             let (b, h, _, d) = k.dims4()?;
             let grown = LayerKv {
                 k: Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?,
@@ -117,7 +117,9 @@ impl KvCache {
             }
             *slot = Some(grown);
         }
-        let kv = slot.as_ref().ok_or_else(|| Error::Msg("KV cache slot missing".into()))?;
+        let kv = slot
+            .as_ref()
+            .ok_or_else(|| Error::Msg("KV cache slot missing".into()))?;
         kv.k.slice_set(&k.contiguous()?, 2, self.len)?;
         kv.v.slice_set(&v.contiguous()?, 2, self.len)?;
         Ok((kv.k.narrow(2, 0, need)?, kv.v.narrow(2, 0, need)?))
@@ -137,7 +139,9 @@ mod tests {
 
     fn chunk(start: usize, t: usize) -> Tensor {
         // [B=2, heads=3, t, d=4] with values that identify the position.
-        let v: Vec<f32> = (0..2 * 3 * t * 4).map(|i| (start + (i / 4) % t) as f32 + (i % 4) as f32 * 0.01 + (i / (t * 4)) as f32 * 1000.0).collect();
+        let v: Vec<f32> = (0..2 * 3 * t * 4)
+            .map(|i| (start + (i / 4) % t) as f32 + (i % 4) as f32 * 0.01 + (i / (t * 4)) as f32 * 1000.0)
+            .collect();
         Tensor::from_vec(v, (2, 3, t, 4), &Device::Cpu).unwrap()
     }
 
@@ -155,16 +159,28 @@ mod tests {
             fed.push(c);
             pos += t;
             let want = Tensor::cat(&fed.iter().collect::<Vec<_>>(), 2).unwrap();
-            assert_eq!(k.contiguous().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            assert_eq!(
+                k.contiguous().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
             let want_v = (want * 2.0).unwrap();
-            assert_eq!(v.contiguous().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), want_v.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            assert_eq!(
+                v.contiguous().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want_v.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
         }
         cache.truncate(7).unwrap();
         assert_eq!(cache.len(), 7);
         let c = chunk(1000, 2);
         let (k, _) = cache.append(0, &c, &c).unwrap();
-        let kept = Tensor::cat(&fed.iter().collect::<Vec<_>>(), 2).unwrap().narrow(2, 0, 7).unwrap();
+        let kept = Tensor::cat(&fed.iter().collect::<Vec<_>>(), 2)
+            .unwrap()
+            .narrow(2, 0, 7)
+            .unwrap();
         let want = Tensor::cat(&[&kept, &c], 2).unwrap();
-        assert_eq!(k.contiguous().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            k.contiguous().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
     }
 }

@@ -221,7 +221,11 @@ impl ModelConfig {
                 ("num_hidden_layers", raw.num_hidden_layers),
                 ("head_dim", head_dim),
             ];
-            let (key, _) = sizes.iter().copied().max_by_key(|(_, n)| *n).unwrap_or(("hidden_size", 0));
+            let (key, _) = sizes
+                .iter()
+                .copied()
+                .max_by_key(|(_, n)| *n)
+                .unwrap_or(("hidden_size", 0));
             let all: Vec<String> = sizes.iter().map(|(k, n)| format!("{k} {n}")).collect();
             return Err(cfg_err(
                 key,
@@ -239,11 +243,7 @@ impl ModelConfig {
             .rope_theta
             .or_else(|| rope_params.and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()))
             .unwrap_or(10000.0);
-        let scaling_obj = raw
-            .rope_scaling
-            .as_ref()
-            .and_then(|v| v.as_object())
-            .or(rope_params);
+        let scaling_obj = raw.rope_scaling.as_ref().and_then(|v| v.as_object()).or(rope_params);
         let rope_scaling = match scaling_obj {
             None => RopeScaling::None,
             Some(obj) => {
@@ -253,15 +253,13 @@ impl ModelConfig {
                     .and_then(|v| v.as_str())
                     .unwrap_or("default");
                 let num = |k: &str| -> Result<f64> {
-                    obj.get(k).and_then(|v| v.as_f64()).ok_or_else(|| {
-                        cfg_err("rope_scaling", format!("rope_type {kind:?} needs a numeric {k:?}"))
-                    })
+                    obj.get(k)
+                        .and_then(|v| v.as_f64())
+                        .ok_or_else(|| cfg_err("rope_scaling", format!("rope_type {kind:?} needs a numeric {k:?}")))
                 };
                 match kind {
                     "default" => RopeScaling::None,
-                    "linear" => RopeScaling::Linear {
-                        factor: num("factor")?,
-                    },
+                    "linear" => RopeScaling::Linear { factor: num("factor")? },
                     "llama3" => RopeScaling::Llama3 {
                         factor: num("factor")?,
                         low_freq_factor: num("low_freq_factor")?,
@@ -374,7 +372,13 @@ impl ModelConfig {
 
 /// The linear layers of a decoder block, in the order PEFT lists them.
 pub const LINEAR_MODULES: [&str; 7] = [
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
 ];
 
 /// Where a linear layer sits: `model.layers.{i}.self_attn.q_proj` or `...mlp.down_proj`.

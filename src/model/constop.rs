@@ -77,8 +77,12 @@ pub(crate) fn into_cpu_storage(t: Tensor) -> Result<(CpuStorage, Shape)> {
     let t = t.contiguous()?;
     let shape = t.shape().clone();
     let (st, l) = t.storage_and_layout();
-    let Storage::Cpu(cs) = &*st else { candle_core::bail!("frozen-constant op: expected CPU storage") };
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("non-contiguous result".into()))?;
+    let Storage::Cpu(cs) = &*st else {
+        candle_core::bail!("frozen-constant op: expected CPU storage")
+    };
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("non-contiguous result".into()))?;
     fn slice<T: Copy>(v: &[T], a: usize, b: usize) -> Vec<T> {
         v[a..b].to_vec()
     }
@@ -97,8 +101,15 @@ pub(crate) fn into_cpu_storage(t: Tensor) -> Result<(CpuStorage, Shape)> {
 /// node: for decoding, where a linear layer with an adapter is otherwise five tensor ops, each
 /// dispatched to the thread pool for a single row. `None` where it does not apply (not CPU,
 /// not f32, not 2-D).
-pub fn lora_product_no_grad(x: &Tensor, w: &Tensor, adapter: Option<(&Tensor, &Tensor, f64)>) -> Result<Option<Tensor>> {
-    let all_f32_cpu = std::iter::once(x).chain([w]).chain(adapter.iter().flat_map(|(a, b, _)| [*a, *b])).all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2);
+pub fn lora_product_no_grad(
+    x: &Tensor,
+    w: &Tensor,
+    adapter: Option<(&Tensor, &Tensor, f64)>,
+) -> Result<Option<Tensor>> {
+    let all_f32_cpu = std::iter::once(x)
+        .chain([w])
+        .chain(adapter.iter().flat_map(|(a, b, _)| [*a, *b]))
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2);
     if !all_f32_cpu {
         return Ok(None);
     }
@@ -107,14 +118,18 @@ pub fn lora_product_no_grad(x: &Tensor, w: &Tensor, adapter: Option<(&Tensor, &T
     let mm = |lhs: &Tensor, rhs: &Tensor| -> Result<CpuStorage> {
         let (ls, ll) = lhs.storage_and_layout();
         let (rs, rl) = rhs.storage_and_layout();
-        let (Storage::Cpu(lc), Storage::Cpu(rc)) = (&*ls, &*rs) else { candle_core::bail!("expected CPU storage") };
+        let (Storage::Cpu(lc), Storage::Cpu(rc)) = (&*ls, &*rs) else {
+            candle_core::bail!("expected CPU storage")
+        };
         storage_matmul_t(lc, ll, rc, rl)
     };
     let base = mm(x, w)?;
     let CpuStorage::F32(mut y) = base else { return Ok(None) };
     if let Some((a, b, scale)) = adapter {
         let r = a.dim(0)?;
-        let CpuStorage::F32(xa) = mm(x, a)? else { return Ok(None) };
+        let CpuStorage::F32(xa) = mm(x, a)? else {
+            return Ok(None);
+        };
         let bv = b.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         for i in 0..m {
             let xr = &xa[i * r..(i + 1) * r];
@@ -226,7 +241,6 @@ fn run(x: &Tensor, c: Const) -> Result<Tensor> {
         c.apply(x)
     }
 }
-
 
 /// x [N, in] · Wᵀ for a frozen W [out, in].
 pub fn matmul_frozen_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {

@@ -126,12 +126,10 @@ impl Model {
                 } else {
                     None
                 };
-                let idx = l * LINEAR_MODULES.len()
-                    + LINEAR_MODULES.iter().position(|x| *x == m).unwrap_or(0);
+                let idx = l * LINEAR_MODULES.len() + LINEAR_MODULES.iter().position(|x| *x == m).unwrap_or(0);
                 Ok(LoraLinear::new(path, idx, w, b))
             };
-            let norm_w =
-                |name: &str, size: usize| ws.load(&format!("{p}.{name}.weight"), &[size], dt, dev);
+            let norm_w = |name: &str, size: usize| ws.load(&format!("{p}.{name}.weight"), &[size], dt, dev);
             let attn = Attention {
                 q: linear("q_proj", cfg.qkv_bias)?,
                 k: linear("k_proj", cfg.qkv_bias)?,
@@ -235,10 +233,7 @@ impl Model {
         for (l, b) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{l}");
             out.push((format!("{p}.input_layernorm.weight"), b.input_norm.clone()));
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                b.post_norm.clone(),
-            ));
+            out.push((format!("{p}.post_attention_layernorm.weight"), b.post_norm.clone()));
             if let Some(n) = &b.attn.q_norm {
                 out.push((format!("{p}.self_attn.q_norm.weight"), n.clone()));
             }
@@ -263,12 +258,7 @@ impl Model {
     ///
     /// `input_ids` [B, T] (u32); `attention_mask` [B, T] with 1 for real tokens and 0 for padding
     /// (any numeric dtype), or `None` when no row is padded. Positions are 0..T for every row.
-    pub fn forward_hidden(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        ctx: &Fwd,
-    ) -> Result<Tensor> {
+    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, ctx: &Fwd) -> Result<Tensor> {
         let (_, t) = input_ids.dims2()?;
         let (cos, sin) = self.rope.tables(0, t, self.dtype, &self.device)?;
         let pad = match attention_mask {
@@ -287,12 +277,7 @@ impl Model {
     /// Hidden states of packed rows [B, T, H]: each row holds several segments that share a
     /// prefix (a prompt followed by its chosen and its rejected response), with explicit
     /// position ids and visibility, so the shared prompt is computed once.
-    pub fn forward_hidden_packed(
-        &self,
-        input_ids: &Tensor,
-        packing: &Packing,
-        ctx: &Fwd,
-    ) -> Result<Tensor> {
+    pub fn forward_hidden_packed(&self, input_ids: &Tensor, packing: &Packing, ctx: &Fwd) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if packing.positions.len() != b * t || packing.segments.len() != b * t {
             return Err(Error::Msg(format!(
@@ -303,9 +288,7 @@ impl Model {
         let (cos, sin) = self
             .rope
             .tables_at(&packing.positions, b, t, self.dtype, &self.device)?;
-        self.forward_layers(input_ids, &cos, &sin, ctx, |w| {
-            packing.mask(b, t, w, &self.device)
-        })
+        self.forward_layers(input_ids, &cos, &sin, ctx, |w| packing.mask(b, t, w, &self.device))
     }
 
     /// Embedding, decoder blocks and final norm; `mask_for(window)` gives the additive
@@ -377,12 +360,7 @@ impl Model {
     }
 
     /// Full forward to logits [B, T, V] in f32.
-    pub fn forward(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
-        ctx: &Fwd,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, ctx: &Fwd) -> Result<Tensor> {
         let h = self.forward_hidden(input_ids, attention_mask, ctx)?;
         Ok(self.logits(&h)?.to_dtype(DType::F32)?)
     }
@@ -398,12 +376,7 @@ impl Model {
     /// Rows are not padded: a batch holds sequences of equal length. Sliding-window layers mask
     /// cached keys that are `window` or more positions behind the query, as the full forward
     /// does. On error the cache is cleared.
-    pub fn forward_cached(
-        &self,
-        input_ids: &Tensor,
-        cache: &mut KvCache,
-        ctx: &Fwd,
-    ) -> Result<Tensor> {
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache, ctx: &Fwd) -> Result<Tensor> {
         if cache.num_layers() != self.blocks.len() {
             return Err(Error::Msg(format!(
                 "KV cache has {} layers, the model {}",
@@ -420,12 +393,7 @@ impl Model {
         r
     }
 
-    fn forward_cached_inner(
-        &self,
-        input_ids: &Tensor,
-        cache: &mut KvCache,
-        ctx: &Fwd,
-    ) -> Result<Tensor> {
+    fn forward_cached_inner(&self, input_ids: &Tensor, cache: &mut KvCache, ctx: &Fwd) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if t == 0 {
             return Err(Error::Msg("forward_cached: no new tokens".into()));
@@ -450,8 +418,7 @@ impl Model {
             };
             let eps = self.cfg.rms_norm_eps;
             let h = rms_norm(&x, &block.input_norm, eps)?;
-            let a =
-                self.attention_cached(&block.attn, &h, &cos, &sin, mask.as_ref(), cache, l, ctx)?;
+            let a = self.attention_cached(&block.attn, &h, &cos, &sin, mask.as_ref(), cache, l, ctx)?;
             x = self.geo.mlp_residual(block, &(x + a)?, ctx)?;
         }
         cache.advance(t);
@@ -499,12 +466,7 @@ impl Model {
 /// Additive mask [1, 1, T, start + T] (f32) for T queries at positions start.. over every key
 /// so far, the rule of [`causal_mask`]; `None` when it masks nothing (one query, no window
 /// exceeded).
-fn cached_mask(
-    start: usize,
-    t: usize,
-    window: Option<usize>,
-    device: &Device,
-) -> Result<Option<Tensor>> {
+fn cached_mask(start: usize, t: usize, window: Option<usize>, device: &Device) -> Result<Option<Tensor>> {
     let len = start + t;
     let mut m = vec![0f32; t * len];
     let mut any = false;
@@ -628,7 +590,10 @@ impl Geometry {
         let rep = nh / nkv;
         // Scaled after the product, as transformers' eager attention does.
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q.reshape((b, nkv, rep * t, hd))?.matmul(&k.t()?.contiguous()?)?.reshape((b, nh, t, t))?;
+        let scores = q
+            .reshape((b, nkv, rep * t, hd))?
+            .matmul(&k.t()?.contiguous()?)?
+            .reshape((b, nh, t, t))?;
         let probs = match super::fused::scaled_masked_softmax(&scores, mask, scale)? {
             Some(p) => p,
             None => {
@@ -667,7 +632,11 @@ impl candle_core::CustomOp1 for CheckpointedBlock {
         "checkpointed-decoder-block"
     }
 
-    fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let x = super::constop::to_cpu_tensor(s, l)?;
         let y = self
             .geo
@@ -683,7 +652,11 @@ impl candle_core::CustomOp1 for CheckpointedBlock {
             .block_forward(&self.block, x.as_tensor(), &self.cos, &self.sin, &self.mask, &self.ctx)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let grads = (y * grad.detach())?.sum_all()?.backward()?;
-        let mut sink = self.sink.0.lock().map_err(|_| candle_core::Error::Msg("gradient sink poisoned".into()))?;
+        let mut sink = self
+            .sink
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("gradient sink poisoned".into()))?;
         for lin in self.block.linears() {
             for ad in lin.adapters.iter().flatten() {
                 for t in [&ad.a, &ad.b] {
@@ -717,17 +690,13 @@ impl Packing {
     fn mask(&self, b: usize, t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
         let mut m = vec![MASK_VALUE; b * t * t];
         for r in 0..b {
-            let (seg, pos) = (
-                &self.segments[r * t..(r + 1) * t],
-                &self.positions[r * t..(r + 1) * t],
-            );
+            let (seg, pos) = (&self.segments[r * t..(r + 1) * t], &self.positions[r * t..(r + 1) * t]);
             for i in 0..t {
                 let row = &mut m[(r * t + i) * t..(r * t + i + 1) * t];
                 for j in 0..=i {
                     let visible = seg[j] != Self::PAD
                         && (seg[j] == Self::SHARED || seg[j] == seg[i])
-                        && window
-                            .is_none_or(|w| (pos[i] as usize).saturating_sub(pos[j] as usize) < w);
+                        && window.is_none_or(|w| (pos[i] as usize).saturating_sub(pos[j] as usize) < w);
                     if visible {
                         row[j] = 0.0;
                     }

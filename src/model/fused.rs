@@ -7,9 +7,7 @@
 //! its input. They apply to f32 tensors on the CPU; other dtypes and devices use the composed
 //! versions in [`super::ops`], which compute the same values.
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Rows per rayon task: enough work per task to amortise scheduling.
@@ -24,12 +22,7 @@ fn f32_view<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<'a, [f
     };
     Ok(match l.contiguous_offsets() {
         Some((a, b)) => std::borrow::Cow::Borrowed(&v[a..b]),
-        None => std::borrow::Cow::Owned(
-            super::constop::strided_offsets(l)
-                .into_iter()
-                .map(|i| v[i])
-                .collect(),
-        ),
+        None => std::borrow::Cow::Owned(super::constop::strided_offsets(l).into_iter().map(|i| v[i]).collect()),
     })
 }
 
@@ -111,10 +104,7 @@ impl CustomOp1 for RmsNorm {
 
 /// RMSNorm over the last dimension with a frozen weight, fused when `x` is f32 on the CPU.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>> {
-    if !fused_ok(x)
-        || weight.dtype() != DType::F32
-        || weight.dims1()? != x.dim(candle_core::D::Minus1)?
-    {
+    if !fused_ok(x) || weight.dtype() != DType::F32 || weight.dims1()? != x.dim(candle_core::D::Minus1)? {
         return Ok(None);
     }
     let op = RmsNorm {
@@ -209,11 +199,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
     }
     let (b, _, t, d) = x.dims4()?;
     let per_row = cos.rank() == 3;
-    let want: Vec<usize> = if per_row {
-        vec![b, t, d / 2]
-    } else {
-        vec![t, d / 2]
-    };
+    let want: Vec<usize> = if per_row { vec![b, t, d / 2] } else { vec![t, d / 2] };
     if cos.dims() != want.as_slice() || sin.dims() != want.as_slice() || d % 2 != 0 {
         return Ok(None);
     }
@@ -240,19 +226,9 @@ impl CustomOp2 for SiluMul {
         "fused-silu-mul"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         if l1.shape() != l2.shape() {
-            candle_core::bail!(
-                "fused silu-mul: shapes {:?} and {:?} differ",
-                l1.shape(),
-                l2.shape()
-            );
+            candle_core::bail!("fused silu-mul: shapes {:?} and {:?} differ", l1.shape(), l2.shape());
         }
         let (g, u) = (f32_view(s1, l1)?, f32_view(s2, l2)?);
         let mut y = vec![0f32; g.len()];
@@ -267,13 +243,7 @@ impl CustomOp2 for SiluMul {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        a1: &Tensor,
-        a2: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, a1: &Tensor, a2: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (g, u, dy) = (tensor_f32(a1)?, tensor_f32(a2)?, tensor_f32(grad)?);
         let mut dg = vec![0f32; g.len()];
         let mut du = vec![0f32; g.len()];
@@ -395,24 +365,27 @@ impl CustomOp1 for ScaledMaskedSoftmax {
         let x = f32_view(s, l)?;
         let (_, h, t, k) = l.shape().dims4()?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(k).zip(x.par_chunks(k)).enumerate().for_each(|(row, (yr, xr))| {
-            let (i, hh, b) = (row % t, (row / t) % h, row / (t * h));
-            let mb = if self.mask_b == 1 { 0 } else { b };
-            let mh = if self.mask_h == 1 { 0 } else { hh };
-            let m = &self.mask[((mb * self.mask_h + mh) * t + i) * k..][..k];
-            let mut max = f32::NEG_INFINITY;
-            for ((o, &xv), &mv) in yr.iter_mut().zip(xr).zip(m) {
-                *o = xv * self.scale + mv;
-                max = max.max(*o);
-            }
-            let mut sum = 0f32;
-            for o in yr.iter_mut() {
-                *o = (*o - max).exp();
-                sum += *o;
-            }
-            let inv = 1.0 / sum;
-            yr.iter_mut().for_each(|o| *o *= inv);
-        });
+        y.par_chunks_mut(k)
+            .zip(x.par_chunks(k))
+            .enumerate()
+            .for_each(|(row, (yr, xr))| {
+                let (i, hh, b) = (row % t, (row / t) % h, row / (t * h));
+                let mb = if self.mask_b == 1 { 0 } else { b };
+                let mh = if self.mask_h == 1 { 0 } else { hh };
+                let m = &self.mask[((mb * self.mask_h + mh) * t + i) * k..][..k];
+                let mut max = f32::NEG_INFINITY;
+                for ((o, &xv), &mv) in yr.iter_mut().zip(xr).zip(m) {
+                    *o = xv * self.scale + mv;
+                    max = max.max(*o);
+                }
+                let mut sum = 0f32;
+                for o in yr.iter_mut() {
+                    *o = (*o - max).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                yr.iter_mut().for_each(|o| *o *= inv);
+            });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -421,12 +394,14 @@ impl CustomOp1 for ScaledMaskedSoftmax {
         let g = tensor_f32(grad)?;
         let k = arg.dim(candle_core::D::Minus1)?;
         let mut dx = vec![0f32; y.len()];
-        dx.par_chunks_mut(k).zip(y.par_chunks(k).zip(g.par_chunks(k))).for_each(|(dr, (yr, gr))| {
-            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-            for ((d, &yv), &gv) in dr.iter_mut().zip(yr).zip(gr) {
-                *d = self.scale * yv * (gv - dot);
-            }
-        });
+        dx.par_chunks_mut(k)
+            .zip(y.par_chunks(k).zip(g.par_chunks(k)))
+            .for_each(|(dr, (yr, gr))| {
+                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                for ((d, &yv), &gv) in dr.iter_mut().zip(yr).zip(gr) {
+                    *d = self.scale * yv * (gv - dot);
+                }
+            });
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
@@ -442,7 +417,12 @@ pub fn scaled_masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Resu
     if !(mb == 1 || mb == b) || !(mh == 1 || mh == h) || mt != t || mk != k {
         return Ok(None);
     }
-    let op = ScaledMaskedSoftmax { mask: tensor_f32(mask)?, mask_b: mb, mask_h: mh, scale: scale as f32 };
+    let op = ScaledMaskedSoftmax {
+        mask: tensor_f32(mask)?,
+        mask_b: mb,
+        mask_h: mh,
+        scale: scale as f32,
+    };
     Ok(Some(scores.apply_op1(op)?))
 }
 
@@ -528,8 +508,7 @@ mod tests {
                 |x| {
                     let dt = x[0].dtype();
                     let xv = x[0].transpose(1, 2).unwrap();
-                    ops::apply_rope(&xv, &cos.to_dtype(dt).unwrap(), &sin.to_dtype(dt).unwrap())
-                        .unwrap()
+                    ops::apply_rope(&xv, &cos.to_dtype(dt).unwrap(), &sin.to_dtype(dt).unwrap()).unwrap()
                 },
                 1e-5,
             );
@@ -539,7 +518,13 @@ mod tests {
     #[test]
     fn scaled_masked_softmax_matches_composed() {
         for mask_shape in [[1usize, 1, 5, 6], [2, 1, 5, 6], [2, 3, 5, 6]] {
-            let mask = (rand(&mask_shape, 12).ge(0.5).unwrap().to_dtype(candle_core::DType::F32).unwrap() * -1e9).unwrap();
+            let mask = (rand(&mask_shape, 12)
+                .ge(0.5)
+                .unwrap()
+                .to_dtype(candle_core::DType::F32)
+                .unwrap()
+                * -1e9)
+                .unwrap();
             check(
                 &[rand(&[2, 3, 5, 6], 11)],
                 |x| {
@@ -592,11 +577,6 @@ mod tests {
             .unwrap()
             .sum(D::Minus1)
             .unwrap();
-        assert!(
-            max_diff(
-                &lp,
-                &Tensor::ones(2, candle_core::DType::F64, &Device::Cpu).unwrap()
-            ) < 1e-12
-        );
+        assert!(max_diff(&lp, &Tensor::ones(2, candle_core::DType::F64, &Device::Cpu).unwrap()) < 1e-12);
     }
 }

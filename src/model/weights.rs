@@ -117,10 +117,12 @@ impl WeightSource {
             path: path.clone(),
             msg: e.to_string(),
         })?;
-        view.dtype().try_into().map_err(|e: candle_core::Error| Error::Safetensors {
-            path: path.clone(),
-            msg: format!("tensor {name:?}: {e}"),
-        })
+        view.dtype()
+            .try_into()
+            .map_err(|e: candle_core::Error| Error::Safetensors {
+                path: path.clone(),
+                msg: format!("tensor {name:?}: {e}"),
+            })
     }
 }
 
@@ -180,10 +182,7 @@ fn dtype_bits(name: &str) -> Option<usize> {
 /// not overlap, and together they must cover the data section (as the format requires).
 fn check_header(path: &Path) -> Result<()> {
     use std::io::Read;
-    let bad = |msg: String| Error::Safetensors {
-        path: path.into(),
-        msg,
-    };
+    let bad = |msg: String| Error::Safetensors { path: path.into(), msg };
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     if len < 8 {
@@ -255,7 +254,9 @@ fn check_header(path: &Path) -> Result<()> {
             .ok_or_else(|| tensor_err("data_offsets must be a list of two non-negative integers".into()))?;
         let (start, end) = (offsets[0], offsets[1]);
         if start > end {
-            return Err(tensor_err(format!("data_offsets [{start}, {end}] end before they start")));
+            return Err(tensor_err(format!(
+                "data_offsets [{start}, {end}] end before they start"
+            )));
         }
         if end > data_len {
             return Err(tensor_err(format!(
@@ -269,7 +270,9 @@ fn check_header(path: &Path) -> Result<()> {
             .and_then(|n| n.checked_mul(bits as u64))
             .ok_or_else(|| tensor_err(format!("shape {shape:?} is too large")))?;
         if need % 8 != 0 {
-            return Err(tensor_err(format!("shape {shape:?} of {dtype} does not fill whole bytes")));
+            return Err(tensor_err(format!(
+                "shape {shape:?} of {dtype} does not fill whole bytes"
+            )));
         }
         if end - start != need / 8 {
             return Err(tensor_err(format!(

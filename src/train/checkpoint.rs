@@ -39,9 +39,14 @@ pub struct TrainerState {
     pub log_history: Vec<BTreeMap<String, f64>>,
 }
 
-fn nullable_records<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<BTreeMap<String, f64>>, D::Error> {
+fn nullable_records<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<BTreeMap<String, f64>>, D::Error> {
     let raw: Vec<BTreeMap<String, Option<f64>>> = Deserialize::deserialize(d)?;
-    Ok(raw.into_iter().map(|r| r.into_iter().map(|(k, v)| (k, v.unwrap_or(f64::NAN))).collect()).collect())
+    Ok(raw
+        .into_iter()
+        .map(|r| r.into_iter().map(|(k, v)| (k, v.unwrap_or(f64::NAN))).collect())
+        .collect())
 }
 
 pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
@@ -61,7 +66,12 @@ fn trash_dir(output_dir: &Path, step: usize) -> PathBuf {
 }
 
 /// The files of a complete checkpoint. A folder missing any of them is never resumed from.
-pub const REQUIRED_FILES: [&str; 4] = [crate::lora::io::CONFIG_FILE, crate::lora::io::WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE];
+pub const REQUIRED_FILES: [&str; 4] = [
+    crate::lora::io::CONFIG_FILE,
+    crate::lora::io::WEIGHTS_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+];
 
 /// The first required file `dir` lacks, if any.
 pub fn missing_file(dir: &Path) -> Option<PathBuf> {
@@ -218,11 +228,17 @@ pub fn rotate(output_dir: &Path, keep: usize, just_saved: &Path) -> Result<()> {
 pub fn resolve(spec: &str, output_dir: &Path) -> Result<PathBuf> {
     if spec == "latest" || spec == "true" {
         return list(output_dir).pop().map(|(_, p)| p).ok_or_else(|| {
-            Error::Msg(format!("--resume_from_checkpoint latest: no complete checkpoint under {}", output_dir.display()))
+            Error::Msg(format!(
+                "--resume_from_checkpoint latest: no complete checkpoint under {}",
+                output_dir.display()
+            ))
         });
     }
     let p = PathBuf::from(spec);
-    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if is_unfinished_name(&name) {
         return Err(Error::Msg(format!(
             "--resume_from_checkpoint {}: this is an unfinished checkpoint left by an interrupted save or delete; \
@@ -231,7 +247,10 @@ pub fn resolve(spec: &str, output_dir: &Path) -> Result<PathBuf> {
         )));
     }
     if !p.is_dir() {
-        return Err(Error::Msg(format!("--resume_from_checkpoint {}: no such checkpoint folder", p.display())));
+        return Err(Error::Msg(format!(
+            "--resume_from_checkpoint {}: no such checkpoint folder",
+            p.display()
+        )));
     }
     if let Some(missing) = missing_file(&p) {
         return Err(Error::Msg(format!(
@@ -331,7 +350,11 @@ fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 pub struct Loaded {
@@ -347,7 +370,10 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         if !p.exists() {
             return Err(Error::MissingFile { path: p });
         }
-        candle_core::safetensors::load(&p, &Device::Cpu).map_err(|e| Error::Safetensors { path: p, msg: e.to_string() })
+        candle_core::safetensors::load(&p, &Device::Cpu).map_err(|e| Error::Safetensors {
+            path: p,
+            msg: e.to_string(),
+        })
     };
     Ok(Loaded {
         state,

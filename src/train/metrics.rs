@@ -42,7 +42,9 @@ impl MetricsFile {
         let mut obj = serde_json::Map::new();
         obj.insert("step".into(), step.into());
         for (k, v) in record {
-            let val = serde_json::Number::from_f64(*v).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null);
+            let val = serde_json::Number::from_f64(*v)
+                .map(serde_json::Value::Number)
+                .unwrap_or(serde_json::Value::Null);
             obj.insert(k.clone(), val);
         }
         let line = serde_json::Value::Object(obj).to_string();

@@ -36,7 +36,12 @@ impl AdamW {
             .into_iter()
             .map(|(name, var)| {
                 let z = var.as_tensor().zeros_like()?;
-                Ok(Slot { name, var, m: z.clone(), v: z })
+                Ok(Slot {
+                    name,
+                    var,
+                    m: z.clone(),
+                    v: z,
+                })
             })
             .collect::<Result<_>>()?;
         Ok(AdamW { cfg, slots, t: 0 })
@@ -51,7 +56,11 @@ impl AdamW {
         for s in &mut self.slots {
             let Some(g) = grads.get(&s.name) else { continue };
             let p = s.var.as_tensor();
-            let mut p_new = if c.weight_decay != 0.0 { (p * (1.0 - lr * c.weight_decay))? } else { p.clone() };
+            let mut p_new = if c.weight_decay != 0.0 {
+                (p * (1.0 - lr * c.weight_decay))?
+            } else {
+                p.clone()
+            };
             s.m = ((&s.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             s.v = ((&s.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let denom = ((s.v.sqrt()? / bc2.sqrt())? + c.eps)?;
@@ -65,7 +74,12 @@ impl AdamW {
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         self.slots
             .iter()
-            .flat_map(|s| [(format!("{}.exp_avg", s.name), s.m.clone()), (format!("{}.exp_avg_sq", s.name), s.v.clone())])
+            .flat_map(|s| {
+                [
+                    (format!("{}.exp_avg", s.name), s.m.clone()),
+                    (format!("{}.exp_avg_sq", s.name), s.v.clone()),
+                ]
+            })
             .collect()
     }
 
@@ -74,9 +88,10 @@ impl AdamW {
         for s in &mut self.slots {
             for (suffix, dst) in [("exp_avg", &mut s.m), ("exp_avg_sq", &mut s.v)] {
                 let key = format!("{}.{suffix}", s.name);
-                let src = tensors
-                    .get(&key)
-                    .ok_or_else(|| Error::MissingTensor { path: source.into(), name: key.clone() })?;
+                let src = tensors.get(&key).ok_or_else(|| Error::MissingTensor {
+                    path: source.into(),
+                    name: key.clone(),
+                })?;
                 if src.dims() != dst.dims() {
                     return Err(Error::ShapeMismatch {
                         path: source.into(),
@@ -127,7 +142,12 @@ mod tests {
     #[test]
     fn matches_hand_computed_adamw() {
         let var = Var::new(&[1.0f32], &Device::Cpu).unwrap();
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
         let mut opt = AdamW::new(vec![("w".into(), var.clone())], cfg).unwrap();
         let mut p = 1.0f64;
         let (mut m, mut v) = (0.0f64, 0.0f64);

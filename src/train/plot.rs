@@ -7,7 +7,11 @@ use crate::error::{Error, Result};
 
 const W: usize = 900;
 const PANEL_H: usize = 220;
-const PANELS: [(&str, &str); 3] = [("LOSS", "loss"), ("REWARD ACCURACY", "rewards/accuracies"), ("REWARD MARGIN", "rewards/margins")];
+const PANELS: [(&str, &str); 3] = [
+    ("LOSS", "loss"),
+    ("REWARD ACCURACY", "rewards/accuracies"),
+    ("REWARD MARGIN", "rewards/margins"),
+];
 
 struct Canvas {
     px: Vec<[u8; 3]>,
@@ -17,7 +21,11 @@ struct Canvas {
 
 impl Canvas {
     fn new(w: usize, h: usize) -> Self {
-        Canvas { px: vec![[255, 255, 255]; w * h], w, h }
+        Canvas {
+            px: vec![[255, 255, 255]; w * h],
+            w,
+            h,
+        }
     }
     fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
         if x >= 0 && y >= 0 && (x as usize) < self.w && (y as usize) < self.h {
@@ -59,15 +67,42 @@ impl Canvas {
 
 fn glyph(c: char) -> [u8; 5] {
     match c {
-        '0' => [7, 5, 5, 5, 7], '1' => [2, 6, 2, 2, 7], '2' => [7, 1, 7, 4, 7], '3' => [7, 1, 7, 1, 7],
-        '4' => [5, 5, 7, 1, 1], '5' => [7, 4, 7, 1, 7], '6' => [7, 4, 7, 5, 7], '7' => [7, 1, 1, 1, 1],
-        '8' => [7, 5, 7, 5, 7], '9' => [7, 5, 7, 1, 7], '.' => [0, 0, 0, 0, 2], '-' => [0, 0, 7, 0, 0],
-        'A' => [2, 5, 7, 5, 5], 'C' => [7, 4, 4, 4, 7], 'D' => [6, 5, 5, 5, 6], 'E' => [7, 4, 6, 4, 7],
-        'G' => [7, 4, 5, 5, 7], 'I' => [7, 2, 2, 2, 7], 'L' => [4, 4, 4, 4, 7], 'M' => [5, 7, 7, 5, 5],
-        'N' => [6, 5, 5, 5, 5], 'O' => [7, 5, 5, 5, 7], 'P' => [7, 5, 7, 4, 4], 'R' => [6, 5, 6, 5, 5],
-        'S' => [7, 4, 7, 1, 7], 'T' => [7, 2, 2, 2, 2], 'U' => [5, 5, 5, 5, 7], 'V' => [5, 5, 5, 5, 2],
-        'W' => [5, 5, 7, 7, 5], 'Y' => [5, 5, 2, 2, 2], 'B' => [6, 5, 6, 5, 6], 'F' => [7, 4, 6, 4, 4],
-        'H' => [5, 5, 7, 5, 5], 'K' => [5, 5, 6, 5, 5], 'X' => [5, 5, 2, 5, 5], ':' => [0, 2, 0, 2, 0],
+        '0' => [7, 5, 5, 5, 7],
+        '1' => [2, 6, 2, 2, 7],
+        '2' => [7, 1, 7, 4, 7],
+        '3' => [7, 1, 7, 1, 7],
+        '4' => [5, 5, 7, 1, 1],
+        '5' => [7, 4, 7, 1, 7],
+        '6' => [7, 4, 7, 5, 7],
+        '7' => [7, 1, 1, 1, 1],
+        '8' => [7, 5, 7, 5, 7],
+        '9' => [7, 5, 7, 1, 7],
+        '.' => [0, 0, 0, 0, 2],
+        '-' => [0, 0, 7, 0, 0],
+        'A' => [2, 5, 7, 5, 5],
+        'C' => [7, 4, 4, 4, 7],
+        'D' => [6, 5, 5, 5, 6],
+        'E' => [7, 4, 6, 4, 7],
+        'G' => [7, 4, 5, 5, 7],
+        'I' => [7, 2, 2, 2, 7],
+        'L' => [4, 4, 4, 4, 7],
+        'M' => [5, 7, 7, 5, 5],
+        'N' => [6, 5, 5, 5, 5],
+        'O' => [7, 5, 5, 5, 7],
+        'P' => [7, 5, 7, 4, 4],
+        'R' => [6, 5, 6, 5, 5],
+        'S' => [7, 4, 7, 1, 7],
+        'T' => [7, 2, 2, 2, 2],
+        'U' => [5, 5, 5, 5, 7],
+        'V' => [5, 5, 5, 5, 2],
+        'W' => [5, 5, 7, 7, 5],
+        'Y' => [5, 5, 2, 2, 2],
+        'B' => [6, 5, 6, 5, 6],
+        'F' => [7, 4, 6, 4, 4],
+        'H' => [5, 5, 7, 5, 5],
+        'K' => [5, 5, 6, 5, 5],
+        'X' => [5, 5, 2, 5, 5],
+        ':' => [0, 2, 0, 2, 0],
         _ => [0, 0, 0, 0, 0],
     }
 }
@@ -80,8 +115,11 @@ pub fn write_plot(jsonl: &Path, png_path: &Path) -> Result<()> {
     let mut train: Vec<Series> = vec![Vec::new(); 3];
     let mut eval: Vec<Series> = vec![Vec::new(); 3];
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Msg(format!("{}: {e}", jsonl.display())))?;
-        let Some(step) = v.get("step").and_then(|s| s.as_f64()) else { continue };
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| Error::Msg(format!("{}: {e}", jsonl.display())))?;
+        let Some(step) = v.get("step").and_then(|s| s.as_f64()) else {
+            continue;
+        };
         for (i, (_, key)) in PANELS.iter().enumerate() {
             if let Some(y) = v.get(*key).and_then(|x| x.as_f64()) {
                 train[i].push((step, y));
@@ -96,8 +134,15 @@ pub fn write_plot(jsonl: &Path, png_path: &Path) -> Result<()> {
     for (i, (title, _)) in PANELS.iter().enumerate() {
         let top = (i * PANEL_H) as f64;
         let (l, r, t, b) = (70.0, W as f64 - 20.0, top + 30.0, top + PANEL_H as f64 - 25.0);
-        let ys: Vec<f64> = train[i].iter().chain(&eval[i]).map(|p| p.1).filter(|y| y.is_finite()).collect();
-        let (mut lo, mut hi) = ys.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| (a.min(y), b.max(y)));
+        let ys: Vec<f64> = train[i]
+            .iter()
+            .chain(&eval[i])
+            .map(|p| p.1)
+            .filter(|y| y.is_finite())
+            .collect();
+        let (mut lo, mut hi) = ys
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| (a.min(y), b.max(y)));
         if !lo.is_finite() {
             (lo, hi) = (0.0, 1.0);
         }
@@ -131,8 +176,11 @@ pub fn write_plot(jsonl: &Path, png_path: &Path) -> Result<()> {
     let mut enc = png::Encoder::new(std::io::BufWriter::new(file), W as u32, (PANEL_H * 3) as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
-    let mut w = enc.write_header().map_err(|e| Error::Msg(format!("{}: {e}", png_path.display())))?;
+    let mut w = enc
+        .write_header()
+        .map_err(|e| Error::Msg(format!("{}: {e}", png_path.display())))?;
     let bytes: Vec<u8> = c.px.iter().flatten().copied().collect();
-    w.write_image_data(&bytes).map_err(|e| Error::Msg(format!("{}: {e}", png_path.display())))?;
+    w.write_image_data(&bytes)
+        .map_err(|e| Error::Msg(format!("{}: {e}", png_path.display())))?;
     Ok(())
 }

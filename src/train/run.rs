@@ -29,7 +29,11 @@ pub fn parse_dtype(name: &str, saved: Option<&str>, device: &candle_core::Device
             (false, Some("float16")) => DType::F16,
             _ => DType::F32,
         },
-        other => return Err(Error::Msg(format!("--dtype {other:?} must be AUTO, fp32, bf16 or fp16"))),
+        other => {
+            return Err(Error::Msg(format!(
+                "--dtype {other:?} must be AUTO, fp32, bf16 or fp16"
+            )))
+        }
     })
 }
 
@@ -63,14 +67,31 @@ pub struct Prepared {
 }
 
 fn to_ids(t: crate::data::tokenize::TokenizedPair) -> PairIds {
-    PairIds { prompt: t.prompt, chosen: t.chosen, rejected: t.rejected, rejected_prompt: t.rejected_prompt }
+    PairIds {
+        prompt: t.prompt,
+        chosen: t.chosen,
+        rejected: t.rejected,
+        rejected_prompt: t.rejected_prompt,
+    }
 }
 
 /// Read, normalise and tokenise every dataset spec.
-pub fn prepare_specs(pre: &Preprocessor, specs: &[String], opts: &TokenizeOptions, skip_bad_rows: bool, report: &mut Vec<String>) -> Result<Vec<PairIds>> {
+pub fn prepare_specs(
+    pre: &Preprocessor,
+    specs: &[String],
+    opts: &TokenizeOptions,
+    skip_bad_rows: bool,
+    report: &mut Vec<String>,
+) -> Result<Vec<PairIds>> {
     let mut out = Vec::new();
     for spec in specs {
-        let (rows, stats) = load_pairs(spec, &DataOptions { skip_bad_rows, revision: None })?;
+        let (rows, stats) = load_pairs(
+            spec,
+            &DataOptions {
+                skip_bad_rows,
+                revision: None,
+            },
+        )?;
         let (tok, ps) = pre.prepare(&rows, opts)?;
         let fmts: Vec<String> = stats.formats.iter().map(|(_, f)| f.clone()).collect();
         report.push(format!(
@@ -92,7 +113,11 @@ pub fn tokenize_options(s: &Settings) -> TokenizeOptions {
     TokenizeOptions {
         max_length: s.max_length,
         max_prompt_length: s.max_prompt_length,
-        truncation_mode: if s.truncation_mode == "keep_start" { TruncationMode::KeepStart } else { TruncationMode::KeepEnd },
+        truncation_mode: if s.truncation_mode == "keep_start" {
+            TruncationMode::KeepStart
+        } else {
+            TruncationMode::KeepEnd
+        },
     }
 }
 
@@ -107,19 +132,33 @@ pub fn prepare_data(files: &ModelFiles, s: &Settings) -> Result<Prepared> {
         let n_eval = ((train.len() as f64) * s.split_dataset_ratio).ceil() as usize;
         let mut idx: Vec<usize> = (0..train.len()).collect();
         Rng::stream(s.seed, 0x5711_7000).shuffle(&mut idx);
-        let held: std::collections::HashSet<usize> = idx[..n_eval.min(train.len().saturating_sub(1))].iter().copied().collect();
+        let held: std::collections::HashSet<usize> = idx[..n_eval.min(train.len().saturating_sub(1))]
+            .iter()
+            .copied()
+            .collect();
         let (mut tr, mut ev) = (Vec::new(), Vec::new());
         for (i, p) in train.into_iter().enumerate() {
-            if held.contains(&i) { ev.push(p) } else { tr.push(p) }
+            if held.contains(&i) {
+                ev.push(p)
+            } else {
+                tr.push(p)
+            }
         }
         train = tr;
         eval = ev;
-        report.push(format!("held out {} pairs for evaluation (split_dataset_ratio {})", eval.len(), s.split_dataset_ratio));
+        report.push(format!(
+            "held out {} pairs for evaluation (split_dataset_ratio {})",
+            eval.len(),
+            s.split_dataset_ratio
+        ));
     }
     if let Some(m) = s.max_eval_pairs {
         eval.truncate(m);
     }
-    report.push(format!("data read, templated and tokenised in {:.1}s", started.elapsed().as_secs_f64()));
+    report.push(format!(
+        "data read, templated and tokenised in {:.1}s",
+        started.elapsed().as_secs_f64()
+    ));
     Ok(Prepared { train, eval, report })
 }
 
@@ -171,7 +210,12 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
     let adapter = match &s.adapters {
         Some(dir) => load_adapter(&mut model, dir, true)?,
         None => {
-            let mut cfg = LoraConfig::new(s.lora_rank, s.lora_alpha, s.lora_dropout_p, TargetModules::parse_cli(&s.lora_target_modules));
+            let mut cfg = LoraConfig::new(
+                s.lora_rank,
+                s.lora_alpha,
+                s.lora_dropout_p,
+                TargetModules::parse_cli(&s.lora_target_modules),
+            );
             cfg.use_rslora = s.use_rslora;
             attach_new(&mut model, &cfg, LoraInit::Peft { seed: s.seed })?
         }
@@ -180,7 +224,10 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
         Some(dir) => Some(load_adapter(&mut model, dir, false)?.slot),
         None => None,
     };
-    crate::train::checkpoint::check_free_space(&out_dir, crate::train::checkpoint::estimated_size(adapter.num_params()))?;
+    crate::train::checkpoint::check_free_space(
+        &out_dir,
+        crate::train::checkpoint::estimated_size(adapter.num_params()),
+    )?;
     if !quiet {
         eprintln!(
             "model {} ({:?}, {} parameters, {:?}); adapter {} trainable parameters; {} train / {} eval pairs",
@@ -202,7 +249,12 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
         &data.train,
         &data.eval,
         &cfg,
-        &RunOutput { dir: &out_dir, base_model: &files.name, recipe_yaml: &recipe_yaml, resume_from },
+        &RunOutput {
+            dir: &out_dir,
+            base_model: &files.name,
+            recipe_yaml: &recipe_yaml,
+            resume_from,
+        },
     )?;
     if let (Some(a), false) = (&run.adapter, outcome.interrupted) {
         a.save(&out_dir, Some(&files.name))?;
@@ -212,7 +264,12 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
             eprintln!("warning: could not draw metrics.png: {e}");
         }
     }
-    Ok(DpoSummary { output_dir: out_dir, outcome, train_pairs: data.train.len(), eval_pairs: data.eval.len() })
+    Ok(DpoSummary {
+        output_dir: out_dir,
+        outcome,
+        train_pairs: data.train.len(),
+        eval_pairs: data.eval.len(),
+    })
 }
 
 /// Create the output folder and fail before training when it cannot be written, naming it.

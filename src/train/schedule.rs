@@ -71,7 +71,12 @@ mod tests {
 
     #[test]
     fn cosine_with_warmup() {
-        let s = Schedule { kind: SchedulerKind::Cosine, base_lr: 1.0, warmup_steps: 2, total_steps: 10 };
+        let s = Schedule {
+            kind: SchedulerKind::Cosine,
+            base_lr: 1.0,
+            warmup_steps: 2,
+            total_steps: 10,
+        };
         assert_eq!(s.lr(0), 0.0);
         assert_eq!(s.lr(1), 0.5);
         assert_eq!(s.lr(2), 1.0);
@@ -81,7 +86,12 @@ mod tests {
 
     #[test]
     fn linear_and_ratio() {
-        let s = Schedule { kind: SchedulerKind::Linear, base_lr: 2.0, warmup_steps: 0, total_steps: 4 };
+        let s = Schedule {
+            kind: SchedulerKind::Linear,
+            base_lr: 2.0,
+            warmup_steps: 0,
+            total_steps: 4,
+        };
         assert_eq!([s.lr(0), s.lr(1), s.lr(2), s.lr(3)], [2.0, 1.5, 1.0, 0.5]);
         assert_eq!(Schedule::warmup_from(0, 0.03, 100), 3);
         assert_eq!(Schedule::warmup_from(0, 0.03, 10), 1);

@@ -39,12 +39,7 @@ pub struct DpoRun<'m> {
 pub type RefLogps = Vec<[f32; 2]>;
 
 impl<'m> DpoRun<'m> {
-    pub fn new(
-        model: &'m Model,
-        adapter: Option<Adapter>,
-        ref_slot: Option<usize>,
-        s: &Settings,
-    ) -> Result<Self> {
+    pub fn new(model: &'m Model, adapter: Option<Adapter>, ref_slot: Option<usize>, s: &Settings) -> Result<Self> {
         let params = LossParams {
             label_smoothing: s.label_smoothing,
             simpo_gamma: s.simpo_gamma,
@@ -120,14 +115,9 @@ impl<'m> DpoRun<'m> {
         } else if let Some(r) = refs {
             let c: Vec<f32> = r.iter().map(|x| x[0]).collect();
             let j: Vec<f32> = r.iter().map(|x| x[1]).collect();
-            (
-                Some(Tensor::from_vec(c, b, dev)?),
-                Some(Tensor::from_vec(j, b, dev)?),
-            )
+            (Some(Tensor::from_vec(c, b, dev)?), Some(Tensor::from_vec(j, b, dev)?))
         } else {
-            let lp = sequence_logps(self.model, &batch, &self.reference)?
-                .logps
-                .detach();
+            let lp = sequence_logps(self.model, &batch, &self.reference)?.logps.detach();
             (Some(lp.narrow(0, 0, b)?), Some(lp.narrow(0, b, b)?))
         };
         let lens_c = batch.lengths.narrow(0, 0, b)?;
@@ -155,26 +145,15 @@ impl<'m> DpoRun<'m> {
         let mut rec = Record::new();
         rec.insert(
             "loss".into(),
-            out.loss
-                .to_dtype(candle_core::DType::F32)?
-                .to_scalar::<f32>()? as f64,
+            out.loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64,
         );
         rec.insert("rewards/chosen".into(), mean(&cr));
         rec.insert("rewards/rejected".into(), mean(&rr));
         rec.insert("rewards/accuracies".into(), mean(&acc));
         rec.insert("rewards/margins".into(), mean(&margins));
-        rec.insert(
-            "logps/chosen".into(),
-            mean(&chosen.detach().to_vec1::<f32>()?),
-        );
-        rec.insert(
-            "logps/rejected".into(),
-            mean(&rejected.detach().to_vec1::<f32>()?),
-        );
-        rec.insert(
-            "logits/chosen".into(),
-            pol.logits_sum[0] / pol.logits_count[0].max(1.0),
-        );
+        rec.insert("logps/chosen".into(), mean(&chosen.detach().to_vec1::<f32>()?));
+        rec.insert("logps/rejected".into(), mean(&rejected.detach().to_vec1::<f32>()?));
+        rec.insert("logits/chosen".into(), pol.logits_sum[0] / pol.logits_count[0].max(1.0));
         rec.insert(
             "logits/rejected".into(),
             pol.logits_sum[1] / pol.logits_count[1].max(1.0),
@@ -231,10 +210,7 @@ impl<'m> DpoRun<'m> {
             }
             n += chunk.len();
         }
-        Ok(sums
-            .into_iter()
-            .map(|(k, v)| (k, v / n.max(1) as f64))
-            .collect())
+        Ok(sums.into_iter().map(|(k, v)| (k, v / n.max(1) as f64)).collect())
     }
 }
 
@@ -284,8 +260,7 @@ impl LoopConfig {
         let micro_per_epoch = num_train_pairs.div_ceil(s.batch_size).max(1);
         let total_steps = match s.max_steps {
             Some(n) => n,
-            None => ((s.num_train_epochs * micro_per_epoch as f64)
-                / s.gradient_accumulation_steps as f64)
+            None => ((s.num_train_epochs * micro_per_epoch as f64) / s.gradient_accumulation_steps as f64)
                 .ceil()
                 .max(1.0) as usize,
         };
@@ -438,17 +413,9 @@ fn cached_reference(
 }
 
 /// Train the adapter of `run` on `train`, evaluating on `eval`.
-pub fn train(
-    run: &DpoRun,
-    train: &[PairIds],
-    eval: &[PairIds],
-    cfg: &LoopConfig,
-    out: &RunOutput,
-) -> Result<Outcome> {
+pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig, out: &RunOutput) -> Result<Outcome> {
     if train.is_empty() {
-        return Err(Error::Msg(
-            "no training pairs left after preprocessing".into(),
-        ));
+        return Err(Error::Msg("no training pairs left after preprocessing".into()));
     }
     std::fs::create_dir_all(out.dir).map_err(|e| Error::io(out.dir, e))?;
     let adapter = run
@@ -505,12 +472,7 @@ pub fn train(
     }
 
     let refs = if cfg.precompute_ref && run.needs_reference {
-        let key = format!(
-            "{}-{}-{:?}",
-            data_fp,
-            fingerprint(eval),
-            run.reference.adapter
-        );
+        let key = format!("{}-{}-{:?}", data_fp, fingerprint(eval), run.reference.adapter);
         Some(cached_reference(
             run,
             train,
@@ -525,11 +487,8 @@ pub fn train(
 
     let n = train.len();
     let micro_per_epoch = n.div_ceil(cfg.batch_size);
-    let mut metrics_file =
-        MetricsFile::open(&out.dir.join("metrics.jsonl"), out.resume_from.is_none())?;
-    let last = cfg
-        .stop_after
-        .map_or(cfg.total_steps, |s| s.min(cfg.total_steps));
+    let mut metrics_file = MetricsFile::open(&out.dir.join("metrics.jsonl"), out.resume_from.is_none())?;
+    let last = cfg.stop_after.map_or(cfg.total_steps, |s| s.min(cfg.total_steps));
     let pb = progress_bar(cfg, step);
     let mut window: Vec<Record> = Vec::new();
     let mut steps_out = Vec::new();
@@ -558,9 +517,7 @@ pub fn train(
             }
             let idx = &order[k * cfg.batch_size..((k + 1) * cfg.batch_size).min(n)];
             let pairs: Vec<&PairIds> = idx.iter().map(|&i| &train[i]).collect();
-            let r: Option<Vec<[f32; 2]>> = refs
-                .as_ref()
-                .map(|(tr, _)| idx.iter().map(|&i| tr[i]).collect());
+            let r: Option<Vec<[f32; 2]>> = refs.as_ref().map(|(tr, _)| idx.iter().map(|&i| tr[i]).collect());
             let seed = Rng::stream(cfg.seed, consumed as u64 + 1).next_u64();
             let MicroOut {
                 loss,
@@ -597,13 +554,16 @@ pub fn train(
             // Skip the update, keep the data position moving, stop after too many in a row.
             skipped += 1;
             nonfinite_run += 1;
-            say(&pb, cfg.quiet, &format!("step {}: non-finite loss or gradient, update skipped ({nonfinite_run} in a row)", step + 1));
+            say(
+                &pb,
+                cfg.quiet,
+                &format!(
+                    "step {}: non-finite loss or gradient, update skipped ({nonfinite_run} in a row)",
+                    step + 1
+                ),
+            );
             if nonfinite_run >= cfg.max_nonfinite_steps.max(1) {
-                return Err(non_finite(
-                    step + 1,
-                    nonfinite_run,
-                    last_checkpoint.as_ref(),
-                ));
+                return Err(non_finite(step + 1, nonfinite_run, last_checkpoint.as_ref()));
             }
             step += 1;
             continue;
@@ -624,10 +584,7 @@ pub fn train(
         if step % cfg.logging_steps == 0 || step == last {
             let mut w = metrics::mean(&window);
             let secs = window_start.elapsed().as_secs_f64();
-            w.insert(
-                "tokens_per_second".into(),
-                window_tokens as f64 / secs.max(1e-9),
-            );
+            w.insert("tokens_per_second".into(), window_tokens as f64 / secs.max(1e-9));
             if let Some(m) = metrics::peak_rss_mib() {
                 w.insert("peak_rss_mib".into(), m);
             }
@@ -645,22 +602,14 @@ pub fn train(
                 ],
             );
             say(&pb, cfg.quiet, &line);
-            pb.set_message(format!(
-                "loss {:.4}",
-                w.get("loss").copied().unwrap_or(f64::NAN)
-            ));
+            pb.set_message(format!("loss {:.4}", w.get("loss").copied().unwrap_or(f64::NAN)));
             history.push(w);
             window.clear();
             window_tokens = 0;
             window_start = Instant::now();
         }
         if !eval.is_empty() && (step % cfg.eval_steps == 0 || step == cfg.total_steps) {
-            let e = run.evaluate(
-                eval,
-                refs.as_ref().map(|(_, ev)| ev),
-                cfg.eval_batch_size,
-                &loss_state,
-            )?;
+            let e = run.evaluate(eval, refs.as_ref().map(|(_, ev)| ev), cfg.eval_batch_size, &loss_state)?;
             metrics_file.write(step, &e)?;
             say(
                 &pb,
@@ -668,11 +617,7 @@ pub fn train(
                 &metrics::format_line(
                     step,
                     &e,
-                    &[
-                        "eval_loss",
-                        "eval_rewards/accuracies",
-                        "eval_rewards/margins",
-                    ],
+                    &["eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"],
                 ),
             );
             history.push(e.clone());
@@ -697,19 +642,11 @@ pub fn train(
                 total_steps: cfg.total_steps,
                 optimizer_t: opt.t,
                 seed: cfg.seed,
-                loss_state: serde_json::to_value(&loss_state)
-                    .map_err(|e| Error::Msg(e.to_string()))?,
+                loss_state: serde_json::to_value(&loss_state).map_err(|e| Error::Msg(e.to_string()))?,
                 data_fingerprint: data_fp.clone(),
                 log_history: history.clone(),
             };
-            let dir = checkpoint::save(
-                out.dir,
-                adapter,
-                out.base_model,
-                &opt,
-                &state,
-                out.recipe_yaml,
-            )?;
+            let dir = checkpoint::save(out.dir, adapter, out.base_model, &opt, &state, out.recipe_yaml)?;
             if let Some(k) = cfg.save_total_limit {
                 checkpoint::rotate(out.dir, k, &dir)?;
             }
@@ -747,9 +684,9 @@ fn progress_bar(cfg: &LoopConfig, start: usize) -> indicatif::ProgressBar {
     }
     let pb = indicatif::ProgressBar::new(cfg.total_steps as u64);
     pb.set_position(start as u64);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-    ) {
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+    {
         pb.set_style(style);
     }
     pb

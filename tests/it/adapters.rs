@@ -31,7 +31,8 @@ fn saved_adapter_has_peft_layout_and_round_trips() {
     for arch in ARCHS {
         let (model, ad) = lorafold_adapter(arch);
         let dir = tempfile::tempdir().unwrap();
-        ad.save(dir.path(), Some(&format!("tests/fixtures/models/{arch}"))).unwrap();
+        ad.save(dir.path(), Some(&format!("tests/fixtures/models/{arch}")))
+            .unwrap();
 
         // Same tensor names and shapes as the adapter PEFT saved for the same config.
         let ours = key_shapes(&dir.path().join("adapter_model.safetensors"));
@@ -54,7 +55,10 @@ fn saved_adapter_has_peft_layout_and_round_trips() {
         assert_eq!(cfg["base_model_name_or_path"], format!("tests/fixtures/models/{arch}"));
         let mut targets: Vec<String> = serde_json::from_value(cfg["target_modules"].clone()).unwrap();
         targets.sort();
-        let mut all: Vec<String> = lorafold::model::config::LINEAR_MODULES.iter().map(|s| s.to_string()).collect();
+        let mut all: Vec<String> = lorafold::model::config::LINEAR_MODULES
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         all.sort();
         assert_eq!(targets, all);
 
@@ -88,8 +92,11 @@ fn committed_lorafold_adapters_were_verified_by_peft() {
             let (model, ad) = lorafold_adapter(arch);
             ad.save(&dir, Some(&format!("tests/fixtures/models/{arch}"))).unwrap();
             let logits = model.forward(&ids, Some(&mask), &Fwd::eval(ad.slot)).unwrap();
-            lorafold::lora::io::save_safetensors(&dir.join("lorafold_logits.safetensors"), &[("logits".into(), logits)])
-                .unwrap();
+            lorafold::lora::io::save_safetensors(
+                &dir.join("lorafold_logits.safetensors"),
+                &[("logits".into(), logits)],
+            )
+            .unwrap();
             continue;
         }
         let mut model = load_model(arch);
@@ -99,7 +106,10 @@ fn committed_lorafold_adapters_were_verified_by_peft() {
         let err = max_abs_diff(&logits, &saved["logits"]);
         // f32 kernels that sum in another order move logits by a few 1e-5; 5e-5 of drift plus
         // the recorded PEFT difference stays inside the 1e-4 agreement checked below.
-        assert!(err <= 5e-5, "{arch}: logits drifted from the PEFT-verified ones by {err}");
+        assert!(
+            err <= 5e-5,
+            "{arch}: logits drifted from the PEFT-verified ones by {err}"
+        );
 
         let check: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&check_path).unwrap()).unwrap();
         let c = &check[arch];
@@ -134,14 +144,27 @@ fn peft_default_init_is_identity() {
 #[test]
 fn target_modules_list_and_regex() {
     let mut model = load_model("llama");
-    let cfg = LoraConfig::new(2, 4.0, 0.0, TargetModules::Modules(vec!["q_proj".into(), "down_proj".into()]));
+    let cfg = LoraConfig::new(
+        2,
+        4.0,
+        0.0,
+        TargetModules::Modules(vec!["q_proj".into(), "down_proj".into()]),
+    );
     let ad = attach_new(&mut model, &cfg, LoraInit::Peft { seed: 0 }).unwrap();
     assert_eq!(ad.params.len(), 2 * 2 * model.cfg.num_layers);
-    assert!(ad.params.iter().all(|p| p.key.contains("q_proj") || p.key.contains("down_proj")));
+    assert!(ad
+        .params
+        .iter()
+        .all(|p| p.key.contains("q_proj") || p.key.contains("down_proj")));
 
     let mut model = load_model("llama");
     let re = TargetModules::Pattern(r"model\.layers\.1\.self_attn\.(k|v)_proj".into());
-    let ad = attach_new(&mut model, &LoraConfig::new(2, 4.0, 0.0, re.clone()), LoraInit::Peft { seed: 0 }).unwrap();
+    let ad = attach_new(
+        &mut model,
+        &LoraConfig::new(2, 4.0, 0.0, re.clone()),
+        LoraInit::Peft { seed: 0 },
+    )
+    .unwrap();
     let keys: Vec<&str> = ad.params.iter().map(|p| p.key.as_str()).collect();
     assert_eq!(
         keys,
@@ -155,17 +178,16 @@ fn target_modules_list_and_regex() {
     // A regex is saved as the pattern, as PEFT does.
     assert_eq!(ad.config.target_modules, Some(re));
 
-    assert_eq!(
-        TargetModules::parse_cli(&["ALL".into()]),
-        TargetModules::all_linear()
-    );
+    assert_eq!(TargetModules::parse_cli(&["ALL".into()]), TargetModules::all_linear());
     assert_eq!(
         TargetModules::parse_cli(&["q_proj,v_proj".into()]),
         TargetModules::Modules(vec!["q_proj".into(), "v_proj".into()])
     );
     let none = LoraConfig::new(2, 4.0, 0.0, TargetModules::Modules(vec!["lm_head".into()]));
     let mut model = load_model("llama");
-    let err = attach_new(&mut model, &none, LoraInit::Peft { seed: 0 }).unwrap_err().to_string();
+    let err = attach_new(&mut model, &none, LoraInit::Peft { seed: 0 })
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("selects no linear layer"), "{err}");
 }
 

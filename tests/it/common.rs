@@ -20,8 +20,7 @@ pub fn adapter_dir(name: &str) -> PathBuf {
 }
 
 pub fn load_model(arch: &str) -> Model {
-    Model::load_dir(&model_dir(arch), &LoadOptions::default())
-        .unwrap_or_else(|e| panic!("loading {arch}: {e}"))
+    Model::load_dir(&model_dir(arch), &LoadOptions::default()).unwrap_or_else(|e| panic!("loading {arch}: {e}"))
 }
 
 pub fn golden(arch: &str) -> HashMap<String, Tensor> {
@@ -94,7 +93,10 @@ pub fn per_sequence(token_logps: &Tensor, rows: &[usize], batch: usize) -> Tenso
         onehot[b * n + i] = 1.0;
     }
     let m = Tensor::from_vec(onehot, (batch, n), &Device::Cpu).unwrap();
-    m.matmul(&token_logps.unsqueeze(1).unwrap()).unwrap().squeeze(1).unwrap()
+    m.matmul(&token_logps.unsqueeze(1).unwrap())
+        .unwrap()
+        .squeeze(1)
+        .unwrap()
 }
 
 /// Run the lorafold binary.

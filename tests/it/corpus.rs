@@ -261,7 +261,10 @@ fn run_step(step: &Step, tmp: &Path) -> Result<(), String> {
             }
         }
         for n in &t.add {
-            all.push((n.name.clone(), Tensor::zeros(n.shape.as_slice(), DType::F32, &Device::Cpu).unwrap()));
+            all.push((
+                n.name.clone(),
+                Tensor::zeros(n.shape.as_slice(), DType::F32, &Device::Cpu).unwrap(),
+            ));
         }
         all.sort_by(|a, b| a.0.cmp(&b.0));
         lorafold::lora::io::save_safetensors(&p, &all).map_err(|e| e.to_string())?;
@@ -372,14 +375,22 @@ fn check_case(case: &Case) -> Result<f64, String> {
             let start = (start..=s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(s.len());
             s[start..].to_string()
         };
-        Err(format!("{} ({:.1}s)\n      stderr: {tail}", problems.join("; "), out.secs))
+        Err(format!(
+            "{} ({:.1}s)\n      stderr: {tail}",
+            problems.join("; "),
+            out.secs
+        ))
     }
 }
 
 #[test]
 fn manifest_is_well_formed() {
     let cases = load_cases();
-    assert!(cases.len() >= 45, "the corpus holds {} cases; it needs at least 45", cases.len());
+    assert!(
+        cases.len() >= 45,
+        "the corpus holds {} cases; it needs at least 45",
+        cases.len()
+    );
     let mut names = std::collections::HashSet::new();
     for c in &cases {
         assert!(names.insert(c.name.as_str()), "duplicate case name {}", c.name);
@@ -428,5 +439,11 @@ fn every_bad_input_fails_cleanly_and_names_the_place() {
         failures.len(),
         total
     );
-    assert!(failures.is_empty(), "{} of {} corpus cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} corpus cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }

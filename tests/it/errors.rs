@@ -112,7 +112,10 @@ fn adapter_copy(name: &str) -> tempfile::TempDir {
 
 fn edit_adapter(dir: &Path, f: impl FnOnce(&mut Vec<(String, Tensor)>)) {
     let p = dir.join("adapter_model.safetensors");
-    let mut v: Vec<(String, Tensor)> = candle_core::safetensors::load(&p, &Device::Cpu).unwrap().into_iter().collect();
+    let mut v: Vec<(String, Tensor)> = candle_core::safetensors::load(&p, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     f(&mut v);
     save_safetensors(&p, &v).unwrap();
@@ -134,7 +137,9 @@ fn adapter_missing_half_of_a_pair_is_named() {
 fn adapter_for_another_base_is_a_shape_error() {
     // qwen3 has head_dim 32, so its q_proj adapter does not fit llama's q_proj.
     let mut model = load_model("llama");
-    let err = load_adapter(&mut model, &adapter_dir("qwen3_peft"), false).err().expect("must fail");
+    let err = load_adapter(&mut model, &adapter_dir("qwen3_peft"), false)
+        .err()
+        .expect("must fail");
     assert!(matches!(err, Error::ShapeMismatch { .. }), "{err:?}");
     assert!(err.to_string().contains("lora_"), "{err}");
 }
@@ -145,7 +150,10 @@ fn adapter_key_matching_no_layer_is_named() {
     let extra = "base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight";
     edit_adapter(dir.path(), |v| {
         v.push((extra.into(), Tensor::zeros((4, 64), DType::F32, &Device::Cpu).unwrap()));
-        v.push((extra.replace("lora_A", "lora_B"), Tensor::zeros((64, 4), DType::F32, &Device::Cpu).unwrap()));
+        v.push((
+            extra.replace("lora_A", "lora_B"),
+            Tensor::zeros((64, 4), DType::F32, &Device::Cpu).unwrap(),
+        ));
     });
     let mut model = load_model("mistral");
     let err = load_adapter(&mut model, dir.path(), false).err().expect("must fail");
@@ -154,7 +162,10 @@ fn adapter_key_matching_no_layer_is_named() {
 
     let dir = adapter_copy("mistral_peft");
     edit_adapter(dir.path(), |v| {
-        v.push(("base_model.model.lm_head.weight".into(), Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap()))
+        v.push((
+            "base_model.model.lm_head.weight".into(),
+            Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap(),
+        ))
     });
     let err = load_adapter(&mut model, dir.path(), false).err().expect("must fail");
     assert!(err.to_string().contains("base_model.model.lm_head.weight"), "{err}");
@@ -174,7 +185,10 @@ fn unsupported_adapter_options_are_named() {
         cfg[key] = value;
         std::fs::write(&p, cfg.to_string()).unwrap();
         let mut model = load_model("qwen2");
-        let err = load_adapter(&mut model, dir.path(), false).err().expect("must fail").to_string();
+        let err = load_adapter(&mut model, dir.path(), false)
+            .err()
+            .expect("must fail")
+            .to_string();
         assert!(err.contains(key) && err.contains("adapter_config.json"), "{key}: {err}");
     }
 }
@@ -183,10 +197,20 @@ fn unsupported_adapter_options_are_named() {
 fn missing_adapter_files_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let mut model = load_model("qwen2");
-    let err = load_adapter(&mut model, dir.path(), false).err().expect("must fail").to_string();
+    let err = load_adapter(&mut model, dir.path(), false)
+        .err()
+        .expect("must fail")
+        .to_string();
     assert!(err.contains("adapter_config.json"), "{err}");
-    std::fs::copy(adapter_dir("qwen2_peft").join("adapter_config.json"), dir.path().join("adapter_config.json")).unwrap();
-    let err = load_adapter(&mut model, dir.path(), false).err().expect("must fail").to_string();
+    std::fs::copy(
+        adapter_dir("qwen2_peft").join("adapter_config.json"),
+        dir.path().join("adapter_config.json"),
+    )
+    .unwrap();
+    let err = load_adapter(&mut model, dir.path(), false)
+        .err()
+        .expect("must fail")
+        .to_string();
     assert!(err.contains("adapter_model.safetensors"), "{err}");
 }
 
@@ -196,6 +220,9 @@ fn cli_prints_errors_and_exits_non_zero() {
     let out = lorafold(&["inspect", "--model", dir.path().to_str().unwrap()], &[]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.starts_with("error: ") && stderr.contains("config.json"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("config.json"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }

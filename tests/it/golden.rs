@@ -37,14 +37,25 @@ fn peft_adapter_logits_match_peft() {
             assert!(err <= LOGIT_TOL, "{arch} {name}: logits differ by {err}");
             // The adapter must matter, or the comparison proves nothing.
             let base = model.forward(&ids, Some(&mask), &Fwd::base()).unwrap();
-            assert!(max_abs_diff(&logits, &base) > 0.1, "{arch} {name}: adapter has no effect");
+            assert!(
+                max_abs_diff(&logits, &base) > 0.1,
+                "{arch} {name}: adapter has no effect"
+            );
             // Switching the adapter off gives the base model back.
             assert!(max_abs_diff(&base, &g["logits_base"]) <= LOGIT_TOL);
         }
     }
 }
 
-fn logps_and_grads(arch: &str) -> (Vec<f32>, Vec<f32>, lorafold::lora::Adapter, GradStore, lorafold::model::Model) {
+fn logps_and_grads(
+    arch: &str,
+) -> (
+    Vec<f32>,
+    Vec<f32>,
+    lorafold::lora::Adapter,
+    GradStore,
+    lorafold::model::Model,
+) {
     let mut model = load_model(arch);
     let g = golden(arch);
     let (ids, mask) = golden_inputs(&g);
@@ -54,7 +65,9 @@ fn logps_and_grads(arch: &str) -> (Vec<f32>, Vec<f32>, lorafold::lora::Adapter, 
     let base = per_sequence(&base_lp, &rows, 2).to_vec1::<f32>().unwrap();
 
     let ad = load_adapter(&mut model, &adapter_dir(&format!("{arch}_peft")), true).unwrap();
-    let h = model.forward_hidden(&ids, Some(&mask), &Fwd::train(ad.slot, 0)).unwrap();
+    let h = model
+        .forward_hidden(&ids, Some(&mask), &Fwd::train(ad.slot, 0))
+        .unwrap();
     let lp = token_logps(&model.logits_at(&h, &pos).unwrap(), &tgt).unwrap();
     let seq = per_sequence(&lp, &rows, 2);
     let grads = seq.sum_all().unwrap().backward().unwrap();
@@ -82,7 +95,11 @@ fn every_lora_gradient_matches_pytorch() {
     for arch in ARCHS {
         let g = golden(arch);
         let (_, _, ad, grads, model) = logps_and_grads(arch);
-        assert_eq!(ad.params.len(), 2 * 7 * model.cfg.num_layers, "{arch}: all-linear adapter");
+        assert_eq!(
+            ad.params.len(),
+            2 * 7 * model.cfg.num_layers,
+            "{arch}: all-linear adapter"
+        );
         let mut worst = 0f32;
         for p in &ad.params {
             let var = p.var.as_ref().expect("trainable");
@@ -100,7 +117,10 @@ fn every_lora_gradient_matches_pytorch() {
         }
         println!("{arch}: worst relative gradient error {worst:.3e}");
         for (name, t) in model.base_tensors() {
-            assert!(grads.get(&t).is_none(), "{arch}: frozen base tensor {name} got a gradient");
+            assert!(
+                grads.get(&t).is_none(),
+                "{arch}: frozen base tensor {name} got a gradient"
+            );
         }
     }
 }

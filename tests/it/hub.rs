@@ -26,13 +26,22 @@ fn hub_id_resolves_from_cache_offline() {
     assert!(stdout.contains("Llama") && stdout.contains(rev), "{stdout}");
 
     // An explicit commit revision names the snapshot folder.
-    let out = lorafold(&["inspect", "--model", "lorafold-test/tiny-llama", "--revision", rev], &env);
+    let out = lorafold(
+        &["inspect", "--model", "lorafold-test/tiny-llama", "--revision", rev],
+        &env,
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // With an adapter, checked against the model.
     let ad = adapter_dir("llama_peft");
     let out = lorafold(
-        &["inspect", "--model", "lorafold-test/tiny-llama", "--adapters", ad.to_str().unwrap()],
+        &[
+            "inspect",
+            "--model",
+            "lorafold-test/tiny-llama",
+            "--adapters",
+            ad.to_str().unwrap(),
+        ],
         &env,
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -7,12 +7,8 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use lorafold::data::tokenize::Preprocessor;
 use lorafold::data::Message;
-use lorafold::infer::sampling::{
-    apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p,
-};
-use lorafold::infer::{
-    generate, FinishReason, GenerateOptions, Sampler, SamplingParams, Session, TextStream,
-};
+use lorafold::infer::sampling::{apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p};
+use lorafold::infer::{generate, FinishReason, GenerateOptions, Sampler, SamplingParams, Session, TextStream};
 use lorafold::lora::io::{load_adapter, save_safetensors};
 use lorafold::lora::linear::Fwd;
 use lorafold::model::{KvCache, LoadOptions, Model};
@@ -44,9 +40,7 @@ fn greedy_opts(n: usize) -> GenerateOptions {
 }
 
 fn run(model: &Model, ctx: Fwd, prompt: &[u32], opts: &GenerateOptions) -> Vec<u32> {
-    generate(model, &ctx, prompt, opts, |_| Ok(()))
-        .unwrap()
-        .tokens
+    generate(model, &ctx, prompt, opts, |_| Ok(())).unwrap().tokens
 }
 
 fn with_adapter(arch: &str) -> (Model, Fwd) {
@@ -68,11 +62,7 @@ fn greedy_matches_transformers_generate() {
         let base = run(&model, Fwd::base(), &prompt, &greedy_opts(n));
         assert_eq!(base, ids(&a["greedy_base"]), "{arch}: base");
         let peft = run(&model, adapter, &prompt, &greedy_opts(n));
-        assert_eq!(
-            peft,
-            ids(&a["greedy_peft"]),
-            "{arch}: with the PEFT adapter"
-        );
+        assert_eq!(peft, ids(&a["greedy_peft"]), "{arch}: with the PEFT adapter");
 
         let mut rep = greedy_opts(n);
         rep.sampling.repetition_penalty = penalty;
@@ -142,10 +132,7 @@ fn kv_cache_decoding_equals_recomputation() {
                 .get(fed - 1)
                 .unwrap();
             let err = max_abs_diff(&got.squeeze(0).unwrap(), &want);
-            assert!(
-                err < 1e-4,
-                "{arch}: cached logits after {fed} tokens differ by {err}"
-            );
+            assert!(err < 1e-4, "{arch}: cached logits after {fed} tokens differ by {err}");
         }
         // Cutting the cache back and feeding again gives the same logits.
         cache.truncate(10).unwrap();
@@ -185,14 +172,7 @@ fn session_reuses_the_cached_prefix() {
     assert_eq!(second.tokens, fresh.tokens);
     // A different prompt shares nothing but still works.
     let third = s.generate(&[5, 6, 7], &greedy_opts(4), |_| Ok(())).unwrap();
-    let fresh = generate(
-        &model,
-        &Fwd::base(),
-        &[5, 6, 7],
-        &greedy_opts(4),
-        |_| Ok(()),
-    )
-    .unwrap();
+    let fresh = generate(&model, &Fwd::base(), &[5, 6, 7], &greedy_opts(4), |_| Ok(())).unwrap();
     assert_eq!(third.tokens, fresh.tokens);
 }
 
@@ -202,9 +182,7 @@ fn write_merged(arch: &str, model: &Model, slot: usize, to: &Path) {
     for e in std::fs::read_dir(to).unwrap() {
         let p = e.unwrap().path();
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        if name.starts_with("model")
-            && (name.ends_with(".safetensors") || name.ends_with(".index.json"))
-        {
+        if name.starts_with("model") && (name.ends_with(".safetensors") || name.ends_with(".index.json")) {
             std::fs::remove_file(&p).unwrap();
         }
     }
@@ -230,11 +208,7 @@ fn merged_folder_generates_like_the_unmerged_adapter() {
         write_merged(arch, &model, adapter.adapter.unwrap(), dir.path());
         let merged = Model::load_dir(dir.path(), &LoadOptions::default()).unwrap();
         let unmerged = run(&model, adapter, &prompt, &greedy_opts(32));
-        assert_eq!(
-            run(&merged, Fwd::base(), &prompt, &greedy_opts(32)),
-            unmerged,
-            "{arch}"
-        );
+        assert_eq!(run(&merged, Fwd::base(), &prompt, &greedy_opts(32)), unmerged, "{arch}");
         assert_eq!(unmerged, ids(&g["archs"][arch]["greedy_peft"]), "{arch}");
         // And through the command, on the merged folder.
         let out = lorafold(
@@ -252,11 +226,7 @@ fn merged_folder_generates_like_the_unmerged_adapter() {
             ],
             &[],
         );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let text = decode_text(arch, &unmerged);
         assert_eq!(
             String::from_utf8(out.stdout).unwrap(),
@@ -292,10 +262,7 @@ fn seeded_sampling_repeats_and_top_k_1_is_greedy() {
     assert_eq!(a, b, "same seed, same tokens");
     assert_ne!(a, c, "another seed, other tokens");
     let greedy = run(&model, Fwd::base(), &prompt, &greedy_opts(24));
-    assert_ne!(
-        a, greedy,
-        "sampling at temperature 1 should leave the greedy path"
-    );
+    assert_ne!(a, greedy, "sampling at temperature 1 should leave the greedy path");
     for seed in [1, 2, 3] {
         assert_eq!(
             run(&model, Fwd::base(), &prompt, &sampling(1.5, 1, 1.0, seed)),
@@ -352,11 +319,7 @@ fn logits_processors_match_transformers() {
 
     let mut l = logits.clone();
     apply_repetition_penalty(&mut l, &ctx, rep as f32);
-    assert_close(
-        &l,
-        &opt_f32(&p["after_repetition_penalty"]),
-        "repetition penalty",
-    );
+    assert_close(&l, &opt_f32(&p["after_repetition_penalty"]), "repetition penalty");
     let mut l = logits.clone();
     apply_temperature(&mut l, temp as f32);
     assert_close(&l, &opt_f32(&p["after_temperature"]), "temperature");
@@ -403,10 +366,7 @@ fn streaming_prints_multibyte_characters_whole() {
     let mut pieces = Vec::new();
     for t in &toks {
         if let Some(p) = stream.push(*t).unwrap() {
-            assert!(
-                !p.contains('\u{FFFD}'),
-                "piece {p:?} has a broken character"
-            );
+            assert!(!p.contains('\u{FFFD}'), "piece {p:?} has a broken character");
             pieces.push(p);
         }
     }
@@ -514,9 +474,7 @@ fn cli_prompts_file_writes_one_json_line_per_prompt() {
     assert_eq!(rows[1]["line"], 3);
     assert_eq!(rows[2]["prompt"], "plain text prompt");
     assert_eq!(rows[3]["prompt"], "a JSON string");
-    assert!(rows
-        .iter()
-        .all(|r| r["token_ids"].as_array().unwrap().len() == 32));
+    assert!(rows.iter().all(|r| r["token_ids"].as_array().unwrap().len() == 32));
 
     // --compare to stdout: base and adapter answers in one line.
     let adapter = adapter_dir("qwen2_peft");
@@ -562,27 +520,14 @@ fn cli_chat_reads_turns_from_a_pipe() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
         let out = child.wait_with_output().unwrap();
-        (
-            stdout_of(&out),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        (stdout_of(&out), String::from_utf8_lossy(&out.stderr).into_owned())
     };
     let first = decode_text(arch, &ids(&g["archs"][arch]["chat_base"]));
-    let (out, err) = run_chat(&format!(
-        "{QUESTION}\nThanks.\n/reset\n{QUESTION}\n/exit\nnever read\n"
-    ));
+    let (out, err) = run_chat(&format!("{QUESTION}\nThanks.\n/reset\n{QUESTION}\n/exit\nnever read\n"));
     let answers: Vec<&str> = out.split_terminator('\n').collect();
-    assert!(
-        out.starts_with(&format!("{first}\n")),
-        "first turn: {out:?}"
-    );
+    assert!(out.starts_with(&format!("{first}\n")), "first turn: {out:?}");
     assert!(
         out.ends_with(&format!("{first}\n")),
         "after /reset the first answer again: {out:?}"
@@ -594,10 +539,7 @@ fn cli_chat_reads_turns_from_a_pipe() {
         .filter_map(|l| l.split(' ').next()?.parse().ok())
         .collect();
     assert_eq!(fed.len(), 3, "three answers: {err}");
-    assert!(
-        fed[1] > fed[0],
-        "the second prompt holds the first turn: {fed:?}"
-    );
+    assert!(fed[1] > fed[0], "the second prompt holds the first turn: {fed:?}");
     assert!(answers.len() >= 3);
     // EOF ends the chat too.
     let (out, _) = run_chat(&format!("{QUESTION}\n"));
@@ -608,16 +550,7 @@ fn cli_chat_reads_turns_from_a_pipe() {
 fn cli_errors_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-model");
-    let out = lorafold(
-        &[
-            "infer",
-            "--model",
-            missing.to_str().unwrap(),
-            "--prompt",
-            "hi",
-        ],
-        &[],
-    );
+    let out = lorafold(&["infer", "--model", missing.to_str().unwrap(), "--prompt", "hi"], &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no-such-model"), "{err}");
@@ -651,10 +584,7 @@ fn cli_errors_are_named() {
         &[],
     );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("bad.jsonl:1: expected"),
-        "{err}"
-    );
+    assert!(!out.status.success() && err.contains("bad.jsonl:1: expected"), "{err}");
 
     let out = lorafold(
         &[

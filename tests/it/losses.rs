@@ -22,11 +22,7 @@ fn f32s(v: &Value) -> Vec<f32> {
 }
 
 fn f64s(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
 }
 
 fn tensor(v: &[f32]) -> Tensor {
@@ -106,20 +102,12 @@ fn case_loss(case: &Value) -> DpoLoss {
 fn check_case(g: &Value, case: &Value, state: &mut LossState) -> [f64; 4] {
     let label = format!(
         "{} (beta {}, label_smoothing {}, tau {}, gamma {}, input {})",
-        case["name"],
-        case["beta"],
-        case["label_smoothing"],
-        case["discopop_tau"],
-        case["simpo_gamma"],
-        case["input"]
+        case["name"], case["beta"], case["label_smoothing"], case["discopop_tau"], case["simpo_gamma"], case["input"]
     );
     let batch = Batch::new(&g["inputs"][case["input"].as_str().unwrap()]);
     let loss = case_loss(case);
     // Reference-free cases run without reference log-probs, as they would in training.
-    let with_ref = case["trl_function"]
-        .as_str()
-        .unwrap()
-        .starts_with("trl.DPOTrainer");
+    let with_ref = case["trl_function"].as_str().unwrap().starts_with("trl.DPOTrainer");
     let x = batch.inputs(with_ref);
     let out = loss.compute(&x, state).unwrap_or_else(|e| panic!("{label}: {e}"));
     assert!(out.loss.dims().is_empty(), "{label}: loss must be a scalar");
@@ -173,11 +161,7 @@ fn check_case(g: &Value, case: &Value, state: &mut LossState) -> [f64; 4] {
     );
 
     let grads = out.loss.backward().unwrap();
-    let gc = vec1(
-        grads
-            .get(batch.chosen.as_tensor())
-            .expect("gradient wrt chosen_logps"),
-    );
+    let gc = vec1(grads.get(batch.chosen.as_tensor()).expect("gradient wrt chosen_logps"));
     let gr = grads
         .get(batch.rejected.as_tensor())
         .map(vec1)
@@ -188,10 +172,7 @@ fn check_case(g: &Value, case: &Value, state: &mut LossState) -> [f64; 4] {
     let scale = wc.iter().chain(&wr).fold(0.0f64, |m, v| m.max(v.abs()));
     let floor = (scale * 1e-4).max(1e-12);
     let grad_err = max_rel_err(&gc, &wc, floor).max(max_rel_err(&gr, &wr, floor));
-    assert!(
-        grad_err <= 1e-5,
-        "{label}: grads {gc:?} / {gr:?}, TRL {wc:?} / {wr:?}"
-    );
+    assert!(grad_err <= 1e-5, "{label}: grads {gc:?} / {gr:?}, TRL {wc:?} / {wr:?}");
     [loss_err, pair_err, reward_err, grad_err]
 }
 
@@ -294,10 +275,7 @@ fn policy_equal_to_reference_gives_ln2_and_zero_rewards() {
         .loss
         .to_scalar::<f32>()
         .unwrap();
-    assert!(
-        (f64::from(l) - std::f64::consts::LN_2).abs() < 1e-6,
-        "cDPO loss {l}"
-    );
+    assert!((f64::from(l) - std::f64::consts::LN_2).abs() < 1e-6, "cDPO loss {l}");
 }
 
 #[test]
@@ -314,10 +292,7 @@ fn parse_errors_list_the_names() {
         ..LossParams::default()
     };
     let err = LossKind::parse("exo_pair", &eps(0.0)).unwrap_err().to_string();
-    assert!(
-        err.contains("exo_pair") && err.contains("label_smoothing"),
-        "{err}"
-    );
+    assert!(err.contains("exo_pair") && err.contains("label_smoothing"), "{err}");
     let err = LossKind::parse("robust", &eps(0.5)).unwrap_err().to_string();
     assert!(err.contains("robust"), "{err}");
     let tau = LossParams {
@@ -371,11 +346,7 @@ fn reference_requirements() {
     };
     for name in LOSS_NAMES {
         let k = LossKind::parse(name, &p).unwrap();
-        assert_eq!(
-            k.needs_reference(),
-            !matches!(name, "simpo" | "orpo" | "sft"),
-            "{name}"
-        );
+        assert_eq!(k.needs_reference(), !matches!(name, "simpo" | "orpo" | "sft"), "{name}");
     }
     let c = tensor(&[-10.0, -4.0]);
     let r = tensor(&[-12.0, -3.0]);

@@ -118,8 +118,7 @@ fn arb_json() -> impl Strategy<Value = Value> {
     arb_leaf().prop_recursive(4, 48, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-            prop::collection::vec((arb_key(), inner), 0..6)
-                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            prop::collection::vec((arb_key(), inner), 0..6).prop_map(|kv| Value::Object(kv.into_iter().collect())),
         ]
     })
 }
@@ -141,7 +140,11 @@ fn arb_message() -> impl Strategy<Value = Value> {
         .prop_map(Value::Array),
     ];
     (any::<bool>(), role, content, any::<bool>()).prop_map(|(sharegpt, role, content, drop)| {
-        let (rk, ck) = if sharegpt { ("from", "value") } else { ("role", "content") };
+        let (rk, ck) = if sharegpt {
+            ("from", "value")
+        } else {
+            ("role", "content")
+        };
         let mut m = Map::new();
         m.insert(rk.into(), role);
         if !drop {
@@ -193,7 +196,10 @@ fn arb_conversation(sharegpt: bool) -> impl Strategy<Value = Value> {
         for (i, t) in turns.into_iter().enumerate() {
             out.push(msg(if i % 2 == 0 { "user" } else { "assistant" }, t));
         }
-        if out.last().and_then(|m| m.get("role").or_else(|| m.get("from"))).and_then(Value::as_str)
+        if out
+            .last()
+            .and_then(|m| m.get("role").or_else(|| m.get("from")))
+            .and_then(Value::as_str)
             == Some(if sharegpt { "gpt" } else { "assistant" })
         {
             out.push(msg("user", "more?".into()));
@@ -230,12 +236,12 @@ fn plausible(format: Format, key: &'static str) -> BoxedStrategy<Value> {
                 other => other,
             })
             .boxed(),
-        (Format::Sharegpt | Format::Alpaca, "chosen" | "rejected") => prop_oneof![
-            text(),
-            arb_text().prop_map(|t| json!({"from": "gpt", "value": t}))
-        ]
-        .boxed(),
-        (Format::AlignAnything, "overall_response") => prop_oneof![Just(json!(1)), Just(json!(2)), Just(json!("2"))].boxed(),
+        (Format::Sharegpt | Format::Alpaca, "chosen" | "rejected") => {
+            prop_oneof![text(), arb_text().prop_map(|t| json!({"from": "gpt", "value": t}))].boxed()
+        }
+        (Format::AlignAnything, "overall_response") => {
+            prop_oneof![Just(json!(1)), Just(json!(2)), Just(json!("2"))].boxed()
+        }
         (Format::HhRlhf, _) => hh(),
         _ => text(),
     }
@@ -381,9 +387,37 @@ fn arb_yaml_scalar() -> impl Strategy<Value = String> {
     prop_oneof![
         select(
             &[
-                "0", "-1", "1", "1e-4", "-1e-4", ".nan", ".inf", "-.inf", "1e400", "18446744073709551616", "true", "no",
-                "null", "~", "''", "sigmoid", "ipo, hinge", "keep_end", "ALL", "[sigmoid, nope]", "[1, 2]", "{a: 1}",
-                "[]", "{}", "lora", "full", "cosine", "fp16", "latest", "0.5", "2.0",
+                "0",
+                "-1",
+                "1",
+                "1e-4",
+                "-1e-4",
+                ".nan",
+                ".inf",
+                "-.inf",
+                "1e400",
+                "18446744073709551616",
+                "true",
+                "no",
+                "null",
+                "~",
+                "''",
+                "sigmoid",
+                "ipo, hinge",
+                "keep_end",
+                "ALL",
+                "[sigmoid, nope]",
+                "[1, 2]",
+                "{a: 1}",
+                "[]",
+                "{}",
+                "lora",
+                "full",
+                "cosine",
+                "fp16",
+                "latest",
+                "0.5",
+                "2.0",
             ][..]
         )
         .prop_map(String::from),
@@ -399,18 +433,17 @@ fn arb_recipe() -> impl Strategy<Value = String> {
         5 => select(keys).prop_map(|k| k.replace('_', if k.len() % 2 == 0 { "_" } else { "-" })),
         1 => "[a-z_-]{1,12}",
     ];
-    prop::collection::vec((key, arb_yaml_scalar()), 0..8).prop_map(|kv| {
-        kv.into_iter()
-            .map(|(k, v)| format!("{k}: {v}\n"))
-            .collect()
-    })
+    prop::collection::vec((key, arb_yaml_scalar()), 0..8)
+        .prop_map(|kv| kv.into_iter().map(|(k, v)| format!("{k}: {v}\n")).collect())
 }
 
 fn yaml_soup() -> impl Strategy<Value = String> {
     prop::collection::vec(
         prop_oneof![
-            select(&[":", "- ", "\n", "  ", "[", "]", "{", "}", ",", "'", "\"", "&a", "*a", "!!str", "#", "---", "? "][..])
-                .prop_map(String::from),
+            select(
+                &[":", "- ", "\n", "  ", "[", "]", "{", "}", ",", "'", "\"", "&a", "*a", "!!str", "#", "---", "? "][..]
+            )
+            .prop_map(String::from),
             arb_yaml_scalar(),
         ],
         0..40,
@@ -472,12 +505,34 @@ fn real_adapter_config() -> Map<String, Value> {
 fn arb_config_value() -> impl Strategy<Value = Value> {
     prop_oneof![
         select(vec![
-                json!(0), json!(-1), json!(1), json!(4), json!(1e300), json!(0.5), json!(1.5), json!(true), json!(false),
-                json!(null), json!("none"), json!("all"), json!("LORA"), json!("all-linear"), json!("q_proj"),
-                json!("(q_proj"), json!(".*"), json!(["q_proj", "v_proj"]), json!(["lm_head"]), json!({"q_proj": 2}),
-                json!({"(": 1}), json!({"q_proj": 0}), json!({"q_proj": -1}), json!({"v_proj": 1e9}), json!([]),
-                json!({}), json!(18446744073709551615u64),
-            ]),
+            json!(0),
+            json!(-1),
+            json!(1),
+            json!(4),
+            json!(1e300),
+            json!(0.5),
+            json!(1.5),
+            json!(true),
+            json!(false),
+            json!(null),
+            json!("none"),
+            json!("all"),
+            json!("LORA"),
+            json!("all-linear"),
+            json!("q_proj"),
+            json!("(q_proj"),
+            json!(".*"),
+            json!(["q_proj", "v_proj"]),
+            json!(["lm_head"]),
+            json!({"q_proj": 2}),
+            json!({"(": 1}),
+            json!({"q_proj": 0}),
+            json!({"q_proj": -1}),
+            json!({"v_proj": 1e9}),
+            json!([]),
+            json!({}),
+            json!(18446744073709551615u64),
+        ]),
         arb_json(),
     ]
 }
@@ -593,11 +648,19 @@ fn arb_generated_safetensors() -> impl Strategy<Value = Vec<u8>> {
         1 => "\\PC{0,12}",
     ];
     let shape = prop_oneof![
-        (0..6usize, select(&[64usize, 32, 176][..]), any::<bool>())
-            .prop_map(|(r, d, a)| if a { vec![r, d] } else { vec![d, r] }),
+        (0..6usize, select(&[64usize, 32, 176][..]), any::<bool>()).prop_map(|(r, d, a)| if a {
+            vec![r, d]
+        } else {
+            vec![d, r]
+        }),
         prop::collection::vec(0..70usize, 0..4),
     ];
-    let tensor = (name, select(DTYPES), shape, prop::option::weighted(0.2, (0..5000u64, 0..5000u64)));
+    let tensor = (
+        name,
+        select(DTYPES),
+        shape,
+        prop::option::weighted(0.2, (0..5000u64, 0..5000u64)),
+    );
     (prop::collection::vec(tensor, 0..6), 0..64usize).prop_map(|(tensors, extra)| {
         let mut header = Map::new();
         let mut offset = 0u64;
@@ -636,8 +699,13 @@ fn arb_plausible_adapter_weights() -> impl Strategy<Value = Vec<u8>> {
         ("mlp.down_proj", 176, 64),
     ];
     let pick = prop::collection::vec((0..2usize, 0..7usize), 1..5);
-    (pick, 1..5usize, select(&["F32", "F16", "BF16"][..]), prop::option::weighted(0.3, 0..8usize)).prop_map(
-        |(picks, r, dtype, off)| {
+    (
+        pick,
+        1..5usize,
+        select(&["F32", "F16", "BF16"][..]),
+        prop::option::weighted(0.3, 0..8usize),
+    )
+        .prop_map(|(picks, r, dtype, off)| {
             let width = if dtype == "F32" { 4 } else { 2 };
             let mut header = Map::new();
             let mut offset = 0usize;
@@ -666,8 +734,7 @@ fn arb_plausible_adapter_weights() -> impl Strategy<Value = Vec<u8>> {
             bytes.extend_from_slice(text.as_bytes());
             bytes.resize(bytes.len() + offset, 0x3c);
             bytes
-        },
-    )
+        })
 }
 
 fn real_adapter_weights() -> Vec<u8> {
@@ -745,22 +812,57 @@ fn arb_template() -> impl Strategy<Value = String> {
     }
     let leaf = prop_oneof![
         select(&["text ", "\n", "  ", "\n\n  ", "<|im_start|>", " %} ", "}"][..]).prop_map(String::from),
-        (ws(), ws(), select(&["'x'", "m.content", "x ~ 'y'", "[1, 2]", "messages[1:]", "'%}'", "loop.index if loop is defined else 0"][..]))
+        (
+            ws(),
+            ws(),
+            select(
+                &[
+                    "'x'",
+                    "m.content",
+                    "x ~ 'y'",
+                    "[1, 2]",
+                    "messages[1:]",
+                    "'%}'",
+                    "loop.index if loop is defined else 0"
+                ][..]
+            )
+        )
             .prop_map(|(a, b, e)| format!("{{%{a} set x = {e} {b}%}}")),
         (ws(), ws()).prop_map(|(a, b)| format!("{{%{a} set ns.n = ns.n ~ 'z' {b}%}}")),
         (ws(), ws()).prop_map(|(a, b)| format!("{{%{a} set x, y = 'p', 'q' {b}%}}")),
-        (ws(), ws(), select(&["x", "ns.n", "messages|length", "'}}'", "m.role|upper if m is defined else ''", "f('a')"][..]))
+        (
+            ws(),
+            ws(),
+            select(
+                &[
+                    "x",
+                    "ns.n",
+                    "messages|length",
+                    "'}}'",
+                    "m.role|upper if m is defined else ''",
+                    "f('a')"
+                ][..]
+            )
+        )
             .prop_map(|(a, b, e)| format!("{{{{{a} {e} {b}}}}}")),
-        select(&["{# note #}", "{#- note -#}", "{% raw %}{% set x = 1 %}{{ y }}{% endraw %}", "{%- raw -%} r {% endraw %}"][..])
-            .prop_map(String::from),
+        select(
+            &[
+                "{# note #}",
+                "{#- note -#}",
+                "{% raw %}{% set x = 1 %}{{ y }}{% endraw %}",
+                "{%- raw -%} r {% endraw %}"
+            ][..]
+        )
+        .prop_map(String::from),
     ];
     let body = leaf.prop_recursive(3, 24, 4, |inner| {
         let block = prop::collection::vec(inner, 0..4).prop_map(|v| v.concat());
         prop_oneof![
             (ws(), ws(), block.clone(), ws(), ws())
                 .prop_map(|(a, b, x, c, d)| format!("{{%{a} for m in messages {b}%}}{x}{{%{c} endfor {d}%}}")),
-            (ws(), ws(), block.clone(), ws(), ws())
-                .prop_map(|(a, b, x, c, d)| format!("{{%{a} if m is defined and m.role == 'user' {b}%}}{x}{{%{c} endif {d}%}}")),
+            (ws(), ws(), block.clone(), ws(), ws()).prop_map(|(a, b, x, c, d)| format!(
+                "{{%{a} if m is defined and m.role == 'user' {b}%}}{x}{{%{c} endif {d}%}}"
+            )),
             (ws(), ws(), block.clone(), ws(), ws())
                 .prop_map(|(a, b, x, c, d)| format!("{{%{a} set cap {b}%}}{x}{{%{c} endset {d}%}}{{{{ cap }}}}")),
             (ws(), ws(), block, ws(), ws())
@@ -788,7 +890,12 @@ fn plain_render(src: &str, messages: &[Message]) -> Result<String, minijinja::Er
 }
 
 fn messages() -> Vec<Message> {
-    vec![Message::system("Be brief."), Message::user("Hi"), Message::assistant("Hello."), Message::user("Bye?")]
+    vec![
+        Message::system("Be brief."),
+        Message::user("Hi"),
+        Message::assistant("Hello."),
+        Message::user("Bye?"),
+    ]
 }
 
 proptest! {
@@ -823,4 +930,3 @@ proptest! {
         }
     }
 }
-

@@ -53,8 +53,17 @@ const KILLS: usize = 40;
 /// 30 steps of 2x2 pairs cross two epoch boundaries of 48 pairs, so an exact resume has to restore
 /// the data position, the dropout stream and the epoch's shuffle, not only the weights.
 fn kill_run_args(out: &Path, data: &Path) -> Vec<String> {
-    let mut a: Vec<String> = vec!["dpo".into(), "--model".into(), model_dir("qwen2").to_str().unwrap().into()];
-    a.extend(["--dataset".into(), data.to_str().unwrap().into(), "--output_dir".into(), out.to_str().unwrap().into()]);
+    let mut a: Vec<String> = vec![
+        "dpo".into(),
+        "--model".into(),
+        model_dir("qwen2").to_str().unwrap().into(),
+    ];
+    a.extend([
+        "--dataset".into(),
+        data.to_str().unwrap().into(),
+        "--output_dir".into(),
+        out.to_str().unwrap().into(),
+    ]);
     for (k, v) in [
         ("--max_steps", KILL_STEPS.to_string()),
         ("--save_steps", "1".into()),
@@ -105,7 +114,10 @@ fn leftovers(dir: &Path) -> Vec<String> {
 /// [`leftovers`] with their inode numbers, to tell a new unfinished write from a stale one.
 fn unfinished_ids(dir: &Path) -> Vec<(String, u64)> {
     use std::os::unix::fs::MetadataExt;
-    leftovers(dir).into_iter().filter_map(|n| Some((n.clone(), std::fs::symlink_metadata(dir.join(&n)).ok()?.ino()))).collect()
+    leftovers(dir)
+        .into_iter()
+        .filter_map(|n| Some((n.clone(), std::fs::symlink_metadata(dir.join(&n)).ok()?.ino())))
+        .collect()
 }
 
 /// Every `checkpoint-*` entry of `out` is a complete folder whose state names its own step and
@@ -115,17 +127,31 @@ fn assert_checkpoints_complete(out: &Path, ctx: &str) -> Vec<usize> {
     let mut steps = Vec::new();
     for e in std::fs::read_dir(out).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(n) = name.strip_prefix("checkpoint-") else { continue };
-        let step: usize = n.parse().unwrap_or_else(|_| panic!("{ctx}: odd checkpoint name {name}"));
+        let Some(n) = name.strip_prefix("checkpoint-") else {
+            continue;
+        };
+        let step: usize = n
+            .parse()
+            .unwrap_or_else(|_| panic!("{ctx}: odd checkpoint name {name}"));
         let dir = e.path();
         assert!(dir.is_dir(), "{ctx}: {name} is not a folder");
-        for f in ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
+        for f in [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "optimizer.safetensors",
+            "trainer_state.json",
+        ] {
             assert!(dir.join(f).is_file(), "{ctx}: {name} lacks {f}");
         }
         let ck = checkpoint::load(&dir).unwrap_or_else(|e| panic!("{ctx}: {name} does not load: {e}"));
-        assert_eq!(ck.state.step, step, "{ctx}: {name} holds the state of step {}", ck.state.step);
+        assert_eq!(
+            ck.state.step, step,
+            "{ctx}: {name} holds the state of step {}",
+            ck.state.step
+        );
         let mut model = load_model("qwen2");
-        lorafold::lora::io::load_adapter(&mut model, &dir, false).unwrap_or_else(|e| panic!("{ctx}: adapter of {name}: {e}"));
+        lorafold::lora::io::load_adapter(&mut model, &dir, false)
+            .unwrap_or_else(|e| panic!("{ctx}: adapter of {name}: {e}"));
         steps.push(step);
     }
     steps.sort();
@@ -138,7 +164,8 @@ fn deterministic_metrics(path: &Path) -> Vec<String> {
         .unwrap()
         .lines()
         .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: bad line {l:?}: {e}", path.display()));
+            let mut v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: bad line {l:?}: {e}", path.display()));
             let o = v.as_object_mut().unwrap();
             o.remove("tokens_per_second");
             o.remove("peak_rss_mib");
@@ -166,18 +193,28 @@ fn reference_run(out: &Path, data: &Path, log: &Path) -> (Duration, Duration) {
         }
         std::thread::sleep(Duration::from_millis(2));
     };
-    assert!(st.success(), "reference run failed:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+    assert!(
+        st.success(),
+        "reference run failed:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
     let all = t0.elapsed();
     (first.unwrap_or(all / KILL_STEPS as u32), all)
 }
 
 fn assert_same_final_output(reference: &Path, out: &Path) {
     for f in ["adapter_model.safetensors", "adapter_config.json"] {
-        assert!(read(&reference.join(f)) == read(&out.join(f)), "{f} differs from the uninterrupted run");
+        assert!(
+            read(&reference.join(f)) == read(&out.join(f)),
+            "{f} differs from the uninterrupted run"
+        );
     }
     let last = format!("checkpoint-{KILL_STEPS}");
     for f in ["adapter_model.safetensors", "optimizer.safetensors"] {
-        assert!(read(&reference.join(&last).join(f)) == read(&out.join(&last).join(f)), "{last}/{f} differs from the uninterrupted run");
+        assert!(
+            read(&reference.join(&last).join(f)) == read(&out.join(&last).join(f)),
+            "{last}/{f} differs from the uninterrupted run"
+        );
     }
     assert_eq!(
         deterministic_metrics(&reference.join("metrics.jsonl")),
@@ -214,7 +251,15 @@ struct KillStats {
 /// `latest` or a named checkpoint folder), until it finishes (after at most `KILLS` kills it is
 /// left to finish). After every
 /// kill, every checkpoint folder present must be complete and loadable.
-fn kill_round(round: usize, out: &Path, data: &Path, logs: &Path, timing: (Duration, Duration), rng: &mut SplitMix, st: &mut KillStats) {
+fn kill_round(
+    round: usize,
+    out: &Path,
+    data: &Path,
+    logs: &Path,
+    timing: (Duration, Duration),
+    rng: &mut SplitMix,
+    st: &mut KillStats,
+) {
     let (t_first, per_step) = timing;
     let mut kills = 0usize;
     for attempt in 0.. {
@@ -251,7 +296,10 @@ fn kill_round(round: usize, out: &Path, data: &Path, logs: &Path, timing: (Durat
         let mut mode = match (kills >= KILLS, rng.below(20)) {
             (true, _) => Kill::Never,
             (false, 0..=8) if from + 3 >= KILL_STEPS => Kill::OnFinal,
-            (false, 0..=8) => Kill::AfterStep((from + 1 + rng.below(3) as usize).min(KILL_STEPS), per_step.mul_f64(rng.unit())),
+            (false, 0..=8) => Kill::AfterStep(
+                (from + 1 + rng.below(3) as usize).min(KILL_STEPS),
+                per_step.mul_f64(rng.unit()),
+            ),
             (false, 9..=16) => Kill::OnTmp(rng.below(3)),
             (false, _) => Kill::At(Instant::now() + t_first.mul_f64(rng.unit())),
         };
@@ -261,7 +309,11 @@ fn kill_round(round: usize, out: &Path, data: &Path, logs: &Path, timing: (Durat
         let had_final = final_config.exists();
         let killed = loop {
             if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "round {round} attempt {attempt} ({how}) failed on its own:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+                assert!(
+                    status.success(),
+                    "round {round} attempt {attempt} ({how}) failed on its own:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
                 break false;
             }
             let fire = match &mut mode {
@@ -269,13 +321,19 @@ fn kill_round(round: usize, out: &Path, data: &Path, logs: &Path, timing: (Durat
                 Kill::At(t) => Instant::now() >= *t,
                 Kill::OnFinal => !had_final && final_config.exists(),
                 Kill::AfterStep(step, wait) => {
-                    if step_seen_at.is_none() && std::fs::read_to_string(&log).unwrap_or_default().contains(&format!("step {step} |")) {
+                    if step_seen_at.is_none()
+                        && std::fs::read_to_string(&log)
+                            .unwrap_or_default()
+                            .contains(&format!("step {step} |"))
+                    {
                         step_seen_at = Some(Instant::now());
                     }
                     step_seen_at.is_some_and(|t| t.elapsed() >= *wait)
                 }
                 Kill::OnTmp(skip) => {
-                    let tmp_now = leftovers(out).into_iter().find(|n| n.starts_with(".checkpoint-") && n.ends_with(".tmp"));
+                    let tmp_now = leftovers(out)
+                        .into_iter()
+                        .find(|n| n.starts_with(".checkpoint-") && n.ends_with(".tmp"));
                     match tmp_now {
                         Some(n) if seen_tmp.as_deref() != Some(n.as_str()) => {
                             seen_tmp = Some(n);
@@ -306,7 +364,11 @@ fn kill_round(round: usize, out: &Path, data: &Path, logs: &Path, timing: (Durat
         // Where it landed: unfinished writes this attempt started (a stale folder of an earlier
         // attempt that is still there does not count), or a final adapter half written.
         let left = leftovers(out);
-        let new: Vec<String> = unfinished_ids(out).into_iter().filter(|x| !before.contains(x)).map(|(n, _)| n).collect();
+        let new: Vec<String> = unfinished_ids(out)
+            .into_iter()
+            .filter(|x| !before.contains(x))
+            .map(|(n, _)| n)
+            .collect();
         let during_save = new.iter().any(|n| n.starts_with(".checkpoint-"));
         let during_final = new.iter().any(|n| n.starts_with(".adapter_"))
             || (!had_final && final_config.exists() && !out.join("adapter_model.safetensors").exists());
@@ -325,7 +387,13 @@ fn kill_round(round: usize, out: &Path, data: &Path, logs: &Path, timing: (Durat
                 Kill::OnFinal => "on the final adapter write".into(),
                 _ => "at startup".into(),
             },
-            if during_save { " [during a save]" } else if during_final { " [during the final write]" } else { "" }
+            if during_save {
+                " [during a save]"
+            } else if during_final {
+                " [during the final write]"
+            } else {
+                ""
+            }
         );
     }
 }
@@ -333,7 +401,10 @@ fn kill_round(round: usize, out: &Path, data: &Path, logs: &Path, timing: (Durat
 #[test]
 fn sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter() {
     // LORAFOLD_KILL_ROUNDS rounds (default 3), every round from scratch.
-    let rounds: usize = std::env::var("LORAFOLD_KILL_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let rounds: usize = std::env::var("LORAFOLD_KILL_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
     let tmp = tempfile::tempdir().unwrap();
     let data = small_data(tmp.path(), 48);
     let reference = tmp.path().join("reference");
@@ -346,18 +417,36 @@ fn sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter() {
         let mut rng = SplitMix(0x00c0_ffee_5eed + round as u64);
         kill_round(round, &out, &data, tmp.path(), (t_first, per_step), &mut rng, &mut st);
         assert_same_final_output(&reference, &out);
-        assert_eq!(leftovers(&out), Vec::<String>::new(), "round {round}: unfinished writes left behind");
-        assert_eq!(assert_checkpoints_complete(&out, "at the end"), [KILL_STEPS - 1, KILL_STEPS]);
+        assert_eq!(
+            leftovers(&out),
+            Vec::<String>::new(),
+            "round {round}: unfinished writes left behind"
+        );
+        assert_eq!(
+            assert_checkpoints_complete(&out, "at the end"),
+            [KILL_STEPS - 1, KILL_STEPS]
+        );
     }
     // Written files get the ordinary permissions (0666 less the umask), not a temporary file's 0600.
-    let umask = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Umask:").and_then(|v| u32::from_str_radix(v.trim(), 8).ok())));
+    let umask = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        s.lines().find_map(|l| {
+            l.strip_prefix("Umask:")
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+    });
     if let Some(umask) = umask {
         use std::os::unix::fs::PermissionsExt;
         let last = format!("checkpoint-{KILL_STEPS}");
-        for f in ["adapter_model.safetensors".to_string(), format!("{last}/adapter_model.safetensors"), format!("{last}/optimizer.safetensors")] {
-            let mode = std::fs::metadata(tmp.path().join("killed-0").join(&f)).unwrap().permissions().mode() & 0o777;
+        for f in [
+            "adapter_model.safetensors".to_string(),
+            format!("{last}/adapter_model.safetensors"),
+            format!("{last}/optimizer.safetensors"),
+        ] {
+            let mode = std::fs::metadata(tmp.path().join("killed-0").join(&f))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
             assert_eq!(mode, 0o666 & !umask, "{f}: mode {mode:o}");
         }
     }
@@ -376,7 +465,11 @@ fn sigkill_at_random_moments_then_resume_gives_the_uninterrupted_adapter() {
     );
     println!("every round: final adapter, last checkpoint and metrics.jsonl bit-identical to the uninterrupted run");
     assert!(st.kills >= 15 * rounds, "too few kills ({}) to mean anything", st.kills);
-    assert!(st.in_save >= 3 * rounds, "too few kills ({}) landed during a checkpoint save", st.in_save);
+    assert!(
+        st.in_save >= 3 * rounds,
+        "too few kills ({}) landed during a checkpoint save",
+        st.in_save
+    );
 }
 
 /// Copy a reference checkpoint folder (files only).
@@ -394,7 +487,11 @@ fn latest_skips_a_stale_tmp_folder_and_an_incomplete_checkpoint() {
     let i = args.iter().position(|a| a == "--save_total_limit").unwrap();
     args[i + 1] = "100".into();
     let log = tmp.path().join("reference.log");
-    assert!(spawn(&args, &log).wait().unwrap().success(), "{}", std::fs::read_to_string(&log).unwrap());
+    assert!(
+        spawn(&args, &log).wait().unwrap().success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
 
     // A run killed during the save of step 7: checkpoint-6 complete, `.checkpoint-7.tmp` holds a
     // full state file but a cut-off optimizer file. And a `checkpoint-8` folder that lost its
@@ -413,11 +510,18 @@ fn latest_skips_a_stale_tmp_folder_and_an_incomplete_checkpoint() {
     std::fs::remove_file(out.join("checkpoint-8/optimizer.safetensors")).unwrap();
 
     let latest = checkpoint::resolve("latest", &out).unwrap();
-    assert_eq!(latest, out.join("checkpoint-6"), "latest must be the newest complete checkpoint");
+    assert_eq!(
+        latest,
+        out.join("checkpoint-6"),
+        "latest must be the newest complete checkpoint"
+    );
     assert_eq!(checkpoint::list(&out).iter().map(|(s, _)| *s).collect::<Vec<_>>(), [6]);
     // Naming the unfinished folders explicitly is refused with a reason.
     for bad in [&stale, &out.join("checkpoint-8")] {
-        let e = checkpoint::resolve(bad.to_str().unwrap(), &out).err().unwrap_or_else(|| panic!("{} accepted", bad.display())).to_string();
+        let e = checkpoint::resolve(bad.to_str().unwrap(), &out)
+            .err()
+            .unwrap_or_else(|| panic!("{} accepted", bad.display()))
+            .to_string();
         assert!(e.contains(bad.file_name().unwrap().to_str().unwrap()), "{e}");
         println!("explicit {}: {e}", bad.display());
     }
@@ -428,10 +532,23 @@ fn latest_skips_a_stale_tmp_folder_and_an_incomplete_checkpoint() {
     let st = spawn(&args, &log).wait().unwrap();
     let stderr = std::fs::read_to_string(&log).unwrap();
     assert!(st.success(), "{stderr}");
-    assert!(stderr.contains(&format!("resumed from {} at step 6", out.join("checkpoint-6").display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "resumed from {} at step 6",
+            out.join("checkpoint-6").display()
+        )),
+        "{stderr}"
+    );
     assert_same_final_output(&reference, &out);
-    assert_eq!(leftovers(&out), Vec::<String>::new(), "the stale tmp folder was not cleaned up");
-    assert_eq!(assert_checkpoints_complete(&out, "after resume"), [KILL_STEPS - 1, KILL_STEPS]);
+    assert_eq!(
+        leftovers(&out),
+        Vec::<String>::new(),
+        "the stale tmp folder was not cleaned up"
+    );
+    assert_eq!(
+        assert_checkpoints_complete(&out, "after resume"),
+        [KILL_STEPS - 1, KILL_STEPS]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -447,7 +564,11 @@ fn is_root() -> bool {
 fn disk_run_args(model: &Path, out: &Path, data: &Path) -> Vec<String> {
     let mut a = kill_run_args(out, data);
     a[2] = model.to_str().unwrap().into();
-    for (k, v) in [("--max_steps", "6"), ("--save_steps", "2"), ("--save_total_limit", "10")] {
+    for (k, v) in [
+        ("--max_steps", "6"),
+        ("--save_steps", "2"),
+        ("--save_total_limit", "10"),
+    ] {
         let i = a.iter().position(|x| x == k).unwrap();
         a[i + 1] = v.into();
     }
@@ -472,19 +593,27 @@ fn lorafold_cmd(args: &[String], log: &Path, as_nobody: Option<&Path>, fsize: Op
         None => Command::new(env!("CARGO_BIN_EXE_lorafold")),
     };
     let as_nobody = as_nobody.is_some();
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(File::create(log).unwrap());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(log).unwrap());
     // SAFETY: only async-signal-safe calls (setgroups/setgid/setuid/signal/setrlimit) between
     // fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(n) = fsize {
                 libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-                let lim = libc::rlimit { rlim_cur: n, rlim_max: n };
+                let lim = libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
                 if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            if as_nobody && (libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(65534) != 0 || libc::setuid(65534) != 0) {
+            if as_nobody
+                && (libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(65534) != 0 || libc::setuid(65534) != 0)
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -502,7 +631,12 @@ fn world_readable_inputs(dir: &Path, data: &Path) -> (PathBuf, PathBuf, PathBuf)
     copy_dir(&model_dir("qwen2"), &model);
     let d = dir.join("data.jsonl");
     std::fs::copy(data, &d).unwrap();
-    for p in std::fs::read_dir(&model).unwrap().flatten().map(|e| e.path()).chain([d.clone()]) {
+    for p in std::fs::read_dir(&model)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .chain([d.clone()])
+    {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
     std::fs::set_permissions(&model, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -530,11 +664,25 @@ fn unwritable_output_folder_is_refused_before_training() {
     let (model, data, bin) = world_readable_inputs(tmp.path(), &data);
     let log = tmp.path().join("log");
     let check = |out: &Path, as_nobody: bool, want: &str| {
-        let (ok, stderr) = finish(lorafold_cmd(&disk_run_args(&model, out, &data), &log, as_nobody.then_some(bin.as_path()), None), &log);
+        let (ok, stderr) = finish(
+            lorafold_cmd(
+                &disk_run_args(&model, out, &data),
+                &log,
+                as_nobody.then_some(bin.as_path()),
+                None,
+            ),
+            &log,
+        );
         println!("{}: {}", out.display(), stderr.trim());
         assert!(!ok, "{stderr}");
-        assert!(stderr.contains(&format!("--output_dir {}: {want}", out.display())), "{stderr}");
-        assert!(!stderr.contains("step 1 |") && !stderr.contains("trainable parameters"), "training started: {stderr}");
+        assert!(
+            stderr.contains(&format!("--output_dir {}: {want}", out.display())),
+            "{stderr}"
+        );
+        assert!(
+            !stderr.contains("step 1 |") && !stderr.contains("trainable parameters"),
+            "training started: {stderr}"
+        );
     };
     // A file where the folder should be, and a folder below a file.
     let file = tmp.path().join("a-file");
@@ -553,10 +701,19 @@ fn unwritable_output_folder_is_refused_before_training() {
 /// Everything under a run folder must be complete: no unfinished write anywhere, every
 /// checkpoint folder loadable.
 fn assert_clean(out: &Path, ctx: &str) -> Vec<usize> {
-    assert_eq!(leftovers(out), Vec::<String>::new(), "{ctx}: unfinished writes left behind");
+    assert_eq!(
+        leftovers(out),
+        Vec::<String>::new(),
+        "{ctx}: unfinished writes left behind"
+    );
     for e in std::fs::read_dir(out).unwrap().flatten() {
         if e.path().is_dir() {
-            assert_eq!(leftovers(&e.path()), Vec::<String>::new(), "{ctx}: unfinished writes left in {}", e.path().display());
+            assert_eq!(
+                leftovers(&e.path()),
+                Vec::<String>::new(),
+                "{ctx}: unfinished writes left in {}",
+                e.path().display()
+            );
         }
     }
     assert_checkpoints_complete(out, ctx)
@@ -564,8 +721,11 @@ fn assert_clean(out: &Path, ctx: &str) -> Vec<usize> {
 
 /// A folder's files and their bytes.
 fn snapshot_dir(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<(String, Vec<u8>)> =
-        std::fs::read_dir(dir).unwrap().flatten().map(|e| (e.file_name().to_string_lossy().into_owned(), read(&e.path()))).collect();
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), read(&e.path())))
+        .collect();
     v.sort();
     v
 }
@@ -583,7 +743,10 @@ fn resume_to_the_end_matches(model: &Path, reference: &Path, out: &Path, data: &
     args.extend(["--resume_from_checkpoint".into(), "latest".into()]);
     let (ok, stderr) = finish(lorafold_cmd(&args, log, None, None), log);
     assert!(ok, "{stderr}");
-    assert!(read(&reference.join("adapter_model.safetensors")) == read(&out.join("adapter_model.safetensors")), "resumed adapter differs");
+    assert!(
+        read(&reference.join("adapter_model.safetensors")) == read(&out.join("adapter_model.safetensors")),
+        "resumed adapter differs"
+    );
 }
 
 #[test]
@@ -596,10 +759,16 @@ fn failed_checkpoint_write_keeps_the_previous_checkpoint() {
     let model = model_dir("qwen2");
     let reference = tmp.path().join("reference");
     let log = tmp.path().join("log");
-    let (ok, stderr) = finish(lorafold_cmd(&disk_run_args(&model, &reference, &data), &log, None, None), &log);
+    let (ok, stderr) = finish(
+        lorafold_cmd(&disk_run_args(&model, &reference, &data), &log, None, None),
+        &log,
+    );
     assert!(ok, "{stderr}");
     let ck = reference.join("checkpoint-2");
-    let (adapter_len, optim_len) = (read(&ck.join("adapter_model.safetensors")).len() as u64, read(&ck.join("optimizer.safetensors")).len() as u64);
+    let (adapter_len, optim_len) = (
+        read(&ck.join("adapter_model.safetensors")).len() as u64,
+        read(&ck.join("optimizer.safetensors")).len() as u64,
+    );
     let limit = (adapter_len + optim_len) / 2;
     assert!(adapter_len < limit && limit < optim_len);
 
@@ -612,10 +781,19 @@ fn failed_checkpoint_write_keeps_the_previous_checkpoint() {
     println!("file size limit {limit} bytes: {}", stderr.lines().last().unwrap_or(""));
     assert!(!ok, "the run must fail: {stderr}");
     let failed_at = out.join("checkpoint-4");
-    assert!(stderr.contains(&format!("saving checkpoint {} failed", failed_at.display())), "{stderr}");
-    assert!(stderr.contains(&out.join(".checkpoint-4.tmp").display().to_string()) && stderr.contains("too large"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("saving checkpoint {} failed", failed_at.display())),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&out.join(".checkpoint-4.tmp").display().to_string()) && stderr.contains("too large"),
+        "{stderr}"
+    );
     assert_eq!(assert_clean(&out, "after the failed save"), [2]);
-    assert!(snapshot_dir(&out.join("checkpoint-2")) == before, "checkpoint-2 changed");
+    assert!(
+        snapshot_dir(&out.join("checkpoint-2")) == before,
+        "checkpoint-2 changed"
+    );
     // Once there is room again, the run resumes from checkpoint-2 and ends as if never stopped.
     resume_to_the_end_matches(&model, &reference, &out, &data, &log);
 }
@@ -630,7 +808,10 @@ fn read_only_output_folder_mid_run_fails_the_save_cleanly() {
     let (model, data, bin) = world_readable_inputs(tmp.path(), &data);
     let reference = tmp.path().join("reference");
     let log = tmp.path().join("log");
-    let (ok, stderr) = finish(lorafold_cmd(&disk_run_args(&model, &reference, &data), &log, None, None), &log);
+    let (ok, stderr) = finish(
+        lorafold_cmd(&disk_run_args(&model, &reference, &data), &log, None, None),
+        &log,
+    );
     assert!(ok, "{stderr}");
     let out = tmp.path().join("run");
     resumable_copy(&reference, &out);
@@ -642,11 +823,17 @@ fn read_only_output_folder_mid_run_fails_the_save_cleanly() {
     set_mode(&out.join("metrics.jsonl"), 0o666);
     let mut args = disk_run_args(&model, &out, &data);
     args.extend(["--resume_from_checkpoint".into(), "latest".into()]);
-    let mut child = lorafold_cmd(&args, &log, is_root().then_some(bin.as_path()), None).spawn().unwrap();
+    let mut child = lorafold_cmd(&args, &log, is_root().then_some(bin.as_path()), None)
+        .spawn()
+        .unwrap();
     // Training has started once step 3 is logged; the save at step 4 comes after step 4.
     let t0 = Instant::now();
     while !std::fs::read_to_string(&log).unwrap_or_default().contains("step 3 |") {
-        assert!(child.try_wait().unwrap().is_none(), "ended early: {}", std::fs::read_to_string(&log).unwrap());
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "ended early: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
         assert!(t0.elapsed() < Duration::from_secs(60), "no progress");
         std::thread::sleep(Duration::from_micros(200));
     }
@@ -657,7 +844,11 @@ fn read_only_output_folder_mid_run_fails_the_save_cleanly() {
     println!("read-only after step 3: {}", stderr.lines().last().unwrap_or(""));
     if stderr.contains("step 4 |") && stderr.contains("checkpoint-4 failed") {
         assert!(!st.success());
-        assert!(stderr.contains(&out.join(".checkpoint-4.tmp").display().to_string()) && stderr.contains("ermission denied"), "{stderr}");
+        assert!(
+            stderr.contains(&out.join(".checkpoint-4.tmp").display().to_string())
+                && stderr.contains("ermission denied"),
+            "{stderr}"
+        );
         assert_eq!(assert_clean(&out, "after the failed save"), [2]);
         resume_to_the_end_matches(&model, &reference, &out, &data, &log);
     } else {
@@ -672,7 +863,11 @@ fn read_only_output_folder_mid_run_fails_the_save_cleanly() {
 /// system allows neither.
 fn in_mount_namespace(script: &str, args: &[&Path], log: &Path) -> Option<std::process::ExitStatus> {
     for flags in [["-m"].as_slice(), ["-U", "-r", "-m"].as_slice()] {
-        let probe = Command::new("unshare").args(flags).args(["sh", "-c", "mount -t tmpfs -o size=64k tmpfs \"$1\"", "sh"]).arg(args[0]).output();
+        let probe = Command::new("unshare")
+            .args(flags)
+            .args(["sh", "-c", "mount -t tmpfs -o size=64k tmpfs \"$1\"", "sh"])
+            .arg(args[0])
+            .output();
         if !probe.is_ok_and(|o| o.status.success()) {
             continue;
         }
@@ -704,8 +899,16 @@ fn run_on_small_tmpfs(size: u64, mnt: &Path, copy: &Path, args: &[String], log: 
     let owned: Vec<PathBuf> = args.iter().map(PathBuf::from).collect();
     a.extend(owned.iter().map(|p| p.as_path()));
     let st = in_mount_namespace(&script, &a, log)?;
-    assert_ne!(st.code(), Some(99), "mounting the tmpfs failed: {}", std::fs::read_to_string(log).unwrap_or_default());
-    Some((st.success(), std::fs::read_to_string(copy.join("../lorafold.log")).unwrap_or_default()))
+    assert_ne!(
+        st.code(),
+        Some(99),
+        "mounting the tmpfs failed: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    Some((
+        st.success(),
+        std::fs::read_to_string(copy.join("../lorafold.log")).unwrap_or_default(),
+    ))
 }
 
 #[test]
@@ -713,12 +916,21 @@ fn full_disk_is_refused_up_front_or_fails_the_save_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     let data = small_data(tmp.path(), 48);
     let model = model_dir("qwen2");
-    assert!(checkpoint::free_bytes(tmp.path()).is_some_and(|b| b > 0), "statvfs gives no free space");
+    assert!(
+        checkpoint::free_bytes(tmp.path()).is_some_and(|b| b > 0),
+        "statvfs gives no free space"
+    );
     let reference = tmp.path().join("reference");
     let log = tmp.path().join("log");
-    let (ok, stderr) = finish(lorafold_cmd(&disk_run_args(&model, &reference, &data), &log, None, None), &log);
+    let (ok, stderr) = finish(
+        lorafold_cmd(&disk_run_args(&model, &reference, &data), &log, None, None),
+        &log,
+    );
     assert!(ok, "{stderr}");
-    let ck_bytes: u64 = snapshot_dir(&reference.join("checkpoint-2")).iter().map(|(_, b)| (b.len() as u64).div_ceil(4096) * 4096).sum();
+    let ck_bytes: u64 = snapshot_dir(&reference.join("checkpoint-2"))
+        .iter()
+        .map(|(_, b)| (b.len() as u64).div_ceil(4096) * 4096)
+        .sum();
 
     // 1. A filesystem smaller than one checkpoint: refused before training, naming the folder.
     let mnt = tmp.path().join("mnt-small");
@@ -728,9 +940,16 @@ fn full_disk_is_refused_up_front_or_fails_the_save_cleanly() {
         println!("skipped: this system cannot mount a small tmpfs in a private mount namespace (unshare -m / -Urm refused); the file-size-limit test covers failing writes");
         return;
     };
-    println!("tmpfs of {} bytes (checkpoint {ck_bytes} bytes): {}", ck_bytes / 3, stderr.trim());
+    println!(
+        "tmpfs of {} bytes (checkpoint {ck_bytes} bytes): {}",
+        ck_bytes / 3,
+        stderr.trim()
+    );
     assert!(!ok);
-    assert!(stderr.contains(&mnt.join("run").display().to_string()) && stderr.contains("one checkpoint needs about"), "{stderr}");
+    assert!(
+        stderr.contains(&mnt.join("run").display().to_string()) && stderr.contains("one checkpoint needs about"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("step 1 |"), "training started: {stderr}");
 
     // 2. Room for one checkpoint and a half: the second save hits ENOSPC part-way. The first
@@ -743,7 +962,13 @@ fn full_disk_is_refused_up_front_or_fails_the_save_cleanly() {
     let (ok, stderr) = run_on_small_tmpfs(size, &mnt, &copy, &args, &log).unwrap();
     println!("tmpfs of {size} bytes: {}", stderr.lines().last().unwrap_or(""));
     assert!(!ok, "{stderr}");
-    assert!(stderr.contains(&format!("saving checkpoint {} failed", mnt.join("run/checkpoint-4").display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "saving checkpoint {} failed",
+            mnt.join("run/checkpoint-4").display()
+        )),
+        "{stderr}"
+    );
     assert!(stderr.contains("No space left on device"), "{stderr}");
     assert_eq!(assert_clean(&copy, "after the disk filled up"), [2]);
     resume_to_the_end_matches(&model, &reference, &copy, &data, &log);
@@ -766,11 +991,22 @@ fn soak_memory_stays_flat() {
     // that other tests running in parallel threads do not move its memory.
     let t0 = Instant::now();
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "resilience::soak_worker", "--ignored", "--nocapture", "--test-threads", "1"])
+        .args([
+            "--exact",
+            "resilience::soak_worker",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
         .env("LORAFOLD_SOAK_WORKER", "1")
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     // (libtest prints the first line of the worker after its own "test ... " prefix.)
     for l in text.lines().filter_map(|l| l.find("soak:").map(|i| &l[i..])) {
         println!("{l}");
@@ -793,7 +1029,10 @@ fn soak_worker() {
         println!("soak_worker runs only as the child of soak_memory_stays_flat");
         return;
     }
-    let secs: f64 = std::env::var("LORAFOLD_SOAK_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30.0);
+    let secs: f64 = std::env::var("LORAFOLD_SOAK_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30.0);
     let tmp = tempfile::tempdir().unwrap();
     let data = small_data(tmp.path(), 48);
     let base = lorafold::recipe::DpoOptions {
@@ -829,7 +1068,11 @@ fn soak_worker() {
         lorafold::train::run::run_dpo(&o.resolve().unwrap(), true).unwrap();
         let resumed = read(&dir.join("adapter_model.safetensors"));
         assert!(full == resumed, "cycle {}: the resumed adapter differs", series.len());
-        assert!(first_adapter.get_or_insert(full.clone()) == &full, "cycle {}: a different adapter than cycle 0", series.len());
+        assert!(
+            first_adapter.get_or_insert(full.clone()) == &full,
+            "cycle {}: a different adapter than cycle 0",
+            series.len()
+        );
         std::fs::remove_dir_all(&dir).unwrap();
         series.push(rss_mib());
     }
@@ -844,14 +1087,25 @@ fn soak_worker() {
     };
     let (first_med, last_med) = (median(&series[..third]), median(&series[series.len() - third..]));
     let shown: Vec<String> = series.iter().map(|v| format!("{v:.1}")).collect();
-    println!("soak: {} cycles in {:.1}s; RSS after each cycle (MiB): {}", series.len(), t0.elapsed().as_secs_f64(), shown.join(" "));
+    println!(
+        "soak: {} cycles in {:.1}s; RSS after each cycle (MiB): {}",
+        series.len(),
+        t0.elapsed().as_secs_f64(),
+        shown.join(" ")
+    );
     println!(
         "soak: first third max {first_max:.1} MiB (median {first_med:.1}), last third max {last_max:.1} MiB (median {last_med:.1}); allowed max {allowed:.1}, median {:.1}",
         first_med + 4.0
     );
-    assert!(last_max <= allowed, "memory grows over the cycles: {first_max} -> {last_max} MiB");
+    assert!(
+        last_max <= allowed,
+        "memory grows over the cycles: {first_max} -> {last_max} MiB"
+    );
     // A slow leak shows in the typical value before it shows in the peaks.
-    assert!(last_med <= first_med + 4.0, "memory creeps up over the cycles: median {first_med} -> {last_med} MiB");
+    assert!(
+        last_med <= first_med + 4.0,
+        "memory creeps up over the cycles: median {first_med} -> {last_med} MiB"
+    );
     println!("soak: memory flat");
 }
 

@@ -17,10 +17,7 @@ use serde_json::Value;
 use crate::common::*;
 
 fn golden_run() -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(root().join("tests/golden/dpo_run.json")).unwrap(),
-    )
-    .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(root().join("tests/golden/dpo_run.json")).unwrap()).unwrap()
 }
 
 fn golden_pairs(g: &Value) -> Vec<PairIds> {
@@ -84,11 +81,8 @@ fn quiet_loop(s: &Settings, n: usize) -> LoopConfig {
 fn sequence_logps_match_trl() {
     let g = golden_run();
     let pairs = golden_pairs(&g);
-    let want = candle_core::safetensors::load(
-        root().join("tests/golden/dpo_run_logps.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let want =
+        candle_core::safetensors::load(root().join("tests/golden/dpo_run_logps.safetensors"), &Device::Cpu).unwrap();
     let mut model = load_model("qwen2");
     let ad = load_adapter(&mut model, &adapter_dir("qwen2_peft"), false).unwrap();
     let four: Vec<&PairIds> = pairs[..4].iter().collect();
@@ -125,8 +119,7 @@ fn packed_batches_match_padded_ones() {
         let vocab = model.cfg.vocab_size as u64;
         let lcfg = LoraConfig::new(4, 8.0, 0.0, TargetModules::all_linear());
         let ad = attach_new(&mut model, &lcfg, LoraInit::Gaussian { seed: 3, std: 0.1 }).unwrap();
-        let mut seq =
-            |n: usize| -> Vec<u32> { (0..n).map(|_| 1 + rng.below(vocab - 1) as u32).collect() };
+        let mut seq = |n: usize| -> Vec<u32> { (0..n).map(|_| 1 + rng.below(vocab - 1) as u32).collect() };
         // Unequal lengths, so both layouts pad; one prompt of a single token.
         let pairs: Vec<PairIds> = [(7, 5, 9), (1, 4, 2), (12, 3, 6)]
             .iter()
@@ -141,12 +134,7 @@ fn packed_batches_match_padded_ones() {
         let run = |batch: &Batch| {
             let out = sequence_logps(&model, batch, &Fwd::eval(ad.slot)).unwrap();
             let w = Tensor::new(&[1.0f32, -2.0, 0.5, 3.0, -1.0, 0.25], &Device::Cpu).unwrap();
-            let g = (&out.logps * &w)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let g = (&out.logps * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let grads: Vec<Tensor> = ad
                 .params
                 .iter()
@@ -161,10 +149,7 @@ fn packed_batches_match_padded_ones() {
         let (lp_a, g_a, ls_a) = run(&padded);
         let (lp_b, g_b, ls_b) = run(&packed);
         let err = max_abs_diff(&lp_a, &lp_b) / max_abs(&lp_a);
-        assert!(
-            err <= 1e-5,
-            "{arch}: packed log-probs differ by {err:.3e} relative"
-        );
+        assert!(err <= 1e-5, "{arch}: packed log-probs differ by {err:.3e} relative");
         for i in 0..2 {
             assert!(
                 (ls_a[i] - ls_b[i]).abs() <= 1e-4 * ls_a[i].abs().max(1.0),
@@ -188,12 +173,7 @@ fn twenty_steps_match_trl_step_for_step() {
     let pairs = golden_pairs(&g);
     let s = golden_settings(&g);
     let mut model = load_model("qwen2");
-    let ad = load_adapter(
-        &mut model,
-        &root().join(g["init_adapter"].as_str().unwrap()),
-        true,
-    )
-    .unwrap();
+    let ad = load_adapter(&mut model, &root().join(g["init_adapter"].as_str().unwrap()), true).unwrap();
     let run = DpoRun::new(&model, Some(ad), None, &s).unwrap();
     let out_dir = tempfile::tempdir().unwrap();
     let cfg = quiet_loop(&s, pairs.len());
@@ -226,12 +206,7 @@ fn twenty_steps_match_trl_step_for_step() {
             theirs["grad_norm"].as_f64().unwrap(),
             ours["learning_rate"]
         );
-        assert!(
-            err <= 1e-4,
-            "step {}: loss {} vs TRL {l}",
-            i + 1,
-            ours["loss"]
-        );
+        assert!(err <= 1e-4, "step {}: loss {} vs TRL {l}", i + 1, ours["loss"]);
         let gn = theirs["grad_norm"].as_f64().unwrap();
         assert!(
             (ours["grad_norm"] - gn).abs() <= 1e-3 * gn.max(1e-3),
@@ -272,12 +247,7 @@ fn twenty_steps_match_trl_step_for_step() {
 
 fn snapshot(ts: &[(String, Tensor)]) -> HashMap<String, Vec<f32>> {
     ts.iter()
-        .map(|(k, t)| {
-            (
-                k.clone(),
-                t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            )
-        })
+        .map(|(k, t)| (k.clone(), t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
         .collect()
 }
 
@@ -324,11 +294,7 @@ fn fresh_adapter_starts_at_ln2_and_training_moves_only_lora() {
         let now = p.tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_ne!(now, lora_before[&p.key], "{} did not change", p.key);
     }
-    assert_eq!(
-        snapshot(&model.base_tensors()),
-        base_before,
-        "a base tensor changed"
-    );
+    assert_eq!(snapshot(&model.base_tensors()), base_before, "a base tensor changed");
 }
 
 fn resume_run(dir: &Path, stop_after: Option<usize>, resume: bool) -> Vec<(String, Vec<f32>)> {
@@ -363,12 +329,7 @@ fn resume_run(dir: &Path, stop_after: Option<usize>, resume: bool) -> Vec<(Strin
         .unwrap()
         .params
         .iter()
-        .map(|p| {
-            (
-                p.key.clone(),
-                p.tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            )
-        })
+        .map(|p| (p.key.clone(), p.tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
         .collect()
 }
 
@@ -380,10 +341,7 @@ fn resume_gives_the_same_adapter_as_an_uninterrupted_run() {
     resume_run(b.path(), Some(5), false);
     assert!(b.path().join("checkpoint-5/trainer_state.json").exists());
     let resumed = resume_run(b.path(), None, true);
-    assert_eq!(
-        full, resumed,
-        "resumed run differs from the uninterrupted one"
-    );
+    assert_eq!(full, resumed, "resumed run differs from the uninterrupted one");
     // save_total_limit 2 keeps the newest two.
     let names: Vec<String> = lorafold::train::checkpoint::list(b.path())
         .iter()
@@ -457,15 +415,9 @@ fn dpo_command_runs_the_quickstart_recipe_with_flag_overrides() {
         "step",
         "tokens_per_second",
     ] {
-        assert!(
-            train_lines[0].get(key).is_some(),
-            "metrics.jsonl lacks {key}"
-        );
+        assert!(train_lines[0].get(key).is_some(), "metrics.jsonl lacks {key}");
     }
-    assert!(
-        lines.iter().any(|l| l.get("eval_loss").is_some()),
-        "no eval line"
-    );
+    assert!(lines.iter().any(|l| l.get("eval_loss").is_some()), "no eval line");
     // The resolved recipe shows the override.
     let recipe = std::fs::read_to_string(out.join("recipe.yaml")).unwrap();
     assert!(recipe.contains("max_steps: 4"), "{recipe}");
@@ -494,24 +446,14 @@ fn dpo_command_runs_the_quickstart_recipe_with_flag_overrides() {
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let v: Value = serde_json::from_slice(&r.stdout).unwrap();
     assert_eq!(v["pairs"], 6);
-    assert!(
-        v["loss"].is_number() && v["rewards/accuracies"].is_number(),
-        "{v}"
-    );
-    assert_eq!(
-        std::fs::read_to_string(per_pair).unwrap().lines().count(),
-        6
-    );
+    assert!(v["loss"].is_number() && v["rewards/accuracies"].is_number(), "{v}");
+    assert_eq!(std::fs::read_to_string(per_pair).unwrap().lines().count(), 6);
 }
 
 #[test]
 fn recipe_and_flag_errors_are_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let recipe = write(
-        tmp.path(),
-        "r.yaml",
-        "model: x\ndataset: y.jsonl\nlerning_rate: 0.1\n",
-    );
+    let recipe = write(tmp.path(), "r.yaml", "model: x\ndataset: y.jsonl\nlerning_rate: 0.1\n");
     let r = lorafold(&["dpo", "--recipe", recipe.to_str().unwrap()], &[]);
     let e = String::from_utf8_lossy(&r.stderr);
     assert!(
@@ -519,28 +461,13 @@ fn recipe_and_flag_errors_are_named() {
         "{e}"
     );
 
-    let recipe = write(
-        tmp.path(),
-        "t.yaml",
-        "model: x\ndataset: y.jsonl\nbeta: high\n",
-    );
+    let recipe = write(tmp.path(), "t.yaml", "model: x\ndataset: y.jsonl\nbeta: high\n");
     let r = lorafold(&["dpo", "--recipe", recipe.to_str().unwrap()], &[]);
     let e = String::from_utf8_lossy(&r.stderr);
-    assert!(
-        !r.status.success() && e.contains("beta") && e.contains("t.yaml"),
-        "{e}"
-    );
+    assert!(!r.status.success() && e.contains("beta") && e.contains("t.yaml"), "{e}");
 
     let r = lorafold(
-        &[
-            "dpo",
-            "--model",
-            "x",
-            "--dataset",
-            "y.jsonl",
-            "--sft_type",
-            "full",
-        ],
+        &["dpo", "--model", "x", "--dataset", "y.jsonl", "--sft_type", "full"],
         &[],
     );
     let e = String::from_utf8_lossy(&r.stderr);
@@ -571,7 +498,11 @@ fn recipe_and_flag_errors_are_named() {
 #[test]
 fn both_flag_spellings_and_recipe_override_resolve_the_same() {
     let tmp = tempfile::tempdir().unwrap();
-    let recipe = write(tmp.path(), "r.yaml", "model: m\ndataset: d.jsonl\nlora-rank: 4\nlearning_rate: 0.5\nlora_target_modules: [q_proj, v_proj]\n");
+    let recipe = write(
+        tmp.path(),
+        "r.yaml",
+        "model: m\ndataset: d.jsonl\nlora-rank: 4\nlearning_rate: 0.5\nlora_target_modules: [q_proj, v_proj]\n",
+    );
     let a = lorafold(
         &[
             "dpo",
@@ -600,10 +531,7 @@ fn both_flag_spellings_and_recipe_override_resolve_the_same() {
     assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
     assert_eq!(a.stdout, b.stdout);
     let s: Settings = serde_yaml::from_slice(&a.stdout).unwrap();
-    assert_eq!(
-        (s.learning_rate, s.lora_rank, s.lora_dropout_p),
-        (0.25, 4, 0.2)
-    );
+    assert_eq!((s.learning_rate, s.lora_rank, s.lora_dropout_p), (0.25, 4, 0.2));
     assert_eq!(s.lora_target_modules, ["q_proj", "v_proj"]);
     assert!(s.shuffle, "shuffle defaults to true");
 }
@@ -616,12 +544,7 @@ fn precomputed_reference_gives_the_same_run_and_is_cached() {
     s.max_steps = Some(4);
     let run_once = |precompute: bool, dir: &Path| -> Vec<f64> {
         let mut model = load_model("qwen2");
-        let ad = load_adapter(
-            &mut model,
-            &root().join(g["init_adapter"].as_str().unwrap()),
-            true,
-        )
-        .unwrap();
+        let ad = load_adapter(&mut model, &root().join(g["init_adapter"].as_str().unwrap()), true).unwrap();
         let run = DpoRun::new(&model, Some(ad), None, &s).unwrap();
         let mut c = quiet_loop(&s, pairs.len());
         c.precompute_ref = precompute;
@@ -750,9 +673,7 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
     .expect("must stop")
     .to_string();
     assert!(
-        err.contains("non-finite")
-            && err.contains("3 steps in a row")
-            && err.contains("no checkpoint"),
+        err.contains("non-finite") && err.contains("3 steps in a row") && err.contains("no checkpoint"),
         "{err}"
     );
     assert!(lorafold::train::checkpoint::list(dir.path()).is_empty());
@@ -824,27 +745,50 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         let mut seq = |n: usize| -> Vec<u32> { (0..n).map(|_| 1 + rng.below(vocab - 1) as u32).collect() };
         let pairs: Vec<PairIds> = [(6, 4, 8), (3, 5, 2)]
             .iter()
-            .map(|&(p, c, r)| PairIds { prompt: seq(p), chosen: seq(c), rejected: seq(r), rejected_prompt: None })
+            .map(|&(p, c, r)| PairIds {
+                prompt: seq(p),
+                chosen: seq(c),
+                rejected: seq(r),
+                rejected_prompt: None,
+            })
             .collect();
         let refs: Vec<&PairIds> = pairs.iter().collect();
-        let batches = [Batch::new(&refs, 0, &Device::Cpu).unwrap(), Batch::packed(&refs, 0, &Device::Cpu).unwrap()];
+        let batches = [
+            Batch::new(&refs, 0, &Device::Cpu).unwrap(),
+            Batch::packed(&refs, 0, &Device::Cpu).unwrap(),
+        ];
         let grads = |model: &lorafold::model::Model, batch: &Batch| {
             let out = sequence_logps(model, batch, &Fwd::train(ad.slot, 77)).unwrap();
             let w = Tensor::new(&[1.0f32, -2.0, 0.5, 3.0], &Device::Cpu).unwrap();
             let loss = (&out.logps * &w).unwrap().sum_all().unwrap();
             let g = model.backward(&loss).unwrap();
-            let gs: Vec<Tensor> = ad.params.iter().map(|p| g.get(p.var.as_ref().unwrap().as_tensor()).expect("missing gradient").clone()).collect();
+            let gs: Vec<Tensor> = ad
+                .params
+                .iter()
+                .map(|p| {
+                    g.get(p.var.as_ref().unwrap().as_tensor())
+                        .expect("missing gradient")
+                        .clone()
+                })
+                .collect();
             (loss.to_scalar::<f32>().unwrap(), gs)
         };
         let plain: Vec<_> = batches.iter().map(|b| grads(&model, b)).collect();
         model.set_gradient_checkpointing(true);
         for (batch, (loss_a, g_a)) in batches.iter().zip(&plain) {
             let (loss_b, g_b) = grads(&model, batch);
-            assert!((loss_a - loss_b).abs() <= 1e-6 * loss_a.abs().max(1.0), "{arch}: loss {loss_a} vs {loss_b}");
+            assert!(
+                (loss_a - loss_b).abs() <= 1e-6 * loss_a.abs().max(1.0),
+                "{arch}: loss {loss_a} vs {loss_b}"
+            );
             for (p, (a, b)) in ad.params.iter().zip(g_a.iter().zip(&g_b)) {
                 assert!(max_abs(a) > 0.0, "{arch}: zero gradient for {}", p.key);
                 let rel = max_abs_diff(a, b) / max_abs(a);
-                assert!(rel <= 1e-5, "{arch}: gradient of {} differs by {rel:.3e} relative", p.key);
+                assert!(
+                    rel <= 1e-5,
+                    "{arch}: gradient of {} differs by {rel:.3e} relative",
+                    p.key
+                );
             }
         }
     }
