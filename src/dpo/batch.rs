@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::Result;
-use crate::lora::linear::Fwd;
+use crate::model::linear::Fwd;
 use crate::model::{token_logps, Model, Packing};
 
 /// Token ids of one pair: sequences are `prompt + chosen` and `(rejected_prompt or prompt) + rejected`.

@@ -6,7 +6,7 @@ use tokenizers::Tokenizer;
 
 use super::sampling::{Sampler, SamplingParams};
 use crate::error::{Error, Result};
-use crate::lora::linear::Fwd;
+use crate::model::linear::Fwd;
 use crate::model::{KvCache, Model};
 
 /// What to generate.

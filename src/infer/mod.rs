@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 
 use crate::data::tokenize::Preprocessor;
 use crate::data::Message;
-use crate::lora::linear::Fwd;
+use crate::model::linear::Fwd;
 use crate::model::Model;
 pub use generate::{generate, FinishReason, GenerateOptions, Generation, Session, TextStream};
 pub use sampling::{Sampler, SamplingParams};

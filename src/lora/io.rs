@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor, Var};
 
 use super::config::LoraConfig;
-use super::linear::LoraAdapter;
 use super::{peft_key, Adapter, AdapterParam};
 use crate::error::{Error, Result};
+use crate::model::linear::LoraAdapter;
 use crate::model::weights::WeightSource;
 use crate::model::Model;
 

@@ -1,16 +1,15 @@
-//! LoRA adapters: PEFT-compatible config, the `LoraLinear` layer, and adapter files.
+//! LoRA adapters: PEFT-compatible config, attaching adapters to a model, and adapter files.
 
 pub mod config;
 pub mod io;
-pub mod linear;
 
 use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
+use crate::model::linear::LoraAdapter;
 use crate::model::Model;
 use crate::rng::Rng;
 use config::LoraConfig;
-use linear::LoraAdapter;
 
 /// How new A and B matrices are filled.
 #[derive(Debug, Clone, Copy)]

@@ -12,7 +12,7 @@ use super::constop::{add_frozen, matmul_frozen_t};
 use super::ops::{apply_rope, rms_norm, silu_mul, softmax_last_dim, Rope, MASK_VALUE};
 use super::weights::WeightSource;
 use crate::error::{Error, Result};
-use crate::lora::linear::{Fwd, LoraLinear};
+use crate::model::linear::{Fwd, LoraLinear};
 
 #[derive(Debug, Clone)]
 struct Attention {

@@ -5,6 +5,7 @@ pub mod config;
 pub mod constop;
 pub mod decoder;
 pub mod fused;
+pub mod linear;
 pub mod ops;
 pub mod weights;
 

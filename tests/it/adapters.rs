@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use candle_core::Device;
 use lorafold::lora::config::{LoraConfig, TargetModules};
 use lorafold::lora::io::load_adapter;
-use lorafold::lora::linear::Fwd;
 use lorafold::lora::{attach_new, LoraInit};
+use lorafold::model::linear::Fwd;
 
 use crate::common::*;
 

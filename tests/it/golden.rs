@@ -2,7 +2,7 @@
 
 use candle_core::backprop::GradStore;
 use lorafold::lora::io::load_adapter;
-use lorafold::lora::linear::Fwd;
+use lorafold::model::linear::Fwd;
 use lorafold::model::token_logps;
 
 use crate::common::*;

@@ -10,7 +10,7 @@ use lorafold::data::Message;
 use lorafold::infer::sampling::{apply_repetition_penalty, apply_temperature, apply_top_k, apply_top_p};
 use lorafold::infer::{generate, FinishReason, GenerateOptions, Sampler, SamplingParams, Session, TextStream};
 use lorafold::lora::io::{load_adapter, save_safetensors};
-use lorafold::lora::linear::Fwd;
+use lorafold::model::linear::Fwd;
 use lorafold::model::{KvCache, LoadOptions, Model};
 use serde_json::Value;
 

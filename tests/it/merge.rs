@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use lorafold::lora::io::load_adapter;
-use lorafold::lora::linear::Fwd;
+use lorafold::model::linear::Fwd;
 use lorafold::model::{LoadOptions, Model};
 
 use crate::common::*;
