@@ -34,12 +34,6 @@ fn existing(p: PathBuf) -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-fn env_flag(name: &str) -> bool {
-    std::env::var(name)
-        .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
-        .unwrap_or(false)
-}
-
 /// The hub cache folder: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub.
 pub fn hub_cache() -> Cache {
     match std::env::var_os("HF_HUB_CACHE") {
@@ -100,7 +94,7 @@ impl HubRepo {
     pub fn new(id: &str, revision: Option<&str>, repo_type: RepoType) -> Result<HubRepo> {
         let revision = revision.unwrap_or("main").to_string();
         let cache = hub_cache();
-        let api = if env_flag("HF_HUB_OFFLINE") {
+        let api = if crate::util::env_flag("HF_HUB_OFFLINE") {
             None
         } else {
             let api = hf_hub::api::sync::ApiBuilder::from_env()

@@ -15,5 +15,6 @@ pub mod model;
 pub mod recipe;
 pub mod rng;
 pub mod train;
+pub mod util;
 
 pub use error::{Error, Result};

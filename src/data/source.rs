@@ -441,17 +441,11 @@ pub fn resolve_spec(spec: &str, revision: Option<&str>) -> Result<Vec<DataFile>>
     }
 }
 
-fn env_flag(name: &str) -> bool {
-    std::env::var(name)
-        .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
-        .unwrap_or(false)
-}
-
 /// Resolve a hub dataset through the environment's hub cache (HF_HUB_CACHE / HF_HOME), offline
 /// when HF_HUB_OFFLINE is set.
 pub fn resolve_hub_dataset(spec: &HubSpec, revision: Option<&str>) -> Result<Vec<DataFile>> {
     let cache = crate::hub::hub_cache();
-    resolve_hub_dataset_in(cache.path(), spec, revision, env_flag("HF_HUB_OFFLINE"))
+    resolve_hub_dataset_in(cache.path(), spec, revision, crate::util::env_flag("HF_HUB_OFFLINE"))
 }
 
 fn hub_err(id: &str, msg: impl std::fmt::Display) -> Error {

@@ -337,16 +337,8 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<()> {
 }
 
 fn progress(len: usize, what: &str, show: bool) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(len as u64);
-    let style = indicatif::ProgressStyle::with_template(&format!(
-        "{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}} {{msg}} ({{elapsed}})"
-    ))
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    pb.set_style(style);
-    pb
+    let template = format!("{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}} {{msg}} ({{elapsed}})");
+    crate::util::progress_bar(len, &template, show)
 }
 
 /// Carry out a plan. `show_progress` draws progress bars on stderr (when it is a terminal).

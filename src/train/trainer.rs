@@ -679,16 +679,9 @@ fn non_finite(step: usize, in_a_row: usize, last: Option<&PathBuf>) -> Error {
 }
 
 fn progress_bar(cfg: &LoopConfig, start: usize) -> indicatif::ProgressBar {
-    if cfg.quiet {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(cfg.total_steps as u64);
+    let template = "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}";
+    let pb = crate::util::progress_bar(cfg.total_steps, template, !cfg.quiet);
     pb.set_position(start as u64);
-    if let Ok(style) =
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-    {
-        pb.set_style(style);
-    }
     pb
 }
 

@@ -1,0 +1,21 @@
+//! Small helpers shared by several modules: environment switches and progress bars.
+
+/// An environment variable read as a switch: `1`, `true`, `yes` or `on` (any case) turn it on.
+pub fn env_flag(name: &str) -> bool {
+    std::env::var(name)
+        .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        .unwrap_or(false)
+}
+
+/// A progress bar of `len` steps drawn with `template` (indicatif's syntax), or a hidden one.
+/// A template indicatif rejects falls back to its default bar rather than failing the job.
+pub fn progress_bar(len: usize, template: &str, show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len as u64);
+    let style =
+        indicatif::ProgressStyle::with_template(template).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    pb.set_style(style);
+    pb
+}
