@@ -247,7 +247,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         make_model(&dir, &BENCH_MODEL, 1234)?;
     }
     let peak = matmul_peak()?;
-    let dtype = crate::train::run::parse_dtype(&a.dtype, None, &Device::Cpu)?;
+    let dtype = crate::model::load::parse_dtype_flag(&a.dtype)?.for_weights(None, &Device::Cpu);
     let mut model = Model::load_dir(
         &dir,
         &LoadOptions {

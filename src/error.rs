@@ -61,6 +61,15 @@ pub enum Error {
     #[error("model {id:?}: {msg}")]
     Hub { id: String, msg: String },
 
+    /// A command-line flag with a bad value (`--dtype "x" must be ...`).
+    #[error("{key} {msg}")]
+    Setting { key: String, msg: String },
+
+    /// A recipe file that is not YAML, or not a mapping of keys to values.
+    #[error("{path}: {msg}")]
+    Recipe { path: PathBuf, msg: String },
+
+    /// An internal invariant that does not hold; user input is reported by the variants above.
     #[error("{0}")]
     Msg(String),
 

@@ -7,7 +7,12 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
+use crate::data::tokenize::TruncationMode;
+use crate::dpo::loss::{LossKind, LossParams};
 use crate::error::{Error, Result};
+use crate::model::load::DtypeChoice;
+use crate::train::schedule::SchedulerKind;
+pub use crate::train::settings::Settings;
 
 /// Every key of `lorafold dpo`, as a flag (both `--max_length` and `--max-length` work) and as a
 /// recipe key. Unset keys take lorafold's defaults (see `lorafold dpo --help`).
@@ -233,83 +238,56 @@ impl DpoOptions {
         Ok(opts)
     }
 
-    /// Check every value that is set, each on its own: numbers finite and in range, names known.
-    /// Checks that depend on several keys together (loss parameters, weights per loss type) are
-    /// left to [`DpoOptions::resolve`]. The error is (key, message).
+    /// Check every value that is set, each on its own: numbers finite and in range (the table
+    /// [`FLOAT_RULES`]), counts at least 1, names known. Checks that depend on several keys
+    /// together (loss parameters, weights per loss type) are left to [`DpoOptions::resolve`].
+    /// The error is (key, message).
     pub fn check_values(&self) -> std::result::Result<(), (String, String)> {
         let err = |key: &str, msg: String| Err((key.to_string(), msg));
-        let floats = [
-            ("split_dataset_ratio", self.split_dataset_ratio),
-            ("num_train_epochs", self.num_train_epochs),
-            ("lora_alpha", self.lora_alpha),
-            ("lora_dropout_p", self.lora_dropout_p),
-            ("learning_rate", self.learning_rate),
-            ("weight_decay", self.weight_decay),
-            ("adam_beta1", self.adam_beta1),
-            ("adam_beta2", self.adam_beta2),
-            ("adam_epsilon", self.adam_epsilon),
-            ("max_grad_norm", self.max_grad_norm),
-            ("warmup_ratio", self.warmup_ratio),
-            ("beta", self.beta),
-            ("label_smoothing", self.label_smoothing),
-            ("rpo_alpha", self.rpo_alpha),
-            ("simpo_gamma", self.simpo_gamma),
-            ("discopop_tau", self.discopop_tau),
-        ];
-        for (key, v) in floats {
-            if let Some(v) = v {
-                if !v.is_finite() {
-                    return err(key, format!("{v} is not a finite number"));
-                }
+        for (key, rule) in FLOAT_RULES {
+            if let Some(v) = self.float(key) {
+                rule.check(v).map_err(|msg| (key.to_string(), msg))?;
             }
         }
         for w in self.loss_weights.iter().flatten() {
-            if !w.is_finite() {
-                return err("loss_weights", format!("{w} is not a finite number"));
+            Rule::Finite
+                .check(*w)
+                .map_err(|msg| ("loss_weights".to_string(), msg))?;
+        }
+        for (key, v) in self.counts() {
+            if v == Some(0) {
+                return err(key, "must be at least 1".into());
             }
         }
-        for (key, v, lo, hi) in [
-            ("split_dataset_ratio", self.split_dataset_ratio, 0.0, 1.0),
-            ("lora_dropout_p", self.lora_dropout_p, 0.0, 1.0),
-            ("adam_beta1", self.adam_beta1, 0.0, 1.0),
-            ("adam_beta2", self.adam_beta2, 0.0, 1.0),
-            ("warmup_ratio", self.warmup_ratio, 0.0, 1.0),
-        ] {
-            if let Some(v) = v {
-                if !(lo..hi).contains(&v) {
-                    return err(key, format!("{v} is outside [{lo}, {hi})"));
-                }
-            }
+        self.check_names()
+    }
+
+    /// The value of the float key `key` of [`FLOAT_RULES`].
+    fn float(&self, key: &str) -> Option<f64> {
+        match key {
+            "split_dataset_ratio" => self.split_dataset_ratio,
+            "num_train_epochs" => self.num_train_epochs,
+            "lora_alpha" => self.lora_alpha,
+            "lora_dropout_p" => self.lora_dropout_p,
+            "learning_rate" => self.learning_rate,
+            "weight_decay" => self.weight_decay,
+            "adam_beta1" => self.adam_beta1,
+            "adam_beta2" => self.adam_beta2,
+            "adam_epsilon" => self.adam_epsilon,
+            "max_grad_norm" => self.max_grad_norm,
+            "warmup_ratio" => self.warmup_ratio,
+            "beta" => self.beta,
+            "label_smoothing" => self.label_smoothing,
+            "rpo_alpha" => self.rpo_alpha,
+            "simpo_gamma" => self.simpo_gamma,
+            "discopop_tau" => self.discopop_tau,
+            _ => None,
         }
-        if let Some(v) = self.label_smoothing {
-            if !(0.0..=0.5).contains(&v) {
-                return err("label_smoothing", format!("{v} is outside [0, 0.5]"));
-            }
-        }
-        for (key, v) in [
-            ("learning_rate", self.learning_rate),
-            ("beta", self.beta),
-            ("lora_alpha", self.lora_alpha),
-            ("num_train_epochs", self.num_train_epochs),
-        ] {
-            if let Some(v) = v {
-                if v <= 0.0 {
-                    return err(key, format!("{v} must be positive"));
-                }
-            }
-        }
-        for (key, v) in [
-            ("weight_decay", self.weight_decay),
-            ("adam_epsilon", self.adam_epsilon),
-            ("max_grad_norm", self.max_grad_norm),
-        ] {
-            if let Some(v) = v {
-                if v < 0.0 {
-                    return err(key, format!("{v} must not be negative"));
-                }
-            }
-        }
-        for (key, v) in [
+    }
+
+    /// The count keys, each of which must be at least 1 when set.
+    fn counts(&self) -> [(&'static str, Option<usize>); 8] {
+        [
             ("lora_rank", self.lora_rank),
             ("batch_size", self.batch_size),
             ("eval_batch_size", self.eval_batch_size),
@@ -318,11 +296,12 @@ impl DpoOptions {
             ("save_steps", self.save_steps),
             ("logging_steps", self.logging_steps),
             ("max_steps", self.max_steps),
-        ] {
-            if v == Some(0) {
-                return err(key, "must be at least 1".into());
-            }
-        }
+        ]
+    }
+
+    /// Named values: sft_type, truncation_mode, lr_scheduler_type, dtype and loss names.
+    fn check_names(&self) -> std::result::Result<(), (String, String)> {
+        let err = |key: &str, msg: String| Err((key.to_string(), msg));
         if let Some(t) = &self.sft_type {
             if !t.eq_ignore_ascii_case("lora") {
                 return err(
@@ -332,28 +311,23 @@ impl DpoOptions {
             }
         }
         if let Some(m) = &self.truncation_mode {
-            if m != "keep_end" && m != "keep_start" {
-                return err("truncation_mode", format!("{m:?} must be keep_end or keep_start"));
-            }
+            parse_truncation_mode(m).map_err(|msg| ("truncation_mode".to_string(), msg))?;
         }
         if let Some(k) = &self.lr_scheduler_type {
-            if let Err(e) = k.parse::<crate::train::schedule::SchedulerKind>() {
-                return err("lr_scheduler_type", e.to_string());
-            }
+            k.parse::<SchedulerKind>()
+                .map_err(|msg| ("lr_scheduler_type".to_string(), msg))?;
         }
         if let Some(d) = &self.dtype {
-            if !DTYPES.contains(&d.to_ascii_lowercase().as_str()) {
-                return err("dtype", format!("{d:?} must be AUTO, fp32, bf16 or fp16"));
-            }
+            d.parse::<DtypeChoice>().map_err(|msg| ("dtype".to_string(), msg))?;
         }
         // Loss names only: their parameters are checked together in `resolve`.
-        let names_only = crate::dpo::loss::LossParams {
+        let names_only = LossParams {
             label_smoothing: 0.1,
             simpo_gamma: 0.5,
             discopop_tau: 0.05,
         };
         for name in loss_names(self.loss_type.as_deref().unwrap_or_default()) {
-            if let Err(e) = crate::dpo::loss::LossKind::parse(&name, &names_only) {
+            if let Err(e) = LossKind::parse(&name, &names_only) {
                 return err("loss_type", e.to_string());
             }
         }
@@ -381,10 +355,69 @@ impl DpoOptions {
     }
 }
 
-/// The `--dtype` spellings lorafold accepts (lower case).
-const DTYPES: [&str; 9] = [
-    "auto", "fp32", "f32", "float32", "bf16", "bfloat16", "fp16", "f16", "float16",
+/// What a float setting must satisfy, besides being finite.
+#[derive(Debug, Clone, Copy)]
+enum Rule {
+    Finite,
+    /// In [0, 1).
+    Unit,
+    /// In [0, 0.5] (label smoothing).
+    UpToHalf,
+    Positive,
+    NonNegative,
+}
+
+impl Rule {
+    fn check(self, v: f64) -> std::result::Result<(), String> {
+        if !v.is_finite() {
+            return Err(format!("{v} is not a finite number"));
+        }
+        let ok = match self {
+            Rule::Finite => true,
+            Rule::Unit => (0.0..1.0).contains(&v),
+            Rule::UpToHalf => (0.0..=0.5).contains(&v),
+            Rule::Positive => v > 0.0,
+            Rule::NonNegative => v >= 0.0,
+        };
+        match (ok, self) {
+            (true, _) => Ok(()),
+            (false, Rule::Unit) => Err(format!("{v} is outside [0, 1)")),
+            (false, Rule::UpToHalf) => Err(format!("{v} is outside [0, 0.5]")),
+            (false, Rule::Positive) => Err(format!("{v} must be positive")),
+            (false, _) => Err(format!("{v} must not be negative")),
+        }
+    }
+}
+
+/// The one table of ranges for float settings: recipes, flags and resolved values are all
+/// checked against it.
+const FLOAT_RULES: [(&str, Rule); 16] = [
+    ("split_dataset_ratio", Rule::Unit),
+    ("num_train_epochs", Rule::Positive),
+    ("lora_alpha", Rule::Positive),
+    ("lora_dropout_p", Rule::Unit),
+    ("learning_rate", Rule::Positive),
+    ("weight_decay", Rule::NonNegative),
+    ("adam_beta1", Rule::Unit),
+    ("adam_beta2", Rule::Unit),
+    ("adam_epsilon", Rule::NonNegative),
+    ("max_grad_norm", Rule::NonNegative),
+    ("warmup_ratio", Rule::Unit),
+    ("beta", Rule::Positive),
+    ("label_smoothing", Rule::UpToHalf),
+    ("rpo_alpha", Rule::Finite),
+    ("simpo_gamma", Rule::Finite),
+    ("discopop_tau", Rule::Finite),
 ];
+
+/// `--truncation_mode`, with the message the recipe checks have always given.
+fn parse_truncation_mode(m: &str) -> std::result::Result<TruncationMode, String> {
+    match m {
+        "keep_end" => Ok(TruncationMode::KeepEnd),
+        "keep_start" => Ok(TruncationMode::KeepStart),
+        _ => Err(format!("{m:?} must be keep_end or keep_start")),
+    }
+}
 
 /// Loss type names as given: each value may hold several, comma-separated.
 fn loss_names(values: &[String]) -> Vec<String> {
@@ -431,64 +464,6 @@ pub fn normalize_flag_spelling(args: impl IntoIterator<Item = String>) -> Vec<St
         .collect()
 }
 
-/// Resolved, validated settings of a DPO run.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Settings {
-    pub model: String,
-    pub revision: Option<String>,
-    pub dataset: Vec<String>,
-    pub val_dataset: Vec<String>,
-    pub split_dataset_ratio: f64,
-    pub output_dir: PathBuf,
-    pub num_train_epochs: f64,
-    pub max_steps: Option<usize>,
-    pub max_length: Option<usize>,
-    pub max_prompt_length: Option<usize>,
-    pub truncation_mode: String,
-    pub lora_rank: usize,
-    pub lora_alpha: f64,
-    pub lora_dropout_p: f64,
-    pub lora_target_modules: Vec<String>,
-    pub use_rslora: bool,
-    pub adapters: Option<PathBuf>,
-    pub ref_adapters: Option<PathBuf>,
-    pub batch_size: usize,
-    pub eval_batch_size: usize,
-    pub gradient_accumulation_steps: usize,
-    pub shuffle: bool,
-    pub learning_rate: f64,
-    pub weight_decay: f64,
-    pub adam_beta1: f64,
-    pub adam_beta2: f64,
-    pub adam_epsilon: f64,
-    pub max_grad_norm: f64,
-    pub lr_scheduler_type: String,
-    pub warmup_ratio: f64,
-    pub warmup_steps: usize,
-    pub beta: f64,
-    pub loss_type: Vec<String>,
-    pub loss_weights: Vec<f64>,
-    pub label_smoothing: f64,
-    pub rpo_alpha: Option<f64>,
-    pub simpo_gamma: f64,
-    pub discopop_tau: f64,
-    pub precompute_ref_log_probs: bool,
-    pub prefix_sharing: bool,
-    pub group_by_length: bool,
-    pub eval_steps: usize,
-    pub save_steps: usize,
-    pub save_total_limit: Option<usize>,
-    pub logging_steps: usize,
-    pub seed: u64,
-    pub dtype: String,
-    pub gradient_checkpointing: bool,
-    pub resume_from_checkpoint: Option<String>,
-    pub skip_bad_rows: bool,
-    pub template: Option<String>,
-    pub max_eval_pairs: Option<usize>,
-    pub max_nonfinite_steps: usize,
-}
-
 fn bad(key: &str, msg: impl Into<String>) -> Error {
     Error::Config {
         path: PathBuf::from("settings"),
@@ -498,81 +473,20 @@ fn bad(key: &str, msg: impl Into<String>) -> Error {
 }
 
 impl DpoOptions {
-    /// Apply defaults and validate.
+    /// Apply defaults and validate: every value on its own (see [`DpoOptions::check_values`]),
+    /// then the keys that only make sense together.
     pub fn resolve(self) -> Result<Settings> {
         self.check_values().map_err(|(key, msg)| bad(&key, msg))?;
-        let o = self;
-        let model = o
-            .model
-            .ok_or_else(|| bad("model", "is required (--model DIR or a hub id)"))?;
-        if let Some(t) = &o.sft_type {
-            if !t.eq_ignore_ascii_case("lora") {
-                return Err(bad(
-                    "sft_type",
-                    format!("{t:?} is not supported: lorafold trains LoRA adapters only (--sft_type lora)"),
-                ));
-            }
-        }
-        if let Some(r) = &o.ref_model_type {
-            if r != &model {
-                return Err(bad(
-                    "ref_model_type",
-                    format!(
-                        "{r:?} differs from the model {model:?}; the reference is always the model itself \
-                         with adapters off (use --ref_adapters for an SFT adapter as reference)"
-                    ),
-                ));
-            }
-        }
-        let dataset = o.dataset.unwrap_or_default();
+        let model = self.resolve_model()?;
+        let dataset = self.dataset.clone().unwrap_or_default();
         if dataset.is_empty() {
             return Err(bad("dataset", "at least one dataset is required"));
         }
-        let truncation_mode = o.truncation_mode.unwrap_or_else(|| "keep_end".into());
-        if truncation_mode != "keep_end" && truncation_mode != "keep_start" {
-            return Err(bad(
-                "truncation_mode",
-                format!("{truncation_mode:?} must be keep_end or keep_start"),
-            ));
-        }
-        let loss_type = o.loss_type.unwrap_or_else(|| vec!["sigmoid".into()]);
-        let loss_type = loss_names(&loss_type);
-        let params = crate::dpo::loss::LossParams {
-            label_smoothing: o.label_smoothing.unwrap_or(0.0),
-            simpo_gamma: o.simpo_gamma.unwrap_or(0.5),
-            discopop_tau: o.discopop_tau.unwrap_or(0.05),
-        };
-        if loss_type.is_empty() {
-            return Err(bad("loss_type", "no loss type given"));
-        }
-        for name in &loss_type {
-            crate::dpo::loss::LossKind::parse(name, &params).map_err(|e| bad("loss_type", e.to_string()))?;
-        }
-        let loss_weights = o.loss_weights.unwrap_or_else(|| vec![1.0; loss_type.len()]);
-        if loss_weights.len() != loss_type.len() {
-            return Err(bad(
-                "loss_weights",
-                format!("{} weights for {} loss types", loss_weights.len(), loss_type.len()),
-            ));
-        }
-        let lr_scheduler_type = o.lr_scheduler_type.unwrap_or_else(|| "cosine".into());
-        lr_scheduler_type
-            .parse::<crate::train::schedule::SchedulerKind>()
-            .map_err(|e| bad("lr_scheduler_type", e))?;
-        let dtype = o.dtype.unwrap_or_else(|| "auto".into()).to_ascii_lowercase();
-        if !DTYPES.contains(&dtype.as_str()) {
-            return Err(bad("dtype", format!("{dtype:?} must be AUTO, fp32, bf16 or fp16")));
-        }
+        let (loss_type, losses, loss_weights) = self.resolve_losses()?;
+        let o = self;
         let batch_size = o.batch_size.unwrap_or(1);
-        let positive = |key: &str, v: usize| {
-            if v == 0 {
-                Err(bad(key, "must be at least 1"))
-            } else {
-                Ok(v)
-            }
-        };
-        positive("batch_size", batch_size)?;
-        let s = Settings {
+        // Counts the user set were checked above; these are the defaults filled in.
+        Ok(Settings {
             output_dir: o.output_dir.unwrap_or_else(|| default_output_dir(&model)),
             model,
             revision: o.revision,
@@ -583,8 +497,8 @@ impl DpoOptions {
             max_steps: o.max_steps,
             max_length: Some(o.max_length.unwrap_or(1024)),
             max_prompt_length: Some(o.max_prompt_length.unwrap_or(512)),
-            truncation_mode,
-            lora_rank: positive("lora_rank", o.lora_rank.unwrap_or(8))?,
+            truncation_mode: named(o.truncation_mode.as_deref(), parse_truncation_mode)?,
+            lora_rank: o.lora_rank.unwrap_or(8),
             lora_alpha: o.lora_alpha.unwrap_or(32.0),
             lora_dropout_p: o.lora_dropout_p.unwrap_or(0.05),
             lora_target_modules: o.lora_target_modules.unwrap_or_else(|| vec!["ALL".into()]),
@@ -592,11 +506,8 @@ impl DpoOptions {
             adapters: o.adapters,
             ref_adapters: o.ref_adapters,
             batch_size,
-            eval_batch_size: positive("eval_batch_size", o.eval_batch_size.unwrap_or(batch_size))?,
-            gradient_accumulation_steps: positive(
-                "gradient_accumulation_steps",
-                o.gradient_accumulation_steps.unwrap_or(1),
-            )?,
+            eval_batch_size: o.eval_batch_size.unwrap_or(batch_size),
+            gradient_accumulation_steps: o.gradient_accumulation_steps.unwrap_or(1),
             shuffle: o.shuffle.unwrap_or(true),
             learning_rate: o.learning_rate.unwrap_or(1e-4),
             weight_decay: o.weight_decay.unwrap_or(0.1),
@@ -604,11 +515,12 @@ impl DpoOptions {
             adam_beta2: o.adam_beta2.unwrap_or(0.999),
             adam_epsilon: o.adam_epsilon.unwrap_or(1e-8),
             max_grad_norm: o.max_grad_norm.unwrap_or(1.0),
-            lr_scheduler_type,
+            lr_scheduler_type: named(o.lr_scheduler_type.as_deref(), str::parse)?,
             warmup_ratio: o.warmup_ratio.unwrap_or(0.05),
             warmup_steps: o.warmup_steps.unwrap_or(0),
             beta: o.beta.unwrap_or(0.1),
             loss_type,
+            losses,
             loss_weights,
             label_smoothing: o.label_smoothing.unwrap_or(0.0),
             rpo_alpha: o.rpo_alpha,
@@ -617,44 +529,73 @@ impl DpoOptions {
             precompute_ref_log_probs: o.precompute_ref_log_probs.unwrap_or(false),
             prefix_sharing: o.prefix_sharing.unwrap_or(true),
             group_by_length: o.group_by_length.unwrap_or(false),
-            eval_steps: positive("eval_steps", o.eval_steps.unwrap_or(500))?,
-            save_steps: positive("save_steps", o.save_steps.unwrap_or(500))?,
+            eval_steps: o.eval_steps.unwrap_or(500),
+            save_steps: o.save_steps.unwrap_or(500),
             save_total_limit: Some(o.save_total_limit.unwrap_or(2)).filter(|&n| n > 0),
-            logging_steps: positive("logging_steps", o.logging_steps.unwrap_or(5))?,
+            logging_steps: o.logging_steps.unwrap_or(5),
             seed: o.seed.unwrap_or(42),
-            dtype,
+            dtype: named(o.dtype.as_deref(), str::parse)?,
             gradient_checkpointing: o.gradient_checkpointing.unwrap_or(false),
             resume_from_checkpoint: o.resume_from_checkpoint,
             skip_bad_rows: o.skip_bad_rows.unwrap_or(false),
             template: o.template,
             max_eval_pairs: o.max_eval_pairs,
             max_nonfinite_steps: o.max_nonfinite_steps.unwrap_or(5),
+        })
+    }
+
+    /// The model, which is required; a reference model must be the model itself.
+    fn resolve_model(&self) -> Result<String> {
+        let model = self
+            .model
+            .clone()
+            .ok_or_else(|| bad("model", "is required (--model DIR or a hub id)"))?;
+        if let Some(r) = &self.ref_model_type {
+            if r != &model {
+                return Err(bad(
+                    "ref_model_type",
+                    format!(
+                        "{r:?} differs from the model {model:?}; the reference is always the model itself \
+                         with adapters off (use --ref_adapters for an SFT adapter as reference)"
+                    ),
+                ));
+            }
+        }
+        Ok(model)
+    }
+
+    /// Loss names, the losses they parse to with their parameters, and one weight per loss.
+    fn resolve_losses(&self) -> Result<(Vec<String>, Vec<LossKind>, Vec<f64>)> {
+        let names = loss_names(self.loss_type.as_deref().unwrap_or(&["sigmoid".to_string()]));
+        if names.is_empty() {
+            return Err(bad("loss_type", "no loss type given"));
+        }
+        let params = LossParams {
+            label_smoothing: self.label_smoothing.unwrap_or(0.0),
+            simpo_gamma: self.simpo_gamma.unwrap_or(0.5),
+            discopop_tau: self.discopop_tau.unwrap_or(0.05),
         };
-        for (key, v, lo, hi) in [
-            ("split_dataset_ratio", s.split_dataset_ratio, 0.0, 1.0),
-            ("lora_dropout_p", s.lora_dropout_p, 0.0, 1.0),
-            ("adam_beta1", s.adam_beta1, 0.0, 1.0),
-            ("adam_beta2", s.adam_beta2, 0.0, 1.0),
-            ("warmup_ratio", s.warmup_ratio, 0.0, 1.0),
-            ("label_smoothing", s.label_smoothing, 0.0, 0.5),
-        ] {
-            if !(lo..hi).contains(&v) && !(key == "label_smoothing" && v == 0.5) {
-                return Err(bad(key, format!("{v} is outside [{lo}, {hi})")));
-            }
+        let losses = names
+            .iter()
+            .map(|name| LossKind::parse(name, &params).map_err(|e| bad("loss_type", e.to_string())))
+            .collect::<Result<Vec<_>>>()?;
+        let weights = self.loss_weights.clone().unwrap_or_else(|| vec![1.0; names.len()]);
+        if weights.len() != names.len() {
+            return Err(bad(
+                "loss_weights",
+                format!("{} weights for {} loss types", weights.len(), names.len()),
+            ));
         }
-        for (key, v) in [
-            ("learning_rate", s.learning_rate),
-            ("beta", s.beta),
-            ("lora_alpha", s.lora_alpha),
-        ] {
-            if !(v > 0.0 && v.is_finite()) {
-                return Err(bad(key, format!("{v} must be positive")));
-            }
-        }
-        if s.max_steps == Some(0) || !(s.num_train_epochs > 0.0) {
-            return Err(bad("max_steps", "training needs at least one step"));
-        }
-        Ok(s)
+        Ok((names, losses, weights))
+    }
+}
+
+/// A named setting parsed into its type, or its default when unset.
+fn named<T: Default>(value: Option<&str>, parse: impl Fn(&str) -> std::result::Result<T, String>) -> Result<T> {
+    match value {
+        None => Ok(T::default()),
+        // Already checked by `check_values`, so an error here is unreachable from user input.
+        Some(v) => parse(v).map_err(Error::Msg),
     }
 }
 
@@ -669,24 +610,7 @@ fn default_output_dir(model: &str) -> PathBuf {
 
 /// `YYYYmmdd-HHMMSS` in UTC.
 pub fn utc_stamp(secs: u64) -> String {
-    let days = secs / 86400;
-    let rem = secs % 86400;
-    // Civil-from-days (proleptic Gregorian).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    crate::data::template::strftime("%Y%m%d-%H%M%S", secs as i64)
 }
 
 #[cfg(test)]

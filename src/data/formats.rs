@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 
 use super::source::{read_rows, RawRow};
 use super::{LoadOptions, LoadStats, Message, PreferencePair, RowRef};
+use crate::error::json_kind as kind;
 use crate::error::{Error, Result};
 
 type Row = Map<String, Value>;
@@ -346,18 +347,6 @@ fn check_something_to_score(
 // ---------------------------------------------------------------------------------------------
 // Values
 // ---------------------------------------------------------------------------------------------
-
-/// A JSON type's name for messages: "got a number".
-pub fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
-}
 
 fn get<'a>(row: &'a Row, key: &str) -> RowResult<&'a Value> {
     row.get(key).ok_or_else(|| format!("missing key `{key}`"))

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokenizers::Tokenizer;
 
-use super::template::{read_tokenizer_config, ChatTemplate, SpecialTokens, NAMED_TEMPLATES};
+use super::template::{read_tokenizer_config, ChatTemplate, NAMED_TEMPLATES};
 use super::{Message, PreferencePair, RowRef};
 use crate::error::{Error, Result};
 
@@ -188,10 +188,6 @@ impl Preprocessor {
 
     pub fn template(&self) -> &ChatTemplate {
         &self.template
-    }
-
-    pub fn special_tokens(&self) -> &SpecialTokens {
-        self.template.tokens()
     }
 
     pub fn eos_token_id(&self) -> Option<u32> {

@@ -150,8 +150,12 @@ pub fn run(args: &InferArgs) -> anyhow::Result<()> {
         }
     }
     // Everything cheap is checked; now the weights.
-    let mut m = crate::train::run::load_model(&files, dtype)
-        .with_context(|| format!("loading model {}", files.dir.display()))?;
+    let mut m = crate::model::load::load_model(
+        &files.config,
+        &files.weights,
+        crate::model::load::parse_dtype_flag(dtype)?,
+    )
+    .with_context(|| format!("loading model {}", files.dir.display()))?;
     let adapter_slot = match adapters {
         Some(dir) => Some(crate::lora::io::load_adapter(&mut m, dir, false)?.slot),
         None => None,

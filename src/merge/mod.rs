@@ -154,16 +154,6 @@ pub struct MergeSummary {
     pub copied_files: Vec<String>,
 }
 
-fn parse_dtype(s: &str) -> Result<Option<DType>> {
-    Ok(match s.to_ascii_lowercase().as_str() {
-        "auto" => None,
-        "fp32" | "float32" | "f32" => Some(DType::F32),
-        "bf16" | "bfloat16" => Some(DType::BF16),
-        "fp16" | "float16" | "f16" | "half" => Some(DType::F16),
-        _ => return Err(Error::Msg(format!("--dtype {s:?}: expected auto, fp32, bf16 or fp16"))),
-    })
-}
-
 /// `<dir>-<suffix>` next to `dir`.
 fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     let abs;
@@ -272,7 +262,7 @@ impl MergePlan {
             into_base,
             output,
             overwrite: *overwrite,
-            dtype: parse_dtype(dtype)?,
+            dtype: crate::model::load::parse_dtype_flag(dtype)?.explicit(),
             max_shard_size: writer::parse_size(max_shard_size)?,
             safe_merge: *safe_merge,
         })

@@ -6,6 +6,7 @@ pub mod constop;
 pub mod decoder;
 pub mod fused;
 pub mod linear;
+pub mod load;
 pub mod ops;
 pub mod weights;
 

@@ -6,4 +6,5 @@ pub mod optim;
 pub mod plot;
 pub mod run;
 pub mod schedule;
+pub mod settings;
 pub mod trainer;

@@ -3,61 +3,17 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::DType;
-
-use crate::data::tokenize::{Preprocessor, TokenizeOptions, TruncationMode};
+use crate::data::tokenize::{Preprocessor, TokenizeOptions};
 use crate::data::{load_pairs, LoadOptions as DataOptions};
 use crate::dpo::batch::PairIds;
 use crate::error::{Error, Result};
 use crate::hub::{resolve_model, ModelFiles};
 use crate::lora::config::{LoraConfig, TargetModules};
 use crate::lora::{attach_new, io::load_adapter, LoraInit};
-use crate::model::{LoadOptions, Model};
-use crate::recipe::Settings;
+use crate::model::load::load_model;
 use crate::rng::Rng;
+use crate::train::settings::Settings;
 use crate::train::trainer::{train, DpoRun, LoopConfig, Outcome, RunOutput};
-
-/// Map `--dtype` to the base weights' dtype. `auto` keeps f32 on CPU (fastest there) and the
-/// checkpoint's dtype on accelerators.
-pub fn parse_dtype(name: &str, saved: Option<&str>, device: &candle_core::Device) -> Result<DType> {
-    Ok(match name.to_ascii_lowercase().as_str() {
-        "fp32" | "f32" | "float32" => DType::F32,
-        "bf16" | "bfloat16" => DType::BF16,
-        "fp16" | "f16" | "float16" => DType::F16,
-        "auto" => match (device.is_cpu(), saved) {
-            (false, Some("bfloat16")) => DType::BF16,
-            (false, Some("float16")) => DType::F16,
-            _ => DType::F32,
-        },
-        other => {
-            return Err(Error::Msg(format!(
-                "--dtype {other:?} must be AUTO, fp32, bf16 or fp16"
-            )))
-        }
-    })
-}
-
-/// The compute device: the first CUDA or Metal device when built with those features.
-pub fn default_device() -> Result<candle_core::Device> {
-    #[cfg(feature = "cuda")]
-    {
-        return Ok(candle_core::Device::new_cuda(0)?);
-    }
-    #[cfg(feature = "metal")]
-    {
-        return Ok(candle_core::Device::new_metal(0)?);
-    }
-    #[allow(unreachable_code)]
-    Ok(candle_core::Device::Cpu)
-}
-
-pub fn load_model(files: &ModelFiles, dtype: &str) -> Result<Model> {
-    let device = default_device()?;
-    let cfg = crate::model::ModelConfig::from_file(&files.config)?;
-    let dt = parse_dtype(dtype, cfg.saved_dtype.as_deref(), &device)?;
-    let ws = crate::model::weights::WeightSource::open(&files.weights)?;
-    Model::load(cfg, &ws, &LoadOptions { dtype: dt, device })
-}
 
 /// Tokenised data of a run.
 pub struct Prepared {
@@ -113,11 +69,7 @@ pub fn tokenize_options(s: &Settings) -> TokenizeOptions {
     TokenizeOptions {
         max_length: s.max_length,
         max_prompt_length: s.max_prompt_length,
-        truncation_mode: if s.truncation_mode == "keep_start" {
-            TruncationMode::KeepStart
-        } else {
-            TruncationMode::KeepEnd
-        },
+        truncation_mode: s.truncation_mode,
     }
 }
 
@@ -199,7 +151,7 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
     let recipe_yaml = serde_yaml::to_string(s).map_err(|e| Error::Msg(e.to_string()))?;
     crate::lora::io::write_atomic(&out_dir.join("recipe.yaml"), recipe_yaml.as_bytes())?;
 
-    let mut model = load_model(&files, &s.dtype)?;
+    let mut model = load_model(&files.config, &files.weights, s.dtype)?;
     model.set_gradient_checkpointing(s.gradient_checkpointing);
     let data = prepare_data(&files, s)?;
     if !quiet {
@@ -300,7 +252,7 @@ pub struct PairScore {
 /// Run `lorafold eval`: the DPO metrics of an adapter (or the bare model) on preference pairs.
 pub fn run_eval(s: &Settings, per_pair: Option<&Path>) -> Result<(crate::train::metrics::Record, usize, Vec<String>)> {
     let files = resolve_model(&s.model, s.revision.as_deref())?;
-    let mut model = load_model(&files, &s.dtype)?;
+    let mut model = load_model(&files.config, &files.weights, s.dtype)?;
     let pre = Preprocessor::from_model_dir(&files.dir, s.template.as_deref())?;
     let mut report = Vec::new();
     let specs: Vec<String> = s.dataset.iter().chain(&s.val_dataset).cloned().collect();

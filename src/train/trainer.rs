@@ -9,17 +9,17 @@ use std::time::Instant;
 use candle_core::{Tensor, Var};
 
 use crate::dpo::batch::{sequence_logps, Batch, PairIds};
-use crate::dpo::loss::{DpoLoss, LossInputs, LossKind, LossParams, LossState};
+use crate::dpo::loss::{DpoLoss, LossInputs, LossKind, LossState};
 use crate::error::{Error, Result};
 use crate::lora::Adapter;
 use crate::model::linear::Fwd;
 use crate::model::Model;
-use crate::recipe::Settings;
 use crate::rng::Rng;
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::metrics::{self, MetricsFile, Record};
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use crate::train::schedule::{Schedule, SchedulerKind};
+use crate::train::schedule::Schedule;
+use crate::train::settings::Settings;
 
 /// Everything one DPO forward needs: the model, the trainable adapter, the reference and the loss.
 pub struct DpoRun<'m> {
@@ -40,17 +40,7 @@ pub type RefLogps = Vec<[f32; 2]>;
 
 impl<'m> DpoRun<'m> {
     pub fn new(model: &'m Model, adapter: Option<Adapter>, ref_slot: Option<usize>, s: &Settings) -> Result<Self> {
-        let params = LossParams {
-            label_smoothing: s.label_smoothing,
-            simpo_gamma: s.simpo_gamma,
-            discopop_tau: s.discopop_tau,
-        };
-        let terms = s
-            .loss_type
-            .iter()
-            .zip(&s.loss_weights)
-            .map(|(name, w)| Ok((LossKind::parse(name, &params)?, *w)))
-            .collect::<Result<Vec<_>>>()?;
+        let terms: Vec<(LossKind, f64)> = s.losses.iter().cloned().zip(s.loss_weights.iter().copied()).collect();
         let needs_reference = terms.iter().any(|(k, _)| k.needs_reference());
         Ok(DpoRun {
             model,
@@ -264,7 +254,7 @@ impl LoopConfig {
                 .ceil()
                 .max(1.0) as usize,
         };
-        let kind: SchedulerKind = s.lr_scheduler_type.parse().map_err(Error::Msg)?;
+        let kind = s.lr_scheduler_type;
         Ok(LoopConfig {
             batch_size: s.batch_size,
             eval_batch_size: s.eval_batch_size,

@@ -1,0 +1,73 @@
+//! The resolved, validated settings of a DPO run or an evaluation: real types, parsed once by
+//! `recipe` from a YAML recipe and the command line. Written next to a run as recipe.yaml.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::tokenize::TruncationMode;
+use crate::dpo::loss::LossKind;
+use crate::model::load::DtypeChoice;
+use crate::train::schedule::SchedulerKind;
+
+/// Resolved, validated settings of a DPO run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    pub model: String,
+    pub revision: Option<String>,
+    pub dataset: Vec<String>,
+    pub val_dataset: Vec<String>,
+    pub split_dataset_ratio: f64,
+    pub output_dir: PathBuf,
+    pub num_train_epochs: f64,
+    pub max_steps: Option<usize>,
+    pub max_length: Option<usize>,
+    pub max_prompt_length: Option<usize>,
+    pub truncation_mode: TruncationMode,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout_p: f64,
+    pub lora_target_modules: Vec<String>,
+    pub use_rslora: bool,
+    pub adapters: Option<PathBuf>,
+    pub ref_adapters: Option<PathBuf>,
+    pub batch_size: usize,
+    pub eval_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub shuffle: bool,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub max_grad_norm: f64,
+    pub lr_scheduler_type: SchedulerKind,
+    pub warmup_ratio: f64,
+    pub warmup_steps: usize,
+    pub beta: f64,
+    pub loss_type: Vec<String>,
+    /// `loss_type` parsed, with the loss parameters; kept out of the written recipe, which
+    /// holds the names.
+    #[serde(skip)]
+    pub losses: Vec<LossKind>,
+    pub loss_weights: Vec<f64>,
+    pub label_smoothing: f64,
+    pub rpo_alpha: Option<f64>,
+    pub simpo_gamma: f64,
+    pub discopop_tau: f64,
+    pub precompute_ref_log_probs: bool,
+    pub prefix_sharing: bool,
+    pub group_by_length: bool,
+    pub eval_steps: usize,
+    pub save_steps: usize,
+    pub save_total_limit: Option<usize>,
+    pub logging_steps: usize,
+    pub seed: u64,
+    pub dtype: DtypeChoice,
+    pub gradient_checkpointing: bool,
+    pub resume_from_checkpoint: Option<String>,
+    pub skip_bad_rows: bool,
+    pub template: Option<String>,
+    pub max_eval_pairs: Option<usize>,
+    pub max_nonfinite_steps: usize,
+}
