@@ -357,6 +357,15 @@ impl ModelConfig {
         })
     }
 
+    /// Whether a linear layer, by its short name, has a bias.
+    pub fn linear_bias(&self, module: &str) -> bool {
+        match module {
+            "q_proj" | "k_proj" | "v_proj" => self.qkv_bias,
+            "o_proj" => self.o_bias,
+            _ => self.mlp_bias,
+        }
+    }
+
     /// Number of parameters of the base model.
     pub fn num_params(&self) -> usize {
         let mut per_layer = 2 * self.hidden_size;

@@ -4,12 +4,12 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use super::cache::KvCache;
 use super::config::{module_path, ModelConfig, LINEAR_MODULES};
-use super::constop::{add_frozen, matmul_frozen_t};
-use super::ops::{apply_rope, rms_norm, silu_mul, softmax_last_dim, Rope, MASK_VALUE};
+use super::ops::frozen::{into_cpu_storage, matmul_frozen_t, to_cpu_tensor};
+use super::ops::{apply_rope, attention_probs, rms_norm, silu_mul, Rope, MASK_VALUE};
 use super::weights::WeightSource;
 use crate::error::{Error, Result};
 use crate::model::linear::{Fwd, LoraLinear};
@@ -112,53 +112,9 @@ impl Model {
         let (dt, dev) = (opts.dtype, &opts.device);
         let h = cfg.hidden_size;
         let embed = ws.load("model.embed_tokens.weight", &[cfg.vocab_size, h], dt, dev)?;
-        let mut blocks = Vec::with_capacity(cfg.num_layers);
-        for l in 0..cfg.num_layers {
-            let p = format!("model.layers.{l}");
-            let linear = |m: &str, bias: bool| -> Result<LoraLinear> {
-                let path = module_path(l, m);
-                let (i, o) = cfg
-                    .linear_shape(m)
-                    .ok_or_else(|| Error::Msg(format!("unknown module {m}")))?;
-                let w = ws.load(&format!("{path}.weight"), &[o, i], dt, dev)?;
-                let b = if bias {
-                    Some(ws.load(&format!("{path}.bias"), &[o], dt, dev)?)
-                } else {
-                    None
-                };
-                let idx = l * LINEAR_MODULES.len() + LINEAR_MODULES.iter().position(|x| *x == m).unwrap_or(0);
-                Ok(LoraLinear::new(path, idx, w, b))
-            };
-            let norm_w = |name: &str, size: usize| ws.load(&format!("{p}.{name}.weight"), &[size], dt, dev);
-            let attn = Attention {
-                q: linear("q_proj", cfg.qkv_bias)?,
-                k: linear("k_proj", cfg.qkv_bias)?,
-                v: linear("v_proj", cfg.qkv_bias)?,
-                o: linear("o_proj", cfg.o_bias)?,
-                q_norm: if cfg.qk_norm {
-                    Some(norm_w("self_attn.q_norm", cfg.head_dim)?)
-                } else {
-                    None
-                },
-                k_norm: if cfg.qk_norm {
-                    Some(norm_w("self_attn.k_norm", cfg.head_dim)?)
-                } else {
-                    None
-                },
-                sliding_window: cfg.sliding_window.get(l).copied().flatten(),
-            };
-            let mlp = Mlp {
-                gate: linear("gate_proj", cfg.mlp_bias)?,
-                up: linear("up_proj", cfg.mlp_bias)?,
-                down: linear("down_proj", cfg.mlp_bias)?,
-            };
-            blocks.push(Block {
-                input_norm: norm_w("input_layernorm", h)?,
-                attn,
-                post_norm: norm_w("post_attention_layernorm", h)?,
-                mlp,
-            });
-        }
+        let blocks = (0..cfg.num_layers)
+            .map(|l| load_block(&cfg, ws, l, opts))
+            .collect::<Result<Vec<_>>>()?;
         let norm = ws.load("model.norm.weight", &[h], dt, dev)?;
         let lm_head = if cfg.tie_word_embeddings {
             embed.clone()
@@ -260,7 +216,7 @@ impl Model {
     /// (any numeric dtype), or `None` when no row is padded. Positions are 0..T for every row.
     pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, ctx: &Fwd) -> Result<Tensor> {
         let (_, t) = input_ids.dims2()?;
-        let (cos, sin) = self.rope.tables(0, t, self.dtype, &self.device)?;
+        let (cos, sin) = self.rope.tables(0..t, &[t], self.dtype, &self.device)?;
         let pad = match attention_mask {
             Some(m) => Some(padding_mask(m)?),
             None => None,
@@ -285,9 +241,8 @@ impl Model {
                 packing.positions.len()
             )));
         }
-        let (cos, sin) = self
-            .rope
-            .tables_at(&packing.positions, b, t, self.dtype, &self.device)?;
+        let positions = packing.positions.iter().map(|&p| p as usize);
+        let (cos, sin) = self.rope.tables(positions, &[b, t], self.dtype, &self.device)?;
         self.forward_layers(input_ids, &cos, &sin, ctx, |w| packing.mask(b, t, w, &self.device))
     }
 
@@ -334,7 +289,7 @@ impl Model {
                         sink: sink.clone(),
                     })?
                 }
-                _ => self.geo.block_forward(block, &x, cos, sin, &mask, ctx)?,
+                _ => self.geo.block_forward(block, &x, (cos, sin), Some(&mask), None, ctx)?,
             };
         }
         Ok(rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?)
@@ -404,7 +359,7 @@ impl Model {
             .embed
             .index_select(&ids, 0)?
             .reshape((b, t, self.cfg.hidden_size))?;
-        let (cos, sin) = self.rope.tables(start, t, self.dtype, &self.device)?;
+        let (cos, sin) = self.rope.tables(start..start + t, &[t], self.dtype, &self.device)?;
         let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
         for (l, block) in self.blocks.iter().enumerate() {
             let w = block.attn.sliding_window;
@@ -416,89 +371,136 @@ impl Model {
                     m
                 }
             };
-            let eps = self.cfg.rms_norm_eps;
-            let h = rms_norm(&x, &block.input_norm, eps)?;
-            let a = self.attention_cached(&block.attn, &h, &cos, &sin, mask.as_ref(), cache, l, ctx)?;
-            x = self.geo.mlp_residual(block, &(x + a)?, ctx)?;
+            x = self
+                .geo
+                .block_forward(block, &x, (&cos, &sin), mask.as_ref(), Some((&mut *cache, l)), ctx)?;
         }
         cache.advance(t);
         let last = x.narrow(1, t - 1, 1)?;
         let h = rms_norm(&last, &self.norm, self.cfg.rms_norm_eps)?;
         Ok(self.logits(&h)?.squeeze(1)?.to_dtype(DType::F32)?)
     }
+}
 
-    /// [`Model::attention`] over cached + new keys: x [B, T, H] at positions start.., mask
-    /// [1, 1, T, start + T] (`None`: nothing masked).
-    #[allow(clippy::too_many_arguments)]
-    fn attention_cached(
-        &self,
-        attn: &Attention,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        cache: &mut KvCache,
-        layer: usize,
-        ctx: &Fwd,
-    ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let (q, k, v) = self.geo.qkv(attn, x, cos, sin, ctx)?;
-        let (k, v) = cache.append(layer, &k, &v)?;
-        let len = k.dim(2)?;
-        // GQA folding as in `attention`: [B, nkv, rep*T, hd] against [B, nkv, len, hd].
-        let rep = nh / nkv;
-        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, rep * t, hd))?;
-        // k is a view into the cache's buffer; the product reads it transposed in place.
-        let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, len))?;
-        let mut scores = scores.to_dtype(DType::F32)?;
-        if let Some(m) = mask {
-            scores = scores.broadcast_add(m)?;
+/// Where a token sits for the visibility rule: its index in the row, its position id and its
+/// segment (see [`Packing`]; unpacked rows are one [`Packing::SHARED`] segment).
+#[derive(Debug, Clone, Copy)]
+struct Token {
+    index: usize,
+    pos: usize,
+    segment: u8,
+}
+
+impl Token {
+    /// A token of an unpacked row, whose position is its index.
+    fn plain(index: usize) -> Token {
+        Token {
+            index,
+            pos: index,
+            segment: Packing::SHARED,
         }
-        let probs = softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
-        let probs = probs.reshape((b, nkv, rep * t, len))?;
-        let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
-        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        Ok(attn.o.forward(&out, ctx)?)
     }
+}
+
+/// The one attention visibility rule of every mask: query `q` sees key `k` when `k` is not after
+/// it, `k` is not padding, `k` is shared or in `q`'s segment, and (with a sliding window `w`)
+/// their positions are less than `w` apart.
+fn visible(q: Token, k: Token, window: Option<usize>) -> bool {
+    k.index <= q.index
+        && k.segment != Packing::PAD
+        && (k.segment == Packing::SHARED || k.segment == q.segment)
+        && window.is_none_or(|w| q.pos.saturating_sub(k.pos) < w)
+}
+
+/// Additive mask [B, 1, T, K] (f32) of [`visible`]: 0 where query `query(r, i)` of row `r` sees
+/// key `key(r, j)`, [`MASK_VALUE`] elsewhere; also whether anything is masked.
+fn additive_mask(
+    (b, t, k): (usize, usize, usize),
+    window: Option<usize>,
+    query: impl Fn(usize, usize) -> Token,
+    key: impl Fn(usize, usize) -> Token,
+    device: &Device,
+) -> Result<(Tensor, bool)> {
+    let mut m = vec![0f32; b * t * k];
+    let mut any = false;
+    for r in 0..b {
+        for i in 0..t {
+            let q = query(r, i);
+            let row = &mut m[(r * t + i) * k..(r * t + i + 1) * k];
+            for (j, o) in row.iter_mut().enumerate() {
+                if !visible(q, key(r, j), window) {
+                    *o = MASK_VALUE;
+                    any = true;
+                }
+            }
+        }
+    }
+    Ok((Tensor::from_vec(m, (b, 1, t, k), device)?, any))
 }
 
 /// Additive mask [1, 1, T, start + T] (f32) for T queries at positions start.. over every key
-/// so far, the rule of [`causal_mask`]; `None` when it masks nothing (one query, no window
-/// exceeded).
+/// so far; `None` when it masks nothing (one query, no window exceeded).
 fn cached_mask(start: usize, t: usize, window: Option<usize>, device: &Device) -> Result<Option<Tensor>> {
-    let len = start + t;
-    let mut m = vec![0f32; t * len];
-    let mut any = false;
-    for i in 0..t {
-        let qi = start + i;
-        for j in 0..len {
-            let visible = j <= qi && window.is_none_or(|w| qi - j < w);
-            if !visible {
-                m[i * len + j] = MASK_VALUE;
-                any = true;
-            }
-        }
-    }
-    if !any {
-        return Ok(None);
-    }
-    Ok(Some(Tensor::from_vec(m, (1, 1, t, len), device)?))
+    let shape = (1, t, start + t);
+    let (m, any) = additive_mask(
+        shape,
+        window,
+        |_, i| Token::plain(start + i),
+        |_, j| Token::plain(j),
+        device,
+    )?;
+    Ok(any.then_some(m))
 }
 
-/// Additive causal mask [T, T] (f32): 0 where key j may be seen from query i, i.e. j <= i and,
-/// with a sliding window w, i - j < w.
+/// Additive causal mask [1, 1, T, T] (f32) of unpacked rows.
 fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
-    let mut m = vec![0f32; t * t];
-    for i in 0..t {
-        for j in 0..t {
-            let visible = j <= i && window.is_none_or(|w| i - j < w);
-            if !visible {
-                m[i * t + j] = MASK_VALUE;
-            }
-        }
-    }
-    Ok(Tensor::from_vec(m, (1, 1, t, t), device)?)
+    let token = |_, i| Token::plain(i);
+    Ok(additive_mask((1, t, t), window, token, token, device)?.0)
+}
+
+/// The weights of decoder block `l`.
+fn load_block(cfg: &ModelConfig, ws: &WeightSource, l: usize, opts: &LoadOptions) -> Result<Block> {
+    let (dt, dev) = (opts.dtype, &opts.device);
+    let p = format!("model.layers.{l}");
+    // Module `j` of LINEAR_MODULES: its index in the model follows from `j`, never from a search.
+    let linear = |j: usize| -> Result<LoraLinear> {
+        let m = LINEAR_MODULES[j];
+        let path = module_path(l, m);
+        let (i, o) = cfg
+            .linear_shape(m)
+            .ok_or_else(|| Error::Msg(format!("unknown module {m}")))?;
+        let w = ws.load(&format!("{path}.weight"), &[o, i], dt, dev)?;
+        let b = if cfg.linear_bias(m) {
+            Some(ws.load(&format!("{path}.bias"), &[o], dt, dev)?)
+        } else {
+            None
+        };
+        Ok(LoraLinear::new(path, l * LINEAR_MODULES.len() + j, w, b))
+    };
+    // One entry per module of LINEAR_MODULES, in its order (the array lengths must agree).
+    let [q, k, v, o, gate, up, down]: [Result<LoraLinear>; LINEAR_MODULES.len()] = std::array::from_fn(linear);
+    let norm_w = |name: &str, size: usize| ws.load(&format!("{p}.{name}.weight"), &[size], dt, dev);
+    let qk_norm = |name: &str| cfg.qk_norm.then(|| norm_w(name, cfg.head_dim)).transpose();
+    let attn = Attention {
+        q: q?,
+        k: k?,
+        v: v?,
+        o: o?,
+        q_norm: qk_norm("self_attn.q_norm")?,
+        k_norm: qk_norm("self_attn.k_norm")?,
+        sliding_window: cfg.sliding_window.get(l).copied().flatten(),
+    };
+    let mlp = Mlp {
+        gate: gate?,
+        up: up?,
+        down: down?,
+    };
+    Ok(Block {
+        input_norm: norm_w("input_layernorm", cfg.hidden_size)?,
+        attn,
+        post_norm: norm_w("post_attention_layernorm", cfg.hidden_size)?,
+        mlp,
+    })
 }
 
 /// Additive padding mask [B, 1, 1, T] (f32) from a 0/1 attention mask [B, T].
@@ -520,19 +522,19 @@ struct Geometry {
 }
 
 impl Geometry {
-    #[allow(clippy::too_many_arguments)]
+    /// One decoder block on x [B, T, H]: attention (over `cache` as well, when given: the cache
+    /// and the layer's index in it) with its residual, then the MLP with its residual.
     fn block_forward(
         &self,
         block: &Block,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
+        rope: (&Tensor, &Tensor),
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
         ctx: &Fwd,
     ) -> Result<Tensor> {
-        let eps = self.eps;
-        let h = rms_norm(x, &block.input_norm, eps)?;
-        let a = self.attention(&block.attn, &h, cos, sin, mask, ctx)?;
+        let h = rms_norm(x, &block.input_norm, self.eps)?;
+        let a = self.attention(&block.attn, &h, rope, mask, cache, ctx)?;
         self.mlp_residual(block, &(x + a)?, ctx)
     }
 
@@ -572,36 +574,41 @@ impl Geometry {
         Ok((apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?, v))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The one attention core, of training and decoding alike: x [B, T, H] attends to its own
+    /// keys and values, or with `cache` (the cache and the layer's index in it) to every key and
+    /// value cached so far plus its own, which are appended. `mask` is additive, broadcastable to
+    /// [B, heads, T, keys] (`None`: nothing masked).
     fn attention(
         &self,
         attn: &Attention,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
         ctx: &Fwd,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let (q, k, v) = self.qkv(attn, x, cos, sin, ctx)?;
+        let (k_t, v) = match cache {
+            // k is then a view into the cache's buffer; the product reads it transposed in place.
+            Some((cache, layer)) => {
+                let (k, v) = cache.append(layer, &k, &v)?;
+                (k.t()?, v)
+            }
+            None => (k.t()?.contiguous()?, v),
+        };
+        let len = k_t.dim(3)?;
         // Grouped-query attention without repeating K/V: fold the query heads that share a K/V
         // head into the sequence axis, [B, nkv, rep*T, hd].
         let rep = nh / nkv;
-        // Scaled after the product, as transformers' eager attention does.
-        let scale = 1.0 / (hd as f64).sqrt();
         let scores = q
             .reshape((b, nkv, rep * t, hd))?
-            .matmul(&k.t()?.contiguous()?)?
-            .reshape((b, nh, t, t))?;
-        let probs = match super::fused::scaled_masked_softmax(&scores, mask, scale)? {
-            Some(p) => p,
-            None => {
-                let scores = (scores.to_dtype(DType::F32)? * scale)?;
-                softmax_last_dim(&add_frozen(&scores, mask)?)?.to_dtype(self.dtype)?
-            }
-        };
-        let probs = probs.reshape((b, nkv, rep * t, t))?;
+            .matmul(&k_t)?
+            .reshape((b, nh, t, len))?;
+        // Scaled after the product, as transformers' eager attention does.
+        let probs = attention_probs(&scores, mask, 1.0 / (hd as f64).sqrt())?.to_dtype(self.dtype)?;
+        let probs = probs.reshape((b, nkv, rep * t, len))?;
         let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         Ok(attn.o.forward(&out, ctx)?)
@@ -637,19 +644,33 @@ impl candle_core::CustomOp1 for CheckpointedBlock {
         s: &candle_core::CpuStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let x = super::constop::to_cpu_tensor(s, l)?;
+        let x = to_cpu_tensor(s, l)?;
         let y = self
             .geo
-            .block_forward(&self.block, &x, &self.cos, &self.sin, &self.mask, &self.ctx)
+            .block_forward(
+                &self.block,
+                &x,
+                (&self.cos, &self.sin),
+                Some(&self.mask),
+                None,
+                &self.ctx,
+            )
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        super::constop::into_cpu_storage(y.detach())
+        into_cpu_storage(y.detach())
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let x = candle_core::Var::from_tensor(&arg.detach())?;
         let y = self
             .geo
-            .block_forward(&self.block, x.as_tensor(), &self.cos, &self.sin, &self.mask, &self.ctx)
+            .block_forward(
+                &self.block,
+                x.as_tensor(),
+                (&self.cos, &self.sin),
+                Some(&self.mask),
+                None,
+                &self.ctx,
+            )
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let grads = (y * grad.detach())?.sum_all()?.backward()?;
         let mut sink = self
@@ -684,37 +705,13 @@ impl Packing {
     pub const SHARED: u8 = 0;
     pub const PAD: u8 = u8::MAX;
 
-    /// Additive mask [B, 1, T, T] (f32): query i sees key j when j <= i, j is not padding, j is
-    /// shared or in i's branch, and (with a sliding window w) their positions are less than w
-    /// apart.
+    /// Additive mask [B, 1, T, T] (f32) of [`visible`] over the packed rows.
     fn mask(&self, b: usize, t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
-        let mut m = vec![MASK_VALUE; b * t * t];
-        for r in 0..b {
-            let (seg, pos) = (&self.segments[r * t..(r + 1) * t], &self.positions[r * t..(r + 1) * t]);
-            for i in 0..t {
-                let row = &mut m[(r * t + i) * t..(r * t + i + 1) * t];
-                for j in 0..=i {
-                    let visible = seg[j] != Self::PAD
-                        && (seg[j] == Self::SHARED || seg[j] == seg[i])
-                        && window.is_none_or(|w| (pos[i] as usize).saturating_sub(pos[j] as usize) < w);
-                    if visible {
-                        row[j] = 0.0;
-                    }
-                }
-            }
-        }
-        Ok(Tensor::from_vec(m, (b, 1, t, t), device)?)
+        let token = |r: usize, i: usize| Token {
+            index: i,
+            pos: self.positions[r * t + i] as usize,
+            segment: self.segments[r * t + i],
+        };
+        Ok(additive_mask((b, t, t), window, token, token, device)?.0)
     }
-}
-
-/// Gather per-token log-probs of `labels` from logits: logits [N, V] (any float dtype),
-/// labels [N] (u32) -> [N] f32.
-pub fn token_logps(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let logits = logits.to_dtype(DType::F32)?;
-    if let Some(lp) = super::fused::token_logps(&logits, labels)? {
-        return Ok(lp);
-    }
-    let lp = super::ops::log_softmax_last_dim(&logits)?;
-    let idx = labels.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?;
-    Ok(lp.gather(&idx, D::Minus1)?.squeeze(D::Minus1)?)
 }

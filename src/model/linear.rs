@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use crate::model::constop::{add_frozen, matmul_frozen_t};
+use crate::model::ops::frozen::{add_frozen, matmul_frozen_t};
 use crate::rng::Rng;
 
 /// Which adapter (if any) is active for a forward pass, and whether adapter dropout applies.
@@ -119,7 +119,7 @@ impl LoraLinear {
         let ad = ctx.adapter.and_then(|s| self.adapter(s));
         if ctx.no_grad && self.bias.is_none() {
             if let Some(y) =
-                crate::model::constop::lora_product_no_grad(&x2, &self.weight, ad.map(|a| (&a.a, &a.b, a.scale)))?
+                crate::model::ops::frozen::lora_product_no_grad(&x2, &self.weight, ad.map(|a| (&a.a, &a.b, a.scale)))?
             {
                 let mut out_dims = dims;
                 if let Some(last) = out_dims.last_mut() {

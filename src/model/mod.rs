@@ -2,9 +2,7 @@
 
 pub mod cache;
 pub mod config;
-pub mod constop;
 pub mod decoder;
-pub mod fused;
 pub mod linear;
 pub mod load;
 pub mod ops;
@@ -12,7 +10,8 @@ pub mod weights;
 
 pub use cache::KvCache;
 pub use config::{Arch, ModelConfig};
-pub use decoder::{token_logps, LoadOptions, Model, Packing};
+pub use decoder::{LoadOptions, Model, Packing};
+pub use ops::token_logps;
 
 impl Model {
     /// Number of adapter slots in use (the next free slot index).

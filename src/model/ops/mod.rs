@@ -1,16 +1,22 @@
-//! Differentiable building blocks. candle-nn 0.11's fused `rms_norm`, `softmax_last_dim`, `rope`
-//! and `sdpa` carry no gradient, so everything on the path from a LoRA parameter to the loss is
-//! written here from primitive ops that all implement backward.
+//! Differentiable building blocks, and the one place that decides which implementation runs.
+//! candle-nn 0.11's fused `rms_norm`, `softmax_last_dim`, `rope` and `sdpa` carry no gradient,
+//! so everything on the path from a LoRA parameter to the loss is either one of the fused CPU
+//! kernels with a hand-written backward in [`fused`] (f32 on the CPU), or composed here from
+//! primitive ops that all implement backward (other dtypes and devices). Ops against a frozen
+//! operand, whose backward flows only to the tracked input, are in [`frozen`].
+
+pub mod frozen;
+pub mod fused;
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
+use self::frozen::{add_frozen, mul_frozen};
 use super::config::{ModelConfig, RopeScaling};
-use super::constop::mul_frozen;
 
 /// RMSNorm over the last dimension, computed in f32 and cast back, then scaled by `weight`
 /// (as transformers: `weight * (x * rsqrt(mean(x^2) + eps)).to(input_dtype)`).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if let Some(y) = super::fused::rms_norm(x, weight, eps)? {
+    if let Some(y) = fused::rms_norm(x, weight, eps)? {
         return Ok(y);
     }
     let dtype = x.dtype();
@@ -20,13 +26,35 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     mul_frozen(&normed.to_dtype(dtype)?, weight)
 }
 
-/// Softmax over the last dimension. The max is detached: softmax does not depend on it, and it
-/// keeps the backward graph small.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    super::constop::softmax_last_dim(x)
+/// Attention probabilities softmax(scale · scores + mask) over the last dimension, in f32, for
+/// scores [B, H, T, K] and an additive frozen mask broadcastable to them (`None`: nothing masked).
+pub fn attention_probs(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let scores = scores.to_dtype(DType::F32)?;
+    if let Some(m) = mask {
+        if let Some(p) = fused::scaled_masked_softmax(&scores, m, scale)? {
+            return Ok(p);
+        }
+    }
+    let scaled = (scores * scale)?;
+    let masked = match mask {
+        Some(m) => add_frozen(&scaled, m)?,
+        None => scaled,
+    };
+    softmax_last_dim(&masked)
 }
 
-/// Log-softmax over the last dimension (max detached, as in [`softmax_last_dim`]).
+/// Softmax over the last dimension, composed from primitives: the path of devices and dtypes
+/// the fused kernel ([`fused::scaled_masked_softmax`]) does not take, and of unmasked rows. The
+/// max is detached: softmax does not depend on it, and it keeps the backward graph small.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&s)
+}
+
+/// Log-softmax over the last dimension (max detached, as in [`softmax_last_dim`]), composed:
+/// the per-token log-probs of [`token_logps`] where the fused kernel does not apply.
 pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let diff = x.broadcast_sub(&max)?;
@@ -36,13 +64,13 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// silu(g) · u (the gated MLP activation).
 pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    if let Some(y) = super::fused::silu_mul(g, u)? {
+    if let Some(y) = fused::silu_mul(g, u)? {
         return Ok(y);
     }
     g.silu()? * u
 }
 
-/// Rotary position embedding tables for a range of positions.
+/// Rotary position embedding tables for given positions.
 #[derive(Debug, Clone)]
 pub struct Rope {
     inv_freq: Vec<f32>,
@@ -82,44 +110,29 @@ impl Rope {
         }
     }
 
-    /// cos and sin tables of shape [len, head_dim/2] for positions `start..start+len`.
-    pub fn tables(&self, start: usize, len: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
-        for p in start..start + len {
-            for &f in &self.inv_freq {
-                let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        let cos = Tensor::from_vec(cos, (len, half), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (len, half), device)?.to_dtype(dtype)?;
-        Ok((cos, sin))
-    }
-
-    /// cos and sin tables of shape [B, T, head_dim/2] for explicit positions [B*T].
-    pub fn tables_at(
+    /// cos and sin tables of shape `lead` + [head_dim/2], one row per position of `positions`
+    /// in order: [T] for a range shared by every row, [B, T] for per-row positions.
+    pub fn tables(
         &self,
-        positions: &[u32],
-        b: usize,
-        t: usize,
+        positions: impl IntoIterator<Item = usize>,
+        lead: &[usize],
         dtype: DType,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(positions.len() * half);
-        let mut sin = Vec::with_capacity(positions.len() * half);
-        for &p in positions {
+        let n: usize = lead.iter().product();
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in positions {
             for &f in &self.inv_freq {
                 let angle = p as f32 * f;
                 cos.push(angle.cos());
                 sin.push(angle.sin());
             }
         }
-        let cos = Tensor::from_vec(cos, (b, t, half), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (b, t, half), device)?.to_dtype(dtype)?;
+        let shape: Vec<usize> = lead.iter().copied().chain([half]).collect();
+        let cos = Tensor::from_vec(cos, shape.as_slice(), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
         Ok((cos, sin))
     }
 }
@@ -127,7 +140,7 @@ impl Rope {
 /// Apply rotary embeddings (the "rotate half" layout of Llama/Qwen checkpoints) to
 /// x [B, H, T, D] with cos/sin [T, D/2], or [B, T, D/2] for per-row positions.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if let Some(y) = super::fused::rope(x, cos, sin)? {
+    if let Some(y) = fused::rope(x, cos, sin)? {
         return Ok(y);
     }
     let d = x.dim(D::Minus1)?;
@@ -148,3 +161,15 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// Value added to attention scores at masked positions. Finite, so a fully masked row (a
 /// left-padding query) gives a uniform distribution instead of NaN.
 pub const MASK_VALUE: f32 = -1e9;
+
+/// Gather per-token log-probs of `labels` from logits: logits [N, V] (any float dtype),
+/// labels [N] (u32) -> [N] f32.
+pub fn token_logps(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let logits = logits.to_dtype(DType::F32)?;
+    if let Some(lp) = fused::token_logps(&logits, labels)? {
+        return Ok(lp);
+    }
+    let lp = log_softmax_last_dim(&logits)?;
+    let idx = labels.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?;
+    lp.gather(&idx, D::Minus1)?.squeeze(D::Minus1)
+}

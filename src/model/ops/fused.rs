@@ -5,7 +5,7 @@
 //! which allocates its output, walks memory once more and keeps its inputs for the backward
 //! pass. Here each is one pass forward and one pass backward, parallel over rows, keeping only
 //! its input. They apply to f32 tensors on the CPU; other dtypes and devices use the composed
-//! versions in [`super::ops`], which compute the same values.
+//! versions in [`super`], which compute the same values.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -22,7 +22,7 @@ fn f32_view<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<'a, [f
     };
     Ok(match l.contiguous_offsets() {
         Some((a, b)) => std::borrow::Cow::Borrowed(&v[a..b]),
-        None => std::borrow::Cow::Owned(super::constop::strided_offsets(l).into_iter().map(|i| v[i]).collect()),
+        None => std::borrow::Cow::Owned(super::frozen::strided_offsets(l).into_iter().map(|i| v[i]).collect()),
     })
 }
 

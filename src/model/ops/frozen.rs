@@ -195,42 +195,6 @@ impl CustomOp1 for Const {
     }
 }
 
-/// Softmax over the last dimension that keeps only its output for the backward pass
-/// (dL/dx = y · (g − Σ g·y)), instead of every intermediate of the composed version.
-struct Softmax;
-
-fn softmax_composed(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(candle_core::D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let s = e.sum_keepdim(candle_core::D::Minus1)?;
-    e.broadcast_div(&s)
-}
-
-impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "softmax-last-dim"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        into_cpu_storage(softmax_composed(&to_cpu_tensor(s, l)?)?)
-    }
-
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let y = res.detach();
-        let gy = (grad * &y)?.sum_keepdim(candle_core::D::Minus1)?;
-        Ok(Some(grad.broadcast_sub(&gy)?.mul(&y)?))
-    }
-}
-
-/// Differentiable softmax over the last dimension (fused on CPU when a gradient is tracked).
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.track_op() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        x.apply_op1(Softmax)
-    } else {
-        softmax_composed(x)
-    }
-}
-
 /// Dispatch: the custom op on the CPU (it also runs untracked inputs, as its forward works on
 /// the storages directly), the plain op where the constant itself is tracked or on devices
 /// without a CPU-side implementation.
