@@ -1,10 +1,12 @@
 //! PEFT adapter folders: `adapter_config.json` + `adapter_model.safetensors`, keys
-//! `base_model.model.<module path>.lora_{A,B}.weight`, A [r, in], B [out, r].
+//! `base_model.model.<module path>.lora_{A,B}.weight`, A [r, in], B [out, r]. The one reader
+//! ([`read_adapter`]) and the one writer ([`write_adapter`]) of these folders: training, eval,
+//! infer and merge all go through them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::LoraConfig;
 use super::{peft_key, Adapter, AdapterParam};
@@ -34,14 +36,42 @@ pub fn parse_key(key: &str) -> Option<(String, char)> {
     None
 }
 
-/// Load a PEFT adapter folder into a new slot of `model`. Strict: every tensor must be half of an
-/// A/B pair of a linear layer of this model, with shapes that fit it. With `trainable`, A and B
-/// become `Var`s (to continue training); otherwise they are frozen tensors.
-pub fn load_adapter(model: &mut Model, dir: &Path, trainable: bool) -> Result<Adapter> {
-    let config_path = dir.join(CONFIG_FILE);
-    let config = LoraConfig::from_file(&config_path)?;
+/// One LoRA pair as read from a file: f32 tensors on the CPU, with their on-disk keys.
+#[derive(Debug, Clone)]
+pub struct LoraTensors {
+    pub a_key: String,
+    pub b_key: String,
+    /// `[r, in]`, r > 0.
+    pub a: Tensor,
+    /// `[out, r]`.
+    pub b: Tensor,
+}
+
+impl LoraTensors {
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+}
+
+/// A PEFT adapter folder read into memory, checked on its own (not yet against a model): every
+/// tensor is half of an A/B pair and the halves chain (`B: [out, r]`, `A: [r, in]`).
+#[derive(Debug, Clone)]
+pub struct AdapterFile {
+    pub dir: PathBuf,
+    pub weights_path: PathBuf,
+    pub config: LoraConfig,
+    /// Keyed by module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub modules: BTreeMap<String, LoraTensors>,
+    /// The dtype the A/B tensors are stored in.
+    pub dtype: DType,
+}
+
+/// Read and check the PEFT adapter folder `dir`. Pickle-only adapters (`adapter_model.bin`)
+/// are refused, never loaded.
+pub fn read_adapter(dir: &Path) -> Result<AdapterFile> {
+    let config = LoraConfig::from_file(&dir.join(CONFIG_FILE))?;
     let weights_path = dir.join(WEIGHTS_FILE);
-    if !weights_path.exists() {
+    if !weights_path.is_file() {
         if dir.join("adapter_model.bin").exists() {
             return Err(Error::Adapter {
                 path: dir.into(),
@@ -53,65 +83,105 @@ pub fn load_adapter(model: &mut Model, dir: &Path, trainable: bool) -> Result<Ad
         return Err(Error::MissingFile { path: weights_path });
     }
     let ws = WeightSource::open(std::slice::from_ref(&weights_path))?;
+    let mut modules = BTreeMap::new();
+    let mut dtype = DType::F32;
+    for (module, (a_key, b_key)) in pair_keys(&ws, &weights_path)? {
+        check_pair_shapes(&ws, &weights_path, &a_key, &b_key)?;
+        dtype = ws.stored_dtype(&a_key)?;
+        let a = ws.load(&a_key, &ws.shape(&a_key)?, DType::F32, &Device::Cpu)?;
+        let b = ws.load(&b_key, &ws.shape(&b_key)?, DType::F32, &Device::Cpu)?;
+        modules.insert(module, LoraTensors { a_key, b_key, a, b });
+    }
+    Ok(AdapterFile {
+        dir: dir.into(),
+        weights_path,
+        config,
+        modules,
+        dtype,
+    })
+}
 
-    // Group tensors by module.
-    let mut pairs: BTreeMap<String, HashMap<char, String>> = BTreeMap::new();
+/// The (A key, B key) of each module of `ws`, by module path; every key must parse and have its
+/// other half.
+fn pair_keys(ws: &WeightSource, weights_path: &Path) -> Result<BTreeMap<String, (String, String)>> {
     let mut names: Vec<&String> = ws.names().collect();
     names.sort();
+    let mut halves: BTreeMap<String, [Option<String>; 2]> = BTreeMap::new();
     for name in names {
         let (module, half) = parse_key(name).ok_or_else(|| Error::AdapterKeyUnmatched {
-            path: weights_path.clone(),
+            path: weights_path.into(),
             key: name.clone(),
         })?;
-        pairs.entry(module).or_default().insert(half, name.clone());
+        halves.entry(module).or_default()[usize::from(half == 'B')] = Some(name.clone());
     }
-    let known: HashMap<String, ()> = model.linears().map(|l| (l.path.clone(), ())).collect();
-    for (module, halves) in &pairs {
-        if !known.contains_key(module) {
-            let key = halves.values().next().cloned().unwrap_or_default();
-            return Err(Error::AdapterKeyUnmatched {
-                path: weights_path.clone(),
-                key,
-            });
-        }
-        for (have, missing) in [('A', 'B'), ('B', 'A')] {
-            if let (Some(k), None) = (halves.get(&have), halves.get(&missing)) {
-                return Err(Error::AdapterPairMissing {
-                    path: weights_path.clone(),
-                    key: k.clone(),
-                    missing: peft_key(module, missing),
-                });
-            }
-        }
-    }
-    if pairs.is_empty() {
+    if halves.is_empty() {
         return Err(Error::Adapter {
-            path: weights_path.clone(),
+            path: weights_path.into(),
             msg: "holds no LoRA tensors".into(),
         });
     }
+    let mut pairs = BTreeMap::new();
+    for (module, [ka, kb]) in halves {
+        let (ka, kb) = match (ka, kb) {
+            (Some(a), Some(b)) => (a, b),
+            (Some(key), None) | (None, Some(key)) => {
+                let missing = if key.contains(".lora_A") { 'B' } else { 'A' };
+                return Err(Error::AdapterPairMissing {
+                    path: weights_path.into(),
+                    key,
+                    missing: peft_key(&module, missing),
+                });
+            }
+            (None, None) => continue,
+        };
+        pairs.insert(module, (ka, kb));
+    }
+    Ok(pairs)
+}
 
+/// Check that A is `[r, in]` with r > 0 and B is `[out, r]`. An empty shape is an error naming
+/// the tensor, never a size of 0.
+fn check_pair_shapes(ws: &WeightSource, weights_path: &Path, ka: &str, kb: &str) -> Result<()> {
+    let sa = ws.shape(ka)?;
+    let sb = ws.shape(kb)?;
+    if sa.len() != 2 || sa[0] == 0 {
+        return Err(Error::Adapter {
+            path: weights_path.into(),
+            msg: format!("tensor {ka:?} has shape {sa:?}; a LoRA A must be [r, in_features] with r > 0"),
+        });
+    }
+    let r = sa[0];
+    let Some(&out) = sb.first() else {
+        return Err(Error::Adapter {
+            path: weights_path.into(),
+            msg: format!("tensor {kb:?} has shape []; a LoRA B must be [out_features, {r}]"),
+        });
+    };
+    if sb.len() != 2 || sb[1] != r {
+        return Err(Error::ShapeMismatch {
+            path: weights_path.into(),
+            name: kb.into(),
+            expected: vec![out, r],
+            got: sb,
+        });
+    }
+    Ok(())
+}
+/// Load a PEFT adapter folder into a new slot of `model`. Strict: every tensor must be half of an
+/// A/B pair of a linear layer of this model, with shapes that fit it. With `trainable`, A and B
+/// become `Var`s (to continue training); otherwise they are frozen tensors.
+pub fn load_adapter(model: &mut Model, dir: &Path, trainable: bool) -> Result<Adapter> {
+    let file = read_adapter(dir)?;
+    check_fits(model, &file)?;
     let slot = model.num_adapter_slots();
     let device = model.device().clone();
     let mut params = Vec::new();
     for lin in model.linears_mut() {
-        let Some(halves) = pairs.get(&lin.path) else {
+        let Some(t) = file.modules.get(&lin.path) else {
             lin.set_adapter(slot, None);
             continue;
         };
-        let (ka, kb) = (&halves[&'A'], &halves[&'B']);
-        let sa = ws.shape(ka)?;
-        let r = sa.first().copied().unwrap_or(0);
-        let a = ws.load(ka, &[r, lin.in_features()], DType::F32, &device)?;
-        let b = ws.load(kb, &[lin.out_features(), r], DType::F32, &device)?;
-        if r == 0 {
-            return Err(Error::ShapeMismatch {
-                path: weights_path.clone(),
-                name: ka.clone(),
-                expected: vec![config.r, lin.in_features()],
-                got: sa,
-            });
-        }
+        let (a, b) = (t.a.to_device(&device)?, t.b.to_device(&device)?);
         let (a, b, va, vb) = if trainable {
             let (va, vb) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
             (va.as_tensor().clone(), vb.as_tensor().clone(), Some(va), Some(vb))
@@ -128,35 +198,99 @@ pub fn load_adapter(model: &mut Model, dir: &Path, trainable: bool) -> Result<Ad
             tensor: b.clone(),
             var: vb,
         });
-        lin.set_adapter(
-            slot,
-            Some(LoraAdapter {
-                a,
-                b,
-                scale: config.scale_for(&lin.path, r),
-                dropout: config.lora_dropout as f32,
-            }),
-        );
+        let ad = LoraAdapter {
+            a,
+            b,
+            scale: file.config.scale_for(&lin.path, t.rank()),
+            dropout: file.config.lora_dropout as f32,
+        };
+        lin.set_adapter(slot, Some(ad));
     }
-    Ok(Adapter { slot, config, params })
+    Ok(Adapter {
+        slot,
+        config: file.config,
+        params,
+    })
+}
+
+/// Every module of `file` must be a linear layer of `model`, with A `[r, in]` and B `[out, r]`
+/// fitting that layer.
+fn check_fits(model: &Model, file: &AdapterFile) -> Result<()> {
+    let sizes: HashMap<&str, (usize, usize)> = model
+        .linears()
+        .map(|l| (l.path.as_str(), (l.in_features(), l.out_features())))
+        .collect();
+    for (module, t) in &file.modules {
+        let Some(&(inp, out)) = sizes.get(module.as_str()) else {
+            return Err(Error::AdapterKeyUnmatched {
+                path: file.weights_path.clone(),
+                key: t.a_key.clone(),
+            });
+        };
+        let r = t.rank();
+        for (key, tensor, expected) in [(&t.a_key, &t.a, [r, inp]), (&t.b_key, &t.b, [out, r])] {
+            if tensor.dims() != expected {
+                return Err(Error::ShapeMismatch {
+                    path: file.weights_path.clone(),
+                    name: key.clone(),
+                    expected: expected.to_vec(),
+                    got: tensor.dims().to_vec(),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Adapter {
-    /// Write the adapter as a PEFT folder (creating `dir`). Each file is written under a
-    /// temporary name and renamed into place.
+    /// Write the adapter as a PEFT folder (creating `dir`), see [`write_adapter`].
     pub fn save(&self, dir: &Path, base_model_name_or_path: Option<&str>) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let mut config = self.config.clone();
-        config.inference_mode = true;
-        if base_model_name_or_path.is_some() {
-            config.base_model_name_or_path = base_model_name_or_path.map(str::to_string);
-        }
-        let json = serde_json::to_string_pretty(&config).map_err(|e| Error::Msg(e.to_string()))?;
-        write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())?;
         let tensors: Vec<(String, Tensor)> = self.params.iter().map(|p| (p.key.clone(), p.tensor.clone())).collect();
-        save_safetensors(&dir.join(WEIGHTS_FILE), &tensors)?;
-        Ok(())
+        write_adapter(dir, &self.config, base_model_name_or_path, &tensors)
     }
+}
+
+/// Write a PEFT adapter folder (creating `dir`): `config` with `inference_mode` set (and
+/// `base_model_name_or_path` when given), and `tensors` in their own dtype. Each file is written
+/// under a temporary name and renamed into place.
+pub fn write_adapter(
+    dir: &Path,
+    config: &LoraConfig,
+    base_model_name_or_path: Option<&str>,
+    tensors: &[(String, Tensor)],
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut config = config.clone();
+    config.inference_mode = true;
+    if base_model_name_or_path.is_some() {
+        config.base_model_name_or_path = base_model_name_or_path.map(str::to_string);
+    }
+    let json = serde_json::to_string_pretty(&config).map_err(|e| Error::Msg(e.to_string()))?;
+    write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())?;
+    save_safetensors(&dir.join(WEIGHTS_FILE), tensors)
+}
+
+/// Whether `dir` holds both files of a PEFT adapter (what merge and infer need of a folder).
+pub fn is_adapter_folder(dir: &Path) -> bool {
+    dir.join(CONFIG_FILE).is_file() && dir.join(WEIGHTS_FILE).is_file()
+}
+
+/// The `checkpoint-<step>` folders directly under `dir` that `complete` accepts, oldest first.
+/// Training resumes only from folders with every checkpoint file; merge only needs an adapter.
+pub fn checkpoint_folders(dir: &Path, complete: impl Fn(&Path) -> bool) -> Vec<(usize, PathBuf)> {
+    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            let p = e.path();
+            complete(&p).then_some((step, p))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// Write bytes to `path` through a temporary file in the same folder, flushed to disk, and an

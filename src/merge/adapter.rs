@@ -5,14 +5,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 
 use super::mat::Mat;
 use crate::error::{Error, Result};
 use crate::lora::config::LoraConfig;
-use crate::lora::io::{CONFIG_FILE, WEIGHTS_FILE};
+use crate::lora::io::{checkpoint_folders, is_adapter_folder, read_adapter, CONFIG_FILE};
 use crate::lora::peft_key;
-use crate::model::weights::WeightSource;
 
 /// One adapted module: `W' = W + scale · B·A`.
 #[derive(Debug, Clone)]
@@ -57,27 +56,31 @@ impl LoadedAdapter {
     }
 }
 
-use crate::lora::io::parse_key;
-
-/// Checkpoint folders (`checkpoint-<step>`) directly under `dir`, newest last.
-fn checkpoints_in(dir: &Path) -> Vec<(usize, PathBuf)> {
-    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let step = name.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
-            e.path().join(CONFIG_FILE).is_file().then(|| (step, e.path()))
-        })
-        .collect();
-    out.sort();
-    out
+/// Load an adapter folder with [`read_adapter`] (strict like `lora::io::load_adapter`: every
+/// tensor must be half of an A/B pair, and the halves must chain), after checks that name what
+/// `--adapters` expects.
+pub fn load(dir: &Path) -> Result<LoadedAdapter> {
+    check_folder(dir)?;
+    let file = read_adapter(dir)?;
+    let mut modules = BTreeMap::new();
+    for (module, t) in &file.modules {
+        let a = Mat::from_tensor(&t.a)?;
+        let b = Mat::from_tensor(&t.b)?;
+        let scale = file.config.scale_for(module, t.rank());
+        modules.insert(module.clone(), LoraPair { a, b, scale });
+    }
+    Ok(LoadedAdapter {
+        dir: file.dir,
+        weights_path: file.weights_path,
+        config: file.config,
+        modules,
+        dtype: file.dtype,
+    })
 }
 
-/// Load an adapter folder. Strict like `lora::io::load_adapter`: every tensor must be half of an
-/// A/B pair, and the halves must chain (`B: [out, r]`, `A: [r, in]`).
-pub fn load(dir: &Path) -> Result<LoadedAdapter> {
+/// `dir` must be an existing folder with an adapter config; a training output folder is pointed
+/// to its newest checkpoint.
+fn check_folder(dir: &Path) -> Result<()> {
     if !dir.exists() {
         return Err(Error::Adapter {
             path: dir.into(),
@@ -92,7 +95,7 @@ pub fn load(dir: &Path) -> Result<LoadedAdapter> {
     }
     let config_path = dir.join(CONFIG_FILE);
     if !config_path.is_file() {
-        if let Some((_, last)) = checkpoints_in(dir).pop() {
+        if let Some((_, last)) = checkpoint_folders(dir, is_adapter_folder).pop() {
             return Err(Error::Adapter {
                 path: dir.into(),
                 msg: format!(
@@ -104,82 +107,7 @@ pub fn load(dir: &Path) -> Result<LoadedAdapter> {
         }
         return Err(Error::MissingFile { path: config_path });
     }
-    let config = LoraConfig::from_file(&config_path)?;
-    let weights_path = dir.join(WEIGHTS_FILE);
-    if !weights_path.is_file() {
-        if dir.join("adapter_model.bin").exists() {
-            return Err(Error::Adapter {
-                path: dir.into(),
-                msg: "only a pickle adapter (adapter_model.bin) is present; lorafold never loads pickle \
-                      files. Re-save it with PEFT's save_pretrained(..., safe_serialization=True)"
-                    .into(),
-            });
-        }
-        return Err(Error::MissingFile { path: weights_path });
-    }
-    let ws = WeightSource::open(std::slice::from_ref(&weights_path))?;
-    let mut names: Vec<&String> = ws.names().collect();
-    names.sort();
-    let mut halves: BTreeMap<String, [Option<String>; 2]> = BTreeMap::new();
-    for name in names {
-        let (module, half) = parse_key(name).ok_or_else(|| Error::AdapterKeyUnmatched {
-            path: weights_path.clone(),
-            key: name.clone(),
-        })?;
-        let slot = &mut halves.entry(module).or_default()[usize::from(half == 'B')];
-        *slot = Some(name.clone());
-    }
-    if halves.is_empty() {
-        return Err(Error::Adapter {
-            path: weights_path,
-            msg: "holds no LoRA tensors".into(),
-        });
-    }
-    let mut modules = BTreeMap::new();
-    let mut dtype = DType::F32;
-    for (module, [ka, kb]) in halves {
-        let (ka, kb) = match (ka, kb) {
-            (Some(a), Some(b)) => (a, b),
-            (Some(k), None) | (None, Some(k)) => {
-                let missing = if k.contains(".lora_A") { 'B' } else { 'A' };
-                return Err(Error::AdapterPairMissing {
-                    path: weights_path.clone(),
-                    key: k,
-                    missing: peft_key(&module, missing),
-                });
-            }
-            (None, None) => continue,
-        };
-        let sa = ws.shape(&ka)?;
-        let sb = ws.shape(&kb)?;
-        if sa.len() != 2 || sa[0] == 0 {
-            return Err(Error::Adapter {
-                path: weights_path.clone(),
-                msg: format!("tensor {ka:?} has shape {sa:?}; a LoRA A must be [r, in_features] with r > 0"),
-            });
-        }
-        let r = sa[0];
-        if sb.len() != 2 || sb[1] != r {
-            return Err(Error::ShapeMismatch {
-                path: weights_path.clone(),
-                name: kb.clone(),
-                expected: vec![sb.first().copied().unwrap_or(0), r],
-                got: sb,
-            });
-        }
-        dtype = ws.stored_dtype(&ka)?;
-        let a = Mat::from_tensor(&ws.load(&ka, &sa, DType::F32, &Device::Cpu)?)?;
-        let b = Mat::from_tensor(&ws.load(&kb, &sb, DType::F32, &Device::Cpu)?)?;
-        let scale = config.scale_for(&module, r);
-        modules.insert(module, LoraPair { a, b, scale });
-    }
-    Ok(LoadedAdapter {
-        dir: dir.into(),
-        weights_path,
-        config,
-        modules,
-        dtype,
-    })
+    Ok(())
 }
 
 /// Fail on the first NaN or infinity in an adapter (`--safe_merge`), naming the tensor.

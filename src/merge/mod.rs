@@ -24,7 +24,7 @@ use candle_core::DType;
 use clap::{ArgAction, Args};
 
 use crate::error::{Error, Result};
-use crate::lora::io::{save_safetensors, write_atomic, CONFIG_FILE, WEIGHTS_FILE};
+use crate::lora::io::write_adapter;
 use crate::lora::peft_key;
 use adapter::LoadedAdapter;
 use combine::{Combination, CombineOptions, Combined, SignMethod};
@@ -453,18 +453,12 @@ fn delta_terms<'a>(
 
 /// Write a combined adapter as a PEFT folder.
 fn write_combined(dir: &Path, c: &Combined, base_name: Option<&str>, dtype: DType) -> Result<()> {
-    let mut config = c.config.clone();
-    if base_name.is_some() {
-        config.base_model_name_or_path = base_name.map(str::to_string);
-    }
-    let json = serde_json::to_string_pretty(&config).map_err(|e| Error::Msg(e.to_string()))?;
-    write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())?;
     let mut tensors = Vec::with_capacity(2 * c.modules.len());
     for (path, (a, b)) in &c.modules {
         tensors.push((peft_key(path, 'A'), a.to_tensor()?.to_dtype(dtype)?));
         tensors.push((peft_key(path, 'B'), b.to_tensor()?.to_dtype(dtype)?));
     }
-    save_safetensors(&dir.join(WEIGHTS_FILE), &tensors)
+    write_adapter(dir, &c.config, base_name, &tensors)
 }
 
 /// A hidden folder beside the output that becomes the output on `commit`, and is removed if the

@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::lora::io::{save_safetensors, write_atomic};
+use crate::lora::io::{checkpoint_folders, save_safetensors, write_atomic};
 use crate::lora::Adapter;
 use crate::train::optim::AdamW;
 
@@ -188,21 +188,9 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-/// Complete checkpoints under `output_dir`, oldest first.
+/// Complete checkpoints under `output_dir` (every file of [`REQUIRED_FILES`]), oldest first.
 pub fn list(output_dir: &Path) -> Vec<(usize, PathBuf)> {
-    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let step: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            let p = e.path();
-            missing_file(&p).is_none().then_some((step, p))
-        })
-        .collect();
-    out.sort();
-    out
+    checkpoint_folders(output_dir, |p| missing_file(p).is_none())
 }
 
 /// Remove the oldest checkpoints so that at most `keep` remain, never `just_saved` (after a
