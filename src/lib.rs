@@ -14,6 +14,7 @@ pub mod merge;
 pub mod model;
 pub mod recipe;
 pub mod rng;
+pub mod staging;
 pub mod train;
 pub mod util;
 

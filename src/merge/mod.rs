@@ -26,6 +26,7 @@ use clap::{ArgAction, Args};
 use crate::error::{Error, Result};
 use crate::lora::io::write_adapter;
 use crate::lora::peft_key;
+use crate::staging::Staged;
 use adapter::LoadedAdapter;
 use combine::{Combination, CombineOptions, Combined, SignMethod};
 use model::{Base, Term};
@@ -464,16 +465,14 @@ fn write_combined(dir: &Path, c: &Combined, base_name: Option<&str>, dtype: DTyp
 /// A hidden folder beside the output that becomes the output on `commit`, and is removed if the
 /// merge fails.
 struct Staging {
-    tmp: PathBuf,
+    staged: Staged,
     out: PathBuf,
-    replace: bool,
-    committed: bool,
+    trash: PathBuf,
 }
 
 impl Staging {
     fn new(out: &Path, overwrite: bool, inputs: &[PathBuf]) -> Result<Staging> {
         let exists = out.exists() || out.symlink_metadata().is_ok();
-        let mut replace = false;
         if exists {
             let canon = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
             for i in inputs {
@@ -491,7 +490,6 @@ impl Staging {
                     out.display()
                 )));
             }
-            replace = true;
         }
         let parent = match out.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -502,42 +500,20 @@ impl Staging {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "output".into());
-        let tmp = parent.join(format!(".{name}.lorafold-tmp-{}", std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let pid = std::process::id();
         Ok(Staging {
-            tmp,
+            staged: Staged::create(parent.join(format!(".{name}.lorafold-tmp-{pid}")))?,
             out: out.to_path_buf(),
-            replace,
-            committed: false,
+            trash: parent.join(format!(".{name}.lorafold-trash-{pid}")),
         })
     }
 
     fn path(&self) -> &Path {
-        &self.tmp
+        self.staged.path()
     }
 
-    fn commit(mut self) -> Result<()> {
-        if self.replace {
-            let r = if self.out.is_dir() && !self.out.is_symlink() {
-                std::fs::remove_dir_all(&self.out)
-            } else {
-                std::fs::remove_file(&self.out)
-            };
-            r.map_err(|e| Error::io(&self.out, e))?;
-        }
-        std::fs::rename(&self.tmp, &self.out).map_err(|e| Error::io(&self.out, e))?;
-        self.committed = true;
-        Ok(())
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.tmp);
-        }
+    /// Put the output in place, replacing (and then deleting) what was there.
+    fn commit(self) -> Result<()> {
+        self.staged.commit(&self.out, &self.trash)?.discard()
     }
 }

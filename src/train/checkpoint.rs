@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::lora::io::{checkpoint_folders, save_safetensors, write_atomic};
 use crate::lora::Adapter;
+use crate::staging::Staged;
 use crate::train::optim::AdamW;
 
 pub const STATE_FILE: &str = "trainer_state.json";
@@ -132,60 +133,49 @@ pub fn save(
         ))
     };
     remove_unfinished(output_dir);
-    let tmp = tmp_dir(output_dir, state.step);
-    let written = (|| -> Result<()> {
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        adapter.save(&tmp, Some(base_model))?;
-        save_safetensors(&tmp.join(OPTIMIZER_FILE), &optimizer.state_tensors())?;
-        write_atomic(&tmp.join(RECIPE_FILE), recipe_yaml.as_bytes())?;
-        // The metrics logged so far, so that a resume from this checkpoint restores exactly them
-        // whatever other (killed, or resumed from elsewhere) attempts appended since.
-        let metrics = output_dir.join(METRICS_FILE);
-        if metrics.is_file() {
-            let bytes = std::fs::read(&metrics).map_err(|e| Error::io(&metrics, e))?;
-            write_atomic(&tmp.join(METRICS_FILE), &bytes)?;
-        }
-        // The state file last: a folder with it has everything else.
-        let json = serde_json::to_string_pretty(state).map_err(|e| Error::Msg(e.to_string()))?;
-        write_atomic(&tmp.join(STATE_FILE), json.as_bytes())?;
-        sync_dir(&tmp);
-        Ok(())
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(failed(e));
-    }
-    // Saving a step that already has a checkpoint (a resume from an older one): move the old
-    // folder aside, put the new one in place, then delete the old one.
-    let replaced = if final_dir.exists() {
-        let trash = trash_dir(output_dir, state.step);
-        let moved = std::fs::rename(&final_dir, &trash).map_err(|e| Error::io(&final_dir, e));
-        if let Err(e) = moved {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(failed(e));
-        }
-        Some(trash)
-    } else {
-        None
-    };
-    if let Err(e) = std::fs::rename(&tmp, &final_dir) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        if let Some(trash) = &replaced {
-            let _ = std::fs::rename(trash, &final_dir);
-        }
-        return Err(failed(Error::io(&final_dir, e)));
-    }
-    sync_dir(output_dir);
-    if let Some(trash) = replaced {
-        std::fs::remove_dir_all(&trash).map_err(|e| Error::io(&trash, e))?;
-    }
+    let staged = Staged::create(tmp_dir(output_dir, state.step)).map_err(failed)?;
+    write_files(
+        staged.path(),
+        output_dir,
+        adapter,
+        base_model,
+        optimizer,
+        state,
+        recipe_yaml,
+    )
+    .map_err(failed)?;
+    // Saving a step that already has a checkpoint (a resume from an older one): the old folder
+    // is moved aside, the new one put in place, then the old one deleted.
+    let replaced = staged
+        .commit(&final_dir, &trash_dir(output_dir, state.step))
+        .map_err(failed)?;
+    replaced.discard()?;
     Ok(final_dir)
 }
 
-fn sync_dir(dir: &Path) {
-    if let Ok(f) = std::fs::File::open(dir) {
-        let _ = f.sync_all();
+/// Write the files of a checkpoint into `tmp`, the state file last.
+fn write_files(
+    tmp: &Path,
+    output_dir: &Path,
+    adapter: &Adapter,
+    base_model: &str,
+    optimizer: &AdamW,
+    state: &TrainerState,
+    recipe_yaml: &str,
+) -> Result<()> {
+    adapter.save(tmp, Some(base_model))?;
+    save_safetensors(&tmp.join(OPTIMIZER_FILE), &optimizer.state_tensors())?;
+    write_atomic(&tmp.join(RECIPE_FILE), recipe_yaml.as_bytes())?;
+    // The metrics logged so far, so that a resume from this checkpoint restores exactly them
+    // whatever other (killed, or resumed from elsewhere) attempts appended since.
+    let metrics = output_dir.join(METRICS_FILE);
+    if metrics.is_file() {
+        let bytes = std::fs::read(&metrics).map_err(|e| Error::io(&metrics, e))?;
+        write_atomic(&tmp.join(METRICS_FILE), &bytes)?;
     }
+    // The state file last: a folder with it has everything else.
+    let json = serde_json::to_string_pretty(state).map_err(|e| Error::Msg(e.to_string()))?;
+    write_atomic(&tmp.join(STATE_FILE), json.as_bytes())
 }
 
 /// Complete checkpoints under `output_dir` (every file of [`REQUIRED_FILES`]), oldest first.
