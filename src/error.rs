@@ -69,6 +69,23 @@ pub enum Error {
     #[error("{path}: {msg}")]
     Recipe { path: PathBuf, msg: String },
 
+    // model
+    #[error(
+        "{dir}: only pickle weights (pytorch_model.bin) found; lorafold never loads pickle files. \
+         Convert them to safetensors first, e.g. in Python: \
+         AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+    )]
+    PickleOnly { dir: PathBuf },
+
+    #[error("KV cache has {cache} layers, the model {model}")]
+    KvCacheLayers { cache: usize, model: usize },
+
+    #[error("KV cache has {layers} layers, layer {layer} asked for")]
+    KvCacheLayer { layers: usize, layer: usize },
+
+    #[error("KV cache holds batch/heads {cached:?}, new keys have {new:?}")]
+    KvCacheShape { cached: Vec<usize>, new: Vec<usize> },
+
     /// An internal invariant that does not hold; user input is reported by the variants above.
     #[error("{0}")]
     Msg(String),

@@ -88,16 +88,15 @@ impl KvCache {
         let slot = self
             .layers
             .get_mut(layer)
-            .ok_or_else(|| Error::Msg(format!("KV cache has {n} layers, layer {layer} asked for")))?;
+            .ok_or(Error::KvCacheLayer { layers: n, layer })?;
         let t_new = k.dims()[2];
         let need = self.len + t_new;
         if let Some(old) = slot.as_ref() {
             if old.k.dims()[..2] != k.dims()[..2] || old.k.dims()[3] != k.dims()[3] {
-                return Err(Error::Msg(format!(
-                    "KV cache holds batch/heads {:?}, new keys have {:?}",
-                    &old.k.dims()[..2],
-                    &k.dims()[..2]
-                )));
+                return Err(Error::KvCacheShape {
+                    cached: old.k.dims()[..2].to_vec(),
+                    new: k.dims()[..2].to_vec(),
+                });
             }
         }
         if slot.as_ref().is_none_or(|kv| kv.capacity() < need) {

@@ -128,6 +128,7 @@ impl ModelConfig {
         Self::from_value(&value, path)
     }
 
+    /// Resolve a parsed config.json (`path` names it in errors).
     pub fn from_value(value: &Value, path: &Path) -> Result<ModelConfig> {
         let example = serde_json::json!({
             "vocab_size": 1,
@@ -137,190 +138,24 @@ impl ModelConfig {
             "num_attention_heads": 1,
         });
         let raw: RawConfig = crate::error::from_json_named(value, &example, path)?;
-        let cfg_err = |key: &str, msg: String| Error::Config {
-            path: PathBuf::from(path),
-            key: key.to_string(),
-            msg,
-        };
-
-        let arch = match (&raw.architectures, &raw.model_type) {
-            (Some(archs), _) if !archs.is_empty() => {
-                let name = &archs[0];
-                Arch::from_name(name).ok_or_else(|| Error::UnsupportedArchitecture {
-                    path: path.into(),
-                    name: name.clone(),
-                })?
-            }
-            (_, Some(mt)) => Arch::from_name(mt).ok_or_else(|| Error::UnsupportedArchitecture {
-                path: path.into(),
-                name: mt.clone(),
-            })?,
-            _ => {
-                return Err(cfg_err(
-                    "architectures",
-                    "neither `architectures` nor `model_type` is set".into(),
-                ))
-            }
-        };
-
-        if let Some(act) = &raw.hidden_act {
-            if act != "silu" && act != "swish" {
-                return Err(cfg_err("hidden_act", format!("{act:?} is not supported (silu only)")));
-            }
-        }
-        for (key, v) in [
-            ("vocab_size", raw.vocab_size),
-            ("hidden_size", raw.hidden_size),
-            ("intermediate_size", raw.intermediate_size),
-            ("num_hidden_layers", raw.num_hidden_layers),
-            ("num_attention_heads", raw.num_attention_heads),
-        ] {
-            if v == 0 {
-                return Err(cfg_err(key, "must be positive".into()));
-            }
-        }
-        let num_heads = raw.num_attention_heads;
-        let num_kv_heads = raw.num_key_value_heads.unwrap_or(num_heads);
-        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
-            return Err(cfg_err(
-                "num_key_value_heads",
-                format!("{num_kv_heads} does not divide num_attention_heads {num_heads}"),
-            ));
-        }
-        let head_dim = match raw.head_dim {
-            Some(d) => d,
-            None => {
-                if raw.hidden_size % num_heads != 0 {
-                    return Err(cfg_err(
-                        "hidden_size",
-                        format!("{} is not divisible by {num_heads} heads", raw.hidden_size),
-                    ));
-                }
-                raw.hidden_size / num_heads
-            }
-        };
-        if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(cfg_err("head_dim", format!("{head_dim} must be even and positive")));
-        }
-        // Refuse absurd sizes before anything is allocated.
-        let (h, i, l, v) = (
-            raw.hidden_size as f64,
-            raw.intermediate_size as f64,
-            raw.num_hidden_layers as f64,
-            raw.vocab_size as f64,
-        );
-        let (nh, nkv, hd) = (num_heads as f64, num_kv_heads as f64, head_dim as f64);
-        let attn = h * (nh + 2.0 * nkv) * hd + nh * hd * h;
-        let params = 2.0 * v * h + l * (attn + 3.0 * h * i);
-        if !(params < MAX_PARAMS) {
-            // Name the largest size: the one most likely to be wrong.
-            let sizes = [
-                ("vocab_size", raw.vocab_size),
-                ("hidden_size", raw.hidden_size),
-                ("intermediate_size", raw.intermediate_size),
-                ("num_hidden_layers", raw.num_hidden_layers),
-                ("head_dim", head_dim),
-            ];
-            let (key, _) = sizes
-                .iter()
-                .copied()
-                .max_by_key(|(_, n)| *n)
-                .unwrap_or(("hidden_size", 0));
-            let all: Vec<String> = sizes.iter().map(|(k, n)| format!("{k} {n}")).collect();
-            return Err(cfg_err(
-                key,
-                format!(
-                    "the sizes in this config ({}) describe {params:.3e} parameters; refusing to allocate",
-                    all.join(", ")
-                ),
-            ));
-        }
-
-        // transformers >= 5 keeps rope settings in `rope_parameters`; older configs use
-        // `rope_theta` + `rope_scaling`.
-        let rope_params = raw.rope_parameters.as_ref().and_then(|v| v.as_object());
-        let rope_theta = raw
-            .rope_theta
-            .or_else(|| rope_params.and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()))
-            .unwrap_or(10000.0);
-        let scaling_obj = raw.rope_scaling.as_ref().and_then(|v| v.as_object()).or(rope_params);
-        let rope_scaling = match scaling_obj {
-            None => RopeScaling::None,
-            Some(obj) => {
-                let kind = obj
-                    .get("rope_type")
-                    .or_else(|| obj.get("type"))
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("default");
-                let num = |k: &str| -> Result<f64> {
-                    obj.get(k)
-                        .and_then(|v| v.as_f64())
-                        .ok_or_else(|| cfg_err("rope_scaling", format!("rope_type {kind:?} needs a numeric {k:?}")))
-                };
-                match kind {
-                    "default" => RopeScaling::None,
-                    "linear" => RopeScaling::Linear { factor: num("factor")? },
-                    "llama3" => RopeScaling::Llama3 {
-                        factor: num("factor")?,
-                        low_freq_factor: num("low_freq_factor")?,
-                        high_freq_factor: num("high_freq_factor")?,
-                        original_max_position_embeddings: num("original_max_position_embeddings")?,
-                    },
-                    other => {
-                        return Err(cfg_err(
-                            "rope_scaling",
-                            format!("rope_type {other:?} is not supported (default, linear, llama3)"),
-                        ))
-                    }
-                }
-            }
-        };
-
-        let n_layers = raw.num_hidden_layers;
-        let sliding_window: Vec<Option<usize>> = match arch {
-            Arch::Mistral => vec![raw.sliding_window; n_layers],
-            Arch::Llama => vec![None; n_layers],
-            Arch::Qwen2 | Arch::Qwen3 => {
-                if let Some(types) = &raw.layer_types {
-                    if types.len() != n_layers {
-                        return Err(cfg_err(
-                            "layer_types",
-                            format!("has {} entries for {n_layers} layers", types.len()),
-                        ));
-                    }
-                    types
-                        .iter()
-                        .map(|t| match t.as_str() {
-                            "sliding_attention" => Ok(raw.sliding_window),
-                            "full_attention" => Ok(None),
-                            other => Err(cfg_err("layer_types", format!("unknown layer type {other:?}"))),
-                        })
-                        .collect::<Result<_>>()?
-                } else if raw.use_sliding_window.unwrap_or(false) {
-                    let from = raw.max_window_layers.unwrap_or(0);
-                    (0..n_layers)
-                        .map(|i| if i >= from { raw.sliding_window } else { None })
-                        .collect()
-                } else {
-                    vec![None; n_layers]
-                }
-            }
-        };
-
+        let arch = detect_arch(&raw, path)?;
+        check_activation_and_sizes(&raw, path)?;
+        let (num_heads, num_kv_heads, head_dim) = head_sizes(&raw, path)?;
+        check_param_count(&raw, (num_heads, num_kv_heads, head_dim), path)?;
+        let (rope_theta, rope_scaling) = rope(&raw, path)?;
+        let sliding_window = sliding_windows(&raw, arch, path)?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias) = match arch {
             Arch::Qwen2 => (true, false),
             Arch::Mistral => (false, false),
             Arch::Llama | Arch::Qwen3 => (attention_bias, attention_bias),
         };
-        let mlp_bias = arch == Arch::Llama && raw.mlp_bias.unwrap_or(false);
-
         Ok(ModelConfig {
             arch,
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
             intermediate_size: raw.intermediate_size,
-            num_layers: n_layers,
+            num_layers: raw.num_hidden_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -331,7 +166,7 @@ impl ModelConfig {
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias,
             o_bias,
-            mlp_bias,
+            mlp_bias: arch == Arch::Llama && raw.mlp_bias.unwrap_or(false),
             qk_norm: arch == Arch::Qwen3,
             sliding_window,
             bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
@@ -377,6 +212,220 @@ impl ModelConfig {
         let head = if self.tie_word_embeddings { 0 } else { emb };
         emb + head + self.hidden_size + self.num_layers * per_layer
     }
+}
+
+/// The error of config key `key` of the file at `path`.
+fn cfg_err(path: &Path, key: &str, msg: String) -> Error {
+    Error::Config {
+        path: PathBuf::from(path),
+        key: key.to_string(),
+        msg,
+    }
+}
+
+/// The family, from `architectures` (first entry) or else `model_type`.
+fn detect_arch(raw: &RawConfig, path: &Path) -> Result<Arch> {
+    let name = match (&raw.architectures, &raw.model_type) {
+        (Some(archs), _) if !archs.is_empty() => &archs[0],
+        (_, Some(mt)) => mt,
+        _ => {
+            return Err(cfg_err(
+                path,
+                "architectures",
+                "neither `architectures` nor `model_type` is set".into(),
+            ))
+        }
+    };
+    Arch::from_name(name).ok_or_else(|| Error::UnsupportedArchitecture {
+        path: path.into(),
+        name: name.clone(),
+    })
+}
+
+/// The activation is SiLU and every required size is positive.
+fn check_activation_and_sizes(raw: &RawConfig, path: &Path) -> Result<()> {
+    if let Some(act) = &raw.hidden_act {
+        if act != "silu" && act != "swish" {
+            return Err(cfg_err(
+                path,
+                "hidden_act",
+                format!("{act:?} is not supported (silu only)"),
+            ));
+        }
+    }
+    for (key, v) in [
+        ("vocab_size", raw.vocab_size),
+        ("hidden_size", raw.hidden_size),
+        ("intermediate_size", raw.intermediate_size),
+        ("num_hidden_layers", raw.num_hidden_layers),
+        ("num_attention_heads", raw.num_attention_heads),
+    ] {
+        if v == 0 {
+            return Err(cfg_err(path, key, "must be positive".into()));
+        }
+    }
+    Ok(())
+}
+
+/// Query heads, key/value heads and head size, checked against each other.
+fn head_sizes(raw: &RawConfig, path: &Path) -> Result<(usize, usize, usize)> {
+    let num_heads = raw.num_attention_heads;
+    let num_kv_heads = raw.num_key_value_heads.unwrap_or(num_heads);
+    if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        return Err(cfg_err(
+            path,
+            "num_key_value_heads",
+            format!("{num_kv_heads} does not divide num_attention_heads {num_heads}"),
+        ));
+    }
+    let head_dim = match raw.head_dim {
+        Some(d) => d,
+        None => {
+            if raw.hidden_size % num_heads != 0 {
+                return Err(cfg_err(
+                    path,
+                    "hidden_size",
+                    format!("{} is not divisible by {num_heads} heads", raw.hidden_size),
+                ));
+            }
+            raw.hidden_size / num_heads
+        }
+    };
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return Err(cfg_err(
+            path,
+            "head_dim",
+            format!("{head_dim} must be even and positive"),
+        ));
+    }
+    Ok((num_heads, num_kv_heads, head_dim))
+}
+
+/// Refuse absurd sizes before anything is allocated, naming the largest size: the one most
+/// likely to be wrong.
+fn check_param_count(
+    raw: &RawConfig,
+    (num_heads, num_kv_heads, head_dim): (usize, usize, usize),
+    path: &Path,
+) -> Result<()> {
+    let (h, i, l, v) = (
+        raw.hidden_size as f64,
+        raw.intermediate_size as f64,
+        raw.num_hidden_layers as f64,
+        raw.vocab_size as f64,
+    );
+    let (nh, nkv, hd) = (num_heads as f64, num_kv_heads as f64, head_dim as f64);
+    let attn = h * (nh + 2.0 * nkv) * hd + nh * hd * h;
+    let params = 2.0 * v * h + l * (attn + 3.0 * h * i);
+    if params < MAX_PARAMS {
+        return Ok(());
+    }
+    let sizes = [
+        ("vocab_size", raw.vocab_size),
+        ("hidden_size", raw.hidden_size),
+        ("intermediate_size", raw.intermediate_size),
+        ("num_hidden_layers", raw.num_hidden_layers),
+        ("head_dim", head_dim),
+    ];
+    let (key, _) = sizes
+        .iter()
+        .copied()
+        .max_by_key(|(_, n)| *n)
+        .unwrap_or(("hidden_size", 0));
+    let all: Vec<String> = sizes.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    Err(cfg_err(
+        path,
+        key,
+        format!(
+            "the sizes in this config ({}) describe {params:.3e} parameters; refusing to allocate",
+            all.join(", ")
+        ),
+    ))
+}
+
+/// RoPE base and scaling. transformers >= 5 keeps rope settings in `rope_parameters`; older
+/// configs use `rope_theta` + `rope_scaling`.
+fn rope(raw: &RawConfig, path: &Path) -> Result<(f64, RopeScaling)> {
+    let rope_params = raw.rope_parameters.as_ref().and_then(|v| v.as_object());
+    let rope_theta = raw
+        .rope_theta
+        .or_else(|| rope_params.and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()))
+        .unwrap_or(10000.0);
+    let scaling = match raw.rope_scaling.as_ref().and_then(|v| v.as_object()).or(rope_params) {
+        None => RopeScaling::None,
+        Some(obj) => rope_scaling(obj, path)?,
+    };
+    Ok((rope_theta, scaling))
+}
+
+/// The scaling an object of `rope_scaling` (or `rope_parameters`) describes.
+fn rope_scaling(obj: &serde_json::Map<String, Value>, path: &Path) -> Result<RopeScaling> {
+    let kind = obj
+        .get("rope_type")
+        .or_else(|| obj.get("type"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    let num = |k: &str| -> Result<f64> {
+        obj.get(k).and_then(|v| v.as_f64()).ok_or_else(|| {
+            cfg_err(
+                path,
+                "rope_scaling",
+                format!("rope_type {kind:?} needs a numeric {k:?}"),
+            )
+        })
+    };
+    Ok(match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: num("factor")? },
+        "llama3" => RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        },
+        other => {
+            return Err(cfg_err(
+                path,
+                "rope_scaling",
+                format!("rope_type {other:?} is not supported (default, linear, llama3)"),
+            ))
+        }
+    })
+}
+
+/// The sliding window of each layer (`None`: full attention).
+fn sliding_windows(raw: &RawConfig, arch: Arch, path: &Path) -> Result<Vec<Option<usize>>> {
+    let n_layers = raw.num_hidden_layers;
+    Ok(match arch {
+        Arch::Mistral => vec![raw.sliding_window; n_layers],
+        Arch::Llama => vec![None; n_layers],
+        Arch::Qwen2 | Arch::Qwen3 => {
+            if let Some(types) = &raw.layer_types {
+                if types.len() != n_layers {
+                    return Err(cfg_err(
+                        path,
+                        "layer_types",
+                        format!("has {} entries for {n_layers} layers", types.len()),
+                    ));
+                }
+                types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        "sliding_attention" => Ok(raw.sliding_window),
+                        "full_attention" => Ok(None),
+                        other => Err(cfg_err(path, "layer_types", format!("unknown layer type {other:?}"))),
+                    })
+                    .collect::<Result<_>>()?
+            } else if raw.use_sliding_window.unwrap_or(false) {
+                let from = raw.max_window_layers.unwrap_or(0);
+                (0..n_layers)
+                    .map(|i| if i >= from { raw.sliding_window } else { None })
+                    .collect()
+            } else {
+                vec![None; n_layers]
+            }
+        }
+    })
 }
 
 /// The linear layers of a decoder block, in the order PEFT lists them.

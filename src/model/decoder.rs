@@ -333,11 +333,10 @@ impl Model {
     /// does. On error the cache is cleared.
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache, ctx: &Fwd) -> Result<Tensor> {
         if cache.num_layers() != self.blocks.len() {
-            return Err(Error::Msg(format!(
-                "KV cache has {} layers, the model {}",
-                cache.num_layers(),
-                self.blocks.len()
-            )));
+            return Err(Error::KvCacheLayers {
+                cache: cache.num_layers(),
+                model: self.blocks.len(),
+            });
         }
         // Decoding never takes a gradient.
         let ctx = &Fwd { no_grad: true, ..*ctx };

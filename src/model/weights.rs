@@ -50,12 +50,7 @@ impl WeightSource {
             return Ok(vec![single]);
         }
         if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
-            return Err(Error::Msg(format!(
-                "{}: only pickle weights (pytorch_model.bin) found; lorafold never loads pickle files. \
-                 Convert them to safetensors first, e.g. in Python: \
-                 AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)",
-                dir.display()
-            )));
+            return Err(Error::PickleOnly { dir: dir.to_path_buf() });
         }
         Err(Error::MissingFile { path: single })
     }
@@ -181,6 +176,26 @@ fn dtype_bits(name: &str) -> Option<usize> {
 /// offsets must lie inside the data section and hold exactly `shape × dtype` bytes; tensors must
 /// not overlap, and together they must cover the data section (as the format requires).
 fn check_header(path: &Path) -> Result<()> {
+    let bad = |msg: String| Error::Safetensors { path: path.into(), msg };
+    let (entries, data_len) = read_header(path)?;
+    // (start, end, name) of every tensor.
+    let mut spans: Vec<(u64, u64, &str)> = Vec::with_capacity(entries.len());
+    for (name, entry) in &entries {
+        if name == "__metadata__" {
+            let ok = entry.as_object().is_some_and(|m| m.values().all(|v| v.is_string()));
+            if !ok {
+                return Err(bad("`__metadata__` must map strings to strings".into()));
+            }
+            continue;
+        }
+        let (start, end) = tensor_span(entry, data_len).map_err(|msg| bad(format!("tensor {name:?}: {msg}")))?;
+        spans.push((start, end, name.as_str()));
+    }
+    check_packed(spans, data_len).map_err(bad)
+}
+
+/// The header's entries and the length of the data section after it.
+fn read_header(path: &Path) -> Result<(serde_json::Map<String, serde_json::Value>, u64)> {
     use std::io::Read;
     let bad = |msg: String| Error::Safetensors { path: path.into(), msg };
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -214,102 +229,95 @@ fn check_header(path: &Path) -> Result<()> {
             crate::error::json_kind(&value)
         )));
     };
-    let data_len = len - 8 - hlen;
-    // (start, end, name) of every tensor.
-    let mut spans: Vec<(u64, u64, &str)> = Vec::with_capacity(entries.len());
-    for (name, entry) in &entries {
-        let tensor_err = |msg: String| bad(format!("tensor {name:?}: {msg}"));
-        if name == "__metadata__" {
-            let ok = entry.as_object().is_some_and(|m| m.values().all(|v| v.is_string()));
-            if !ok {
-                return Err(bad("`__metadata__` must map strings to strings".into()));
-            }
-            continue;
-        }
-        let Some(obj) = entry.as_object() else {
-            return Err(tensor_err(format!(
-                "expected an object with dtype, shape and data_offsets, got {}",
-                crate::error::json_kind(entry)
-            )));
-        };
-        let dtype = match obj.get("dtype") {
-            Some(serde_json::Value::String(d)) => d.as_str(),
-            Some(other) => return Err(tensor_err(format!("dtype must be a string, got {other}"))),
-            None => return Err(tensor_err("has no dtype".into())),
-        };
-        let bits = dtype_bits(dtype).ok_or_else(|| tensor_err(format!("unknown dtype {dtype:?}")))?;
-        let shape: Vec<u64> = match obj.get("shape").and_then(|v| v.as_array()) {
-            Some(dims) => dims
-                .iter()
-                .map(|d| d.as_u64())
-                .collect::<Option<_>>()
-                .ok_or_else(|| tensor_err("shape must be a list of non-negative integers".into()))?,
-            None => return Err(tensor_err("has no shape list".into())),
-        };
-        let offsets: Vec<u64> = obj
-            .get("data_offsets")
-            .and_then(|v| v.as_array())
-            .and_then(|a| a.iter().map(|d| d.as_u64()).collect::<Option<Vec<_>>>())
-            .filter(|a| a.len() == 2)
-            .ok_or_else(|| tensor_err("data_offsets must be a list of two non-negative integers".into()))?;
-        let (start, end) = (offsets[0], offsets[1]);
-        if start > end {
-            return Err(tensor_err(format!(
-                "data_offsets [{start}, {end}] end before they start"
-            )));
-        }
-        if end > data_len {
-            return Err(tensor_err(format!(
-                "data_offsets [{start}, {end}] run past the end of the file (the data section holds \
-                 {data_len} bytes): truncated or corrupt"
-            )));
-        }
-        let need = shape
+    Ok((entries, len - 8 - hlen))
+}
+
+/// The byte span [start, end) of one tensor entry in a data section of `data_len` bytes, checked
+/// against its dtype and shape; the error is the message about that tensor.
+fn tensor_span(entry: &serde_json::Value, data_len: u64) -> std::result::Result<(u64, u64), String> {
+    let Some(obj) = entry.as_object() else {
+        return Err(format!(
+            "expected an object with dtype, shape and data_offsets, got {}",
+            crate::error::json_kind(entry)
+        ));
+    };
+    let dtype = match obj.get("dtype") {
+        Some(serde_json::Value::String(d)) => d.as_str(),
+        Some(other) => return Err(format!("dtype must be a string, got {other}")),
+        None => return Err("has no dtype".into()),
+    };
+    let bits = dtype_bits(dtype).ok_or_else(|| format!("unknown dtype {dtype:?}"))?;
+    let shape: Vec<u64> = match obj.get("shape").and_then(|v| v.as_array()) {
+        Some(dims) => dims
             .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-            .and_then(|n| n.checked_mul(bits as u64))
-            .ok_or_else(|| tensor_err(format!("shape {shape:?} is too large")))?;
-        if need % 8 != 0 {
-            return Err(tensor_err(format!(
-                "shape {shape:?} of {dtype} does not fill whole bytes"
-            )));
-        }
-        if end - start != need / 8 {
-            return Err(tensor_err(format!(
-                "{dtype} {shape:?} needs {} bytes but data_offsets [{start}, {end}] hold {}",
-                need / 8,
-                end - start
-            )));
-        }
-        spans.push((start, end, name.as_str()));
+            .map(|d| d.as_u64())
+            .collect::<Option<_>>()
+            .ok_or_else(|| "shape must be a list of non-negative integers".to_string())?,
+        None => return Err("has no shape list".into()),
+    };
+    let offsets: Vec<u64> = obj
+        .get("data_offsets")
+        .and_then(|v| v.as_array())
+        .and_then(|a| a.iter().map(|d| d.as_u64()).collect::<Option<Vec<_>>>())
+        .filter(|a| a.len() == 2)
+        .ok_or_else(|| "data_offsets must be a list of two non-negative integers".to_string())?;
+    let (start, end) = (offsets[0], offsets[1]);
+    if start > end {
+        return Err(format!("data_offsets [{start}, {end}] end before they start"));
     }
+    if end > data_len {
+        return Err(format!(
+            "data_offsets [{start}, {end}] run past the end of the file (the data section holds \
+             {data_len} bytes): truncated or corrupt"
+        ));
+    }
+    let need = shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .and_then(|n| n.checked_mul(bits as u64))
+        .ok_or_else(|| format!("shape {shape:?} is too large"))?;
+    if need % 8 != 0 {
+        return Err(format!("shape {shape:?} of {dtype} does not fill whole bytes"));
+    }
+    if end - start != need / 8 {
+        return Err(format!(
+            "{dtype} {shape:?} needs {} bytes but data_offsets [{start}, {end}] hold {}",
+            need / 8,
+            end - start
+        ));
+    }
+    Ok((start, end))
+}
+
+/// The tensors' spans neither overlap nor leave gaps, and cover the whole data section.
+fn check_packed(mut spans: Vec<(u64, u64, &str)>, data_len: u64) -> std::result::Result<(), String> {
     spans.sort_unstable();
     let mut covered = 0u64;
     let mut prev: Option<(u64, u64, &str)> = None;
     for &(start, end, name) in &spans {
         if let Some((ps, pe, pname)) = prev {
             if start < pe {
-                return Err(bad(format!(
+                return Err(format!(
                     "tensor {name:?} (data_offsets [{start}, {end}]) overlaps tensor {pname:?} \
                      (data_offsets [{ps}, {pe}])"
-                )));
+                ));
             }
         }
         if start != covered {
-            return Err(bad(format!(
+            return Err(format!(
                 "tensor {name:?}: data_offsets [{start}, {end}] leave bytes {covered}..{start} of the data \
                  section unused (the format requires tensors to be packed)"
-            )));
+            ));
         }
         covered = end;
         prev = Some((start, end, name));
     }
     if covered != data_len {
-        return Err(bad(format!(
+        return Err(format!(
             "the tensors cover {covered} of the {data_len} bytes of the data section: {} trailing bytes \
              belong to no tensor",
             data_len - covered
-        )));
+        ));
     }
     Ok(())
 }
