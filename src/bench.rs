@@ -234,6 +234,9 @@ fn measure(run: &DpoRun, pairs: &[PairIds], refs: Option<&[[f32; 2]]>, a: &Bench
     Ok((median(times), tokens))
 }
 
+/// A measured variant: its name, FLOPs per parameter and token, and precomputed reference log-probs.
+type Variant<'a> = (&'a str, f64, Option<Vec<[f32; 2]>>);
+
 pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     let tmp;
     let dir = match &a.model_dir {
@@ -273,7 +276,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         std::fs::write(p, serde_json::to_string(&pairs)?)?;
     }
     let mut results = Vec::new();
-    let mut variants: Vec<(&str, f64, Option<Vec<[f32; 2]>>)> = vec![("online reference", 6.0, None)];
+    let mut variants: Vec<Variant> = vec![("online reference", 6.0, None)];
     if a.precomputed_ref {
         variants.push((
             "precomputed reference",

@@ -93,8 +93,8 @@ impl Batch {
                 segments[row + pl + cl + j] = REJECTED;
             }
             num_tokens += 2 * pl + cl + rl;
-            for k in pl..pl + cl {
-                scored.push(row + k - 1, all[k], r);
+            for (k, &token) in all.iter().enumerate().take(pl + cl).skip(pl) {
+                scored.push(row + k - 1, token, r);
             }
             for j in 0..rl {
                 let from = if j == 0 { pl - 1 } else { pl + cl + j - 1 };
@@ -139,8 +139,8 @@ impl Batch {
             padded |= s.len() < t;
             num_tokens += s.len();
             // The token at position i is predicted by the logits at i-1.
-            for i in (*plen).max(1)..s.len() {
-                scored.push(r * t + i - 1, s[i], r);
+            for (i, &token) in s.iter().enumerate().skip((*plen).max(1)) {
+                scored.push(r * t + i - 1, token, r);
             }
         }
         let (positions, targets, select, lengths) = scored.into_tensors(rows, device)?;

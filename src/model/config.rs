@@ -271,7 +271,7 @@ fn check_activation_and_sizes(raw: &RawConfig, path: &Path) -> Result<()> {
 fn head_sizes(raw: &RawConfig, path: &Path) -> Result<(usize, usize, usize)> {
     let num_heads = raw.num_attention_heads;
     let num_kv_heads = raw.num_key_value_heads.unwrap_or(num_heads);
-    if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+    if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
         return Err(cfg_err(
             path,
             "num_key_value_heads",
@@ -281,7 +281,7 @@ fn head_sizes(raw: &RawConfig, path: &Path) -> Result<(usize, usize, usize)> {
     let head_dim = match raw.head_dim {
         Some(d) => d,
         None => {
-            if raw.hidden_size % num_heads != 0 {
+            if !raw.hidden_size.is_multiple_of(num_heads) {
                 return Err(cfg_err(
                     path,
                     "hidden_size",

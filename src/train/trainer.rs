@@ -40,6 +40,14 @@ pub type RefLogps = Vec<[f32; 2]>;
 
 impl<'m> DpoRun<'m> {
     pub fn new(model: &'m Model, adapter: Option<Adapter>, ref_slot: Option<usize>, s: &Settings) -> Result<Self> {
+        // `losses` is filled by `DpoOptions::resolve`; a Settings read back from YAML has none.
+        if s.losses.is_empty() || s.losses.len() != s.loss_weights.len() {
+            return Err(Error::Msg(format!(
+                "settings hold {} parsed losses for {} loss weights (resolve the options first)",
+                s.losses.len(),
+                s.loss_weights.len()
+            )));
+        }
         let terms: Vec<(LossKind, f64)> = s.losses.iter().cloned().zip(s.loss_weights.iter().copied()).collect();
         let needs_reference = terms.iter().any(|(k, _)| k.needs_reference());
         Ok(DpoRun {
@@ -571,7 +579,7 @@ pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig
         window.push(rec);
         pb.inc(1);
 
-        if step % cfg.logging_steps == 0 || step == last {
+        if step.is_multiple_of(cfg.logging_steps) || step == last {
             let mut w = metrics::mean(&window);
             let secs = window_start.elapsed().as_secs_f64();
             w.insert("tokens_per_second".into(), window_tokens as f64 / secs.max(1e-9));
@@ -598,7 +606,7 @@ pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig
             window_tokens = 0;
             window_start = Instant::now();
         }
-        if !eval.is_empty() && (step % cfg.eval_steps == 0 || step == cfg.total_steps) {
+        if !eval.is_empty() && (step.is_multiple_of(cfg.eval_steps) || step == cfg.total_steps) {
             let e = run.evaluate(eval, refs.as_ref().map(|(_, ev)| ev), cfg.eval_batch_size, &loss_state)?;
             metrics_file.write(step, &e)?;
             say(
@@ -625,7 +633,7 @@ pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig
                 &format!("interrupted: saving a checkpoint at step {step} and stopping"),
             );
         }
-        if step % cfg.save_steps == 0 || step == last || interrupted {
+        if step.is_multiple_of(cfg.save_steps) || step == last || interrupted {
             let state = TrainerState {
                 step,
                 consumed_micro_batches: consumed,

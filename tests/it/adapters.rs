@@ -128,7 +128,7 @@ fn peft_default_init_is_identity() {
     let g = golden("qwen2");
     let (ids, mask) = golden_inputs(&g);
     let on = model.forward(&ids, Some(&mask), &Fwd::eval(ad.slot)).unwrap();
-    assert_eq!(max_abs_diff(&on, &g["logits_base"].clone()) <= 1e-4, true);
+    assert!(max_abs_diff(&on, &g["logits_base"].clone()) <= 1e-4);
     for p in &ad.params {
         let v = max_abs(&p.tensor);
         if p.key.ends_with("lora_B.weight") {

@@ -69,10 +69,10 @@ pub fn scored_positions(labels: &Tensor) -> (Tensor, Tensor, Vec<usize>) {
     let t = l[0].len();
     let (mut pos, mut tgt, mut row) = (vec![], vec![], vec![]);
     for (b, r) in l.iter().enumerate() {
-        for i in 1..t {
-            if r[i] != -100 {
+        for (i, &label) in r.iter().enumerate().take(t).skip(1) {
+            if label != -100 {
                 pos.push((b * t + i - 1) as u32);
-                tgt.push(r[i] as u32);
+                tgt.push(label as u32);
                 row.push(b);
             }
         }

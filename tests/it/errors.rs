@@ -127,7 +127,7 @@ fn adapter_missing_half_of_a_pair_is_named() {
     let gone = "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight";
     edit_adapter(dir.path(), |v| v.retain(|(k, _)| k != gone));
     let mut model = load_model("llama");
-    let err = load_adapter(&mut model, dir.path(), false).err().expect("must fail");
+    let err = load_adapter(&mut model, dir.path(), false).expect_err("must fail");
     assert!(matches!(err, Error::AdapterPairMissing { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(msg.contains(gone) && msg.contains("lora_A"), "{msg}");
@@ -137,9 +137,7 @@ fn adapter_missing_half_of_a_pair_is_named() {
 fn adapter_for_another_base_is_a_shape_error() {
     // qwen3 has head_dim 32, so its q_proj adapter does not fit llama's q_proj.
     let mut model = load_model("llama");
-    let err = load_adapter(&mut model, &adapter_dir("qwen3_peft"), false)
-        .err()
-        .expect("must fail");
+    let err = load_adapter(&mut model, &adapter_dir("qwen3_peft"), false).expect_err("must fail");
     assert!(matches!(err, Error::ShapeMismatch { .. }), "{err:?}");
     assert!(err.to_string().contains("lora_"), "{err}");
 }
@@ -156,7 +154,7 @@ fn adapter_key_matching_no_layer_is_named() {
         ));
     });
     let mut model = load_model("mistral");
-    let err = load_adapter(&mut model, dir.path(), false).err().expect("must fail");
+    let err = load_adapter(&mut model, dir.path(), false).expect_err("must fail");
     assert!(matches!(err, Error::AdapterKeyUnmatched { .. }), "{err:?}");
     assert!(err.to_string().contains("layers.7.self_attn.q_proj"), "{err}");
 
@@ -167,7 +165,7 @@ fn adapter_key_matching_no_layer_is_named() {
             Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap(),
         ))
     });
-    let err = load_adapter(&mut model, dir.path(), false).err().expect("must fail");
+    let err = load_adapter(&mut model, dir.path(), false).expect_err("must fail");
     assert!(err.to_string().contains("base_model.model.lm_head.weight"), "{err}");
 }
 
@@ -186,8 +184,7 @@ fn unsupported_adapter_options_are_named() {
         std::fs::write(&p, cfg.to_string()).unwrap();
         let mut model = load_model("qwen2");
         let err = load_adapter(&mut model, dir.path(), false)
-            .err()
-            .expect("must fail")
+            .expect_err("must fail")
             .to_string();
         assert!(err.contains(key) && err.contains("adapter_config.json"), "{key}: {err}");
     }
@@ -198,8 +195,7 @@ fn missing_adapter_files_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let mut model = load_model("qwen2");
     let err = load_adapter(&mut model, dir.path(), false)
-        .err()
-        .expect("must fail")
+        .expect_err("must fail")
         .to_string();
     assert!(err.contains("adapter_config.json"), "{err}");
     std::fs::copy(
@@ -208,8 +204,7 @@ fn missing_adapter_files_are_named() {
     )
     .unwrap();
     let err = load_adapter(&mut model, dir.path(), false)
-        .err()
-        .expect("must fail")
+        .expect_err("must fail")
         .to_string();
     assert!(err.contains("adapter_model.safetensors"), "{err}");
 }

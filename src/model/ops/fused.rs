@@ -504,7 +504,7 @@ mod tests {
         for tab in [angles, per_row] {
             let (cos, sin) = (tab.cos().unwrap(), tab.sin().unwrap());
             check(
-                &[x.clone()],
+                std::slice::from_ref(&x),
                 |x| {
                     let dt = x[0].dtype();
                     let xv = x[0].transpose(1, 2).unwrap();
