@@ -4,13 +4,12 @@
 //! Reports tokens/s of a DPO step (real tokens, chosen + rejected), the median seconds per step,
 //! peak RSS, and the fraction of the machine's measured matmul peak reached.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use clap::Args;
 
+use crate::cli::BenchArgs;
 use crate::dpo::batch::PairIds;
 use crate::error::{Error, Result};
 use crate::lora::config::{LoraConfig, TargetModules};
@@ -20,52 +19,9 @@ use crate::model::{LoadOptions, Model};
 use crate::recipe::DpoOptions;
 use crate::rng::Rng;
 use crate::train::metrics::peak_rss_mib;
-use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use crate::train::trainer::{DpoRun, MicroOut};
-
-#[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
-    /// Measured steps (after warm-up).
-    #[arg(long, default_value_t = 10)]
-    pub steps: usize,
-    #[arg(long, default_value_t = 2)]
-    pub warmup: usize,
-    /// Pairs in the batch.
-    #[arg(long, default_value_t = 4)]
-    pub pairs: usize,
-    #[arg(long, default_value_t = 150)]
-    pub prompt_len: usize,
-    #[arg(long, default_value_t = 100)]
-    pub response_len: usize,
-    /// Also measure with precomputed reference log-probs (one forward + backward per step).
-    #[arg(long)]
-    pub precomputed_ref: bool,
-    /// Where to write the benchmark model (default: a temporary folder).
-    #[arg(long)]
-    pub model_dir: Option<std::path::PathBuf>,
-    /// Write the benchmark batch as JSON ([{prompt, chosen, rejected}] token ids) for
-    /// benchmarks/trl_bench.py.
-    #[arg(long)]
-    pub dump_pairs: Option<std::path::PathBuf>,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    pub json: bool,
-    /// Recompute each decoder block in the backward pass (less memory, more time).
-    #[arg(long)]
-    pub gradient_checkpointing: bool,
-    /// Run chosen and rejected as separate padded sequences instead of sharing the prompt.
-    #[arg(long)]
-    pub no_prefix_sharing: bool,
-    /// Tokens to generate for the decode measurement (0 skips it).
-    #[arg(long, default_value_t = 128)]
-    pub decode_tokens: usize,
-    /// Base weight dtype: f32, bf16 or f16 (LoRA stays f32).
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-    /// Skip the merge measurement.
-    #[arg(long)]
-    pub skip_merge: bool,
-}
+use crate::train::optim::AdamWConfig;
+use crate::train::step::{Micro, StepOutcome, Updater};
+use crate::train::trainer::DpoRun;
 
 /// Size of the benchmark model.
 pub struct BenchModel {
@@ -191,41 +147,33 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Median seconds of a training step (the trainer's own step, one micro-batch of all pairs)
+/// and the real tokens it scores.
 fn measure(run: &DpoRun, pairs: &[PairIds], refs: Option<&[[f32; 2]]>, a: &BenchArgs) -> Result<(f64, usize)> {
     let adapter = run
         .adapter
         .as_ref()
         .ok_or_else(|| Error::Msg("bench needs an adapter".into()))?;
-    let params: Vec<(String, candle_core::Var)> = adapter
-        .params
-        .iter()
-        .filter_map(|p| p.var.clone().map(|v| (p.key.clone(), v)))
-        .collect();
-    let mut opt = AdamW::new(
-        params.clone(),
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
-    )?;
-    let refs_pairs: Vec<&PairIds> = pairs.iter().collect();
+    let adamw = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    let mut updater = Updater::new(adapter, adamw, 1.0)?;
     let mut times = Vec::new();
     let mut tokens = 0;
     let mut state = Default::default();
     for i in 0..a.warmup + a.steps {
+        let micro = Micro {
+            pairs: pairs.iter().collect(),
+            refs: refs.map(<[_]>::to_vec),
+            dropout_seed: i as u64,
+        };
         let t = Instant::now();
-        let MicroOut { loss, tokens: n, .. } = run.micro_batch(&refs_pairs, refs, Some(i as u64), &mut state)?;
-        let g = run.model.backward(&loss)?;
-        let mut grads: HashMap<String, Tensor> = HashMap::new();
-        for (k, v) in &params {
-            if let Some(gv) = g.get(v.as_tensor()) {
-                grads.insert(k.clone(), gv.clone());
-            }
-        }
-        clip_grad_norm(&mut grads, 1.0)?;
-        opt.step(&grads, 1e-4)?;
+        let n = match updater.step(run, std::slice::from_ref(&micro), 1e-4, &mut state)? {
+            StepOutcome::Updated { tokens, .. } | StepOutcome::Skipped { tokens } => tokens,
+        };
         if i >= a.warmup {
             times.push(t.elapsed().as_secs_f64());
         }
@@ -237,7 +185,8 @@ fn measure(run: &DpoRun, pairs: &[PairIds], refs: Option<&[[f32; 2]]>, a: &Bench
 /// A measured variant: its name, FLOPs per parameter and token, and precomputed reference log-probs.
 type Variant<'a> = (&'a str, f64, Option<Vec<[f32; 2]>>);
 
-pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
+/// Run `lorafold bench`: train-step variants, decode and merge on the benchmark model.
+pub fn run(a: &BenchArgs) -> Result<()> {
     let tmp;
     let dir = match &a.model_dir {
         Some(d) => d.clone(),
@@ -259,7 +208,6 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         },
     )?;
     model.set_gradient_checkpointing(a.gradient_checkpointing);
-    let params = model.cfg.num_params();
     let lcfg = LoraConfig::new(8, 16.0, 0.0, TargetModules::all_linear());
     let adapter = attach_new(&mut model, &lcfg, LoraInit::Peft { seed: 1 })?;
     let settings = DpoOptions {
@@ -271,36 +219,11 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     .resolve()?;
     let run = DpoRun::new(&model, Some(adapter), None, &settings)?;
     let pairs = make_pairs(a.pairs, a.prompt_len, a.response_len, BENCH_MODEL.vocab, 99);
-    let base_mib = (params * dtype.size_in_bytes()) as f64 / (1024.0 * 1024.0);
     if let Some(p) = &a.dump_pairs {
-        std::fs::write(p, serde_json::to_string(&pairs)?)?;
+        let json = serde_json::to_string(&pairs).map_err(|e| Error::Msg(e.to_string()))?;
+        std::fs::write(p, json).map_err(|e| Error::io(p, e))?;
     }
-    let mut results = Vec::new();
-    let mut variants: Vec<Variant> = vec![("online reference", 6.0, None)];
-    if a.precomputed_ref {
-        variants.push((
-            "precomputed reference",
-            4.0,
-            Some(run.reference_logps(&pairs, a.pairs)?),
-        ));
-    }
-    for (name, flops_per_param, refs) in variants {
-        let (step_s, tokens) = measure(&run, &pairs, refs.as_deref(), a)?;
-        let tps = tokens as f64 / step_s;
-        let model_flops = flops_per_param * params as f64 * tps;
-        results.push(BenchResult {
-            variant: name.into(),
-            params,
-            tokens_per_step: tokens,
-            median_step_s: step_s,
-            tokens_per_s: tps,
-            model_flops_per_s: model_flops,
-            matmul_peak_flops_per_s: peak,
-            fraction_of_peak: model_flops / peak,
-            peak_rss_mib: peak_rss_mib().unwrap_or(f64::NAN),
-            base_weights_mib: base_mib,
-        });
-    }
+    let results = measure_training(&run, &pairs, a, peak, dtype)?;
     let decode = if a.decode_tokens > 0 {
         Some(measure_decode(&run, &pairs[0].prompt, a.decode_tokens)?)
     } else {
@@ -316,42 +239,94 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     }
     if a.json {
         let out = serde_json::json!({ "train": results, "decode": decode, "merge": merge });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        let text = serde_json::to_string_pretty(&out).map_err(|e| Error::Msg(e.to_string()))?;
+        println!("{text}");
     } else {
-        println!("model: Llama, {params} parameters ({base_mib:.0} MiB {}), LoRA r8 all-linear; batch {} pairs, {} real tokens/step; {} threads", a.dtype, a.pairs, results[0].tokens_per_step, candle_core::utils::get_num_threads());
-        println!("measured f32 matmul peak: {:.1} GFLOP/s", peak / 1e9);
-        println!(
-            "{:<24} {:>10} {:>10} {:>12} {:>10} {:>14}",
-            "variant", "s/step", "tokens/s", "GFLOP/s", "of peak", "peak RSS MiB"
-        );
-        for r in &results {
-            println!(
-                "{:<24} {:>10.3} {:>10.1} {:>12.1} {:>9.1}% {:>14.0}",
-                r.variant,
-                r.median_step_s,
-                r.tokens_per_s,
-                r.model_flops_per_s / 1e9,
-                100.0 * r.fraction_of_peak,
-                r.peak_rss_mib
-            );
-        }
-        if let Some(d) = &decode {
-            println!(
-                "decode (greedy, KV cache, adapter on): prompt {} tokens prefilled in {:.3}s; {} new tokens at {:.1} tokens/s",
-                d.prompt_tokens, d.prefill_s, d.new_tokens, d.decode_tokens_per_s
-            );
-        }
-        if let Some(m) = &merge {
-            println!(
-                "merge: {:.3}s for {:.0} MiB; copying the model files: {:.3}s ({:.2}x)",
-                m.merge_s,
-                m.bytes as f64 / (1024.0 * 1024.0),
-                m.copy_s,
-                m.merge_s / m.copy_s
-            );
-        }
+        print_table(a, &results, decode.as_ref(), merge.as_ref());
     }
     Ok(())
+}
+
+/// The training-step variants: online reference, and precomputed reference when asked.
+fn measure_training(
+    run: &DpoRun,
+    pairs: &[PairIds],
+    a: &BenchArgs,
+    peak: f64,
+    dtype: DType,
+) -> Result<Vec<BenchResult>> {
+    let params = run.model.cfg.num_params();
+    let base_mib = (params * dtype.size_in_bytes()) as f64 / (1024.0 * 1024.0);
+    let mut variants: Vec<Variant> = vec![("online reference", 6.0, None)];
+    if a.precomputed_ref {
+        variants.push(("precomputed reference", 4.0, Some(run.reference_logps(pairs, a.pairs)?)));
+    }
+    let mut results = Vec::new();
+    for (name, flops_per_param, refs) in variants {
+        let (step_s, tokens) = measure(run, pairs, refs.as_deref(), a)?;
+        let tps = tokens as f64 / step_s;
+        let model_flops = flops_per_param * params as f64 * tps;
+        results.push(BenchResult {
+            variant: name.into(),
+            params,
+            tokens_per_step: tokens,
+            median_step_s: step_s,
+            tokens_per_s: tps,
+            model_flops_per_s: model_flops,
+            matmul_peak_flops_per_s: peak,
+            fraction_of_peak: model_flops / peak,
+            peak_rss_mib: peak_rss_mib().unwrap_or(f64::NAN),
+            base_weights_mib: base_mib,
+        });
+    }
+    Ok(results)
+}
+
+fn print_table(a: &BenchArgs, results: &[BenchResult], decode: Option<&DecodeResult>, merge: Option<&MergeResult>) {
+    let Some(first) = results.first() else { return };
+    println!(
+        "model: Llama, {} parameters ({:.0} MiB {}), LoRA r8 all-linear; batch {} pairs, {} real tokens/step; {} threads",
+        first.params,
+        first.base_weights_mib,
+        a.dtype,
+        a.pairs,
+        first.tokens_per_step,
+        candle_core::utils::get_num_threads()
+    );
+    println!(
+        "measured f32 matmul peak: {:.1} GFLOP/s",
+        first.matmul_peak_flops_per_s / 1e9
+    );
+    println!(
+        "{:<24} {:>10} {:>10} {:>12} {:>10} {:>14}",
+        "variant", "s/step", "tokens/s", "GFLOP/s", "of peak", "peak RSS MiB"
+    );
+    for r in results {
+        println!(
+            "{:<24} {:>10.3} {:>10.1} {:>12.1} {:>9.1}% {:>14.0}",
+            r.variant,
+            r.median_step_s,
+            r.tokens_per_s,
+            r.model_flops_per_s / 1e9,
+            100.0 * r.fraction_of_peak,
+            r.peak_rss_mib
+        );
+    }
+    if let Some(d) = decode {
+        println!(
+            "decode (greedy, KV cache, adapter on): prompt {} tokens prefilled in {:.3}s; {} new tokens at {:.1} tokens/s",
+            d.prompt_tokens, d.prefill_s, d.new_tokens, d.decode_tokens_per_s
+        );
+    }
+    if let Some(m) = merge {
+        println!(
+            "merge: {:.3}s for {:.0} MiB; copying the model files: {:.3}s ({:.2}x)",
+            m.merge_s,
+            m.bytes as f64 / (1024.0 * 1024.0),
+            m.copy_s,
+            m.merge_s / m.copy_s
+        );
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -405,7 +380,7 @@ fn measure_merge(run: &DpoRun, model_dir: &Path) -> Result<MergeResult> {
     #[derive(Parser)]
     struct Cmd {
         #[command(flatten)]
-        merge: crate::merge::MergeArgs,
+        merge: crate::cli::MergeArgs,
     }
     let adapter = run
         .adapter
@@ -425,7 +400,7 @@ fn measure_merge(run: &DpoRun, model_dir: &Path) -> Result<MergeResult> {
         merged.as_os_str(),
     ])
     .map_err(|e| Error::Msg(e.to_string()))?;
-    let plan = crate::merge::MergePlan::from_args(&cmd.merge)?;
+    let plan = cmd.merge.plan()?;
     let t = Instant::now();
     let summary = crate::merge::execute(&plan, false)?;
     let merge_s = t.elapsed().as_secs_f64();

@@ -1,10 +1,14 @@
 //! Command-line definitions. Flags use ms-swift's names; each accepts both the underscore and the
 //! dash spelling (`--max_length` and `--max-length`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use clap::{Args, Parser, Subcommand};
-use lorafold::recipe::DpoOptions;
+use clap::{ArgAction, Args, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::merge::combine::{Combination, CombineOptions, SignMethod};
+use crate::merge::MergePlan;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,11 +29,11 @@ pub enum Command {
     /// Score preference pairs: loss, rewards, accuracy.
     Eval(EvalArgs),
     /// Merge adapters into the base weights, or combine several adapters.
-    Merge(lorafold::merge::MergeArgs),
+    Merge(MergeArgs),
     /// Generate text with a model, optionally with an adapter.
-    Infer(lorafold::infer::InferArgs),
+    Infer(InferArgs),
     /// Benchmark a DPO step on a fixed ~30M-parameter model: tokens/s, peak memory, matmul peak.
-    Bench(lorafold::bench::BenchArgs),
+    Bench(BenchArgs),
     /// Print a model's architecture and sizes, and check an adapter against it.
     Inspect(InspectArgs),
 }
@@ -79,4 +83,530 @@ pub struct InspectArgs {
     /// An adapter folder to load and check against the model.
     #[arg(long)]
     pub adapters: Option<PathBuf>,
+}
+
+/// Every key of `lorafold dpo`, as a flag (both `--max_length` and `--max-length` work) and as a
+/// recipe key. Unset keys take lorafold's defaults (see `lorafold dpo --help`).
+#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpoOptions {
+    /// Model: local folder or hub id (aliases: --model_id_or_path, --model_type).
+    #[arg(long, alias = "model-id-or-path", alias = "model-type")]
+    #[serde(alias = "model_id_or_path", alias = "model_type")]
+    pub model: Option<String>,
+    /// Hub revision of the model.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Reference model; must be the same as the model (the reference is the base with adapters off).
+    #[arg(long)]
+    pub ref_model_type: Option<String>,
+    /// Training type; only `lora` is supported.
+    #[arg(long)]
+    pub sft_type: Option<String>,
+    /// Training data: JSON, JSONL or Parquet files, or hub dataset ids (org/name[:subset]).
+    #[arg(long, num_args = 1..)]
+    pub dataset: Option<Vec<String>>,
+    /// Held-out evaluation data (same forms as --dataset).
+    #[arg(long, num_args = 1..)]
+    pub val_dataset: Option<Vec<String>>,
+    /// Fraction of the training pairs held out for evaluation when no --val_dataset is given.
+    #[arg(long)]
+    pub split_dataset_ratio: Option<f64>,
+    /// Output folder (default: adapters/<model>-dpo-<time>).
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub num_train_epochs: Option<f64>,
+    /// Total optimizer steps; overrides --num_train_epochs.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Longest prompt + response in tokens.
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    #[arg(long)]
+    pub max_prompt_length: Option<usize>,
+    /// keep_end (default: keep the end of a long prompt) or keep_start.
+    #[arg(long)]
+    pub truncation_mode: Option<String>,
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// LoRA dropout (alias: --lora_dropout).
+    #[arg(long, alias = "lora-dropout")]
+    #[serde(alias = "lora_dropout")]
+    pub lora_dropout_p: Option<f64>,
+    /// ALL / all-linear, a list of module names, or a regex over module paths.
+    #[arg(long, num_args = 1..)]
+    pub lora_target_modules: Option<Vec<String>>,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub use_rslora: Option<bool>,
+    /// Start from an existing adapter folder (trained further).
+    #[arg(long)]
+    pub adapters: Option<PathBuf>,
+    /// Use a frozen adapter (e.g. an SFT adapter) as the reference instead of the bare base.
+    #[arg(long)]
+    pub ref_adapters: Option<PathBuf>,
+    /// Pairs per micro-batch (alias: --per_device_train_batch_size).
+    #[arg(long, alias = "per-device-train-batch-size")]
+    #[serde(alias = "per_device_train_batch_size")]
+    pub batch_size: Option<usize>,
+    #[arg(long, alias = "per-device-eval-batch-size")]
+    #[serde(alias = "per_device_eval_batch_size")]
+    pub eval_batch_size: Option<usize>,
+    #[arg(long)]
+    pub gradient_accumulation_steps: Option<usize>,
+    /// Shuffle the training pairs each epoch (default true; false keeps file order).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub shuffle: Option<bool>,
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    #[arg(long)]
+    pub adam_beta1: Option<f64>,
+    #[arg(long)]
+    pub adam_beta2: Option<f64>,
+    #[arg(long)]
+    pub adam_epsilon: Option<f64>,
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// cosine, linear, constant or constant_with_warmup.
+    #[arg(long)]
+    pub lr_scheduler_type: Option<String>,
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// DPO temperature β.
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// One or more of: sigmoid hinge ipo robust exo_pair nca_pair bco_pair sppo_hard aot aot_pair
+    /// apo_zero apo_down discopop sigmoid_norm simpo orpo sft.
+    #[arg(long, num_args = 1..)]
+    pub loss_type: Option<Vec<String>>,
+    /// Weights of the loss types, one per --loss_type.
+    #[arg(long, num_args = 1.., value_delimiter = ',')]
+    pub loss_weights: Option<Vec<f64>>,
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+    /// Weight of an SFT (NLL) term on the chosen response.
+    #[arg(long)]
+    pub rpo_alpha: Option<f64>,
+    #[arg(long)]
+    pub simpo_gamma: Option<f64>,
+    #[arg(long)]
+    pub discopop_tau: Option<f64>,
+    /// Compute reference log-probs once before training and cache them next to the run.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub precompute_ref_log_probs: Option<bool>,
+    /// Compute the prompt shared by a pair's chosen and rejected responses once, packing
+    /// prompt + chosen + rejected in one row (default true; same results up to f32 rounding).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub prefix_sharing: Option<bool>,
+    /// Put pairs of similar length in the same batch (less padding); the batches are
+    /// shuffled. As transformers' `group_by_length`.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub group_by_length: Option<bool>,
+    #[arg(long)]
+    pub eval_steps: Option<usize>,
+    #[arg(long)]
+    pub save_steps: Option<usize>,
+    /// Keep at most this many checkpoints (oldest removed).
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
+    #[arg(long)]
+    pub logging_steps: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// AUTO, fp32, bf16 or fp16 for the base weights (LoRA, optimizer and loss stay f32).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Keep only each decoder block's input during the forward pass and recompute the block in
+    /// the backward pass: far less activation memory for about one more forward's time (CPU).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub gradient_checkpointing: Option<bool>,
+    /// A checkpoint folder to resume from, or `latest` (the newest under --output_dir).
+    #[arg(long)]
+    pub resume_from_checkpoint: Option<String>,
+    /// Skip rows that fail to parse (counted) instead of stopping at the first.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub skip_bad_rows: Option<bool>,
+    /// Chat template override: chatml, llama3, mistral, raw, or a Jinja file.
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Evaluate on at most this many held-out pairs.
+    #[arg(long)]
+    pub max_eval_pairs: Option<usize>,
+    /// Steps with a NaN/Inf loss or gradient are skipped; stop after this many in a row (default 5).
+    #[arg(long)]
+    pub max_nonfinite_steps: Option<usize>,
+}
+
+/// Normalise command-line flag spellings: `--max_length` → `--max-length` (values untouched).
+pub fn normalize_flag_spelling(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    args.into_iter()
+        .map(|a| {
+            if let Some(rest) = a.strip_prefix("--") {
+                let (name, value) = match rest.split_once('=') {
+                    Some((n, v)) => (n, Some(v)),
+                    None => (rest, None),
+                };
+                let name = name.replace('_', "-");
+                match value {
+                    Some(v) => format!("--{name}={v}"),
+                    None => format!("--{name}"),
+                }
+            } else {
+                a
+            }
+        })
+        .collect()
+}
+
+/// Merge LoRA adapters into a model, or combine several adapters into one.
+///
+/// Without --combination, every adapter is folded into the base: W' = W + Σ wᵢ·scaleᵢ·BᵢAᵢ,
+/// computed in f32 and stored in the base dtype; the output is a model folder (safetensors,
+/// config, tokenizer and generation config) that transformers and `lorafold infer` load.
+///
+/// With --combination, the adapters are combined into one PEFT adapter (PEFT's
+/// add_weighted_adapter); add --merge to fold the combined adapter into the base instead.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    lorafold merge --model Qwen/Qwen2.5-0.5B-Instruct --adapters out/checkpoint-200 --output merged\n  \
+    lorafold merge --adapters a b --weights 0.7,0.3 --combination svd --svd_rank 16 --output ab\n  \
+    lorafold merge --model M --adapters a b --combination ties --density 0.5 --merge --output m")]
+pub struct MergeArgs {
+    /// Base model: a local folder laid out like a hub snapshot, or a hub id. Needed unless only
+    /// combining adapters (--combination without --merge); when given there, the adapters are
+    /// checked against it.
+    #[arg(long, alias = "model-id-or-path")]
+    pub model: Option<String>,
+    /// Hub revision of the base model (branch, tag or commit).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Adapter folders: adapter_config.json + adapter_model.safetensors, e.g. the output or a
+    /// checkpoint-N folder of `lorafold dpo`. Repeat the flag or list several after it.
+    #[arg(long, alias = "adapter", required = true, num_args = 1..)]
+    pub adapters: Vec<PathBuf>,
+    /// Output folder [default: <first adapter>-merged, or <first adapter>-<combination> for a
+    /// combined adapter].
+    #[arg(long, alias = "output-dir")]
+    pub output: Option<PathBuf>,
+    /// Replace --output if it exists (a non-empty existing folder is refused otherwise).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// One weight per adapter, comma-separated (default 1 each). Negative weights subtract.
+    #[arg(long, value_delimiter = ',', num_args = 1.., allow_negative_numbers = true)]
+    pub weights: Vec<f64>,
+    /// Combine the adapters into one, as PEFT's add_weighted_adapter(combination_type=...):
+    /// cat (exact: ranks add up), linear (A and B averaged separately; equal ranks), svd (weighted
+    /// sum of ΔW truncated by SVD), ties, dare_linear, dare_ties, magnitude_prune (on A and B
+    /// separately; equal ranks), and ties_svd, dare_linear_svd, dare_ties_svd,
+    /// magnitude_prune_svd (on ΔW, then SVD).
+    #[arg(long, alias = "combination-type", value_enum)]
+    pub combination: Option<Combination>,
+    /// Fold the combined adapter into the base model instead of writing it as an adapter.
+    #[arg(
+        long,
+        visible_alias = "into-base",
+        alias = "merge-lora",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value_t = false,
+        action = ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub merge: bool,
+    /// Fraction of values kept by ties, dare_* and magnitude_prune* (0 < density ≤ 1).
+    #[arg(long)]
+    pub density: Option<f64>,
+    /// How ties and dare_ties elect the sign of each value.
+    #[arg(long, value_enum, default_value_t = SignMethod::Total)]
+    pub majority_sign_method: SignMethod,
+    /// Rank of the adapter made by the *svd combinations [default: the largest adapter rank].
+    #[arg(long)]
+    pub svd_rank: Option<usize>,
+    /// Clamp the SVD factors at this quantile of their values (PEFT's svd_clamp), e.g. 0.99.
+    #[arg(long)]
+    pub svd_clamp: Option<f64>,
+    /// Seed of the random masks of dare_linear and dare_ties.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// dtype of the output: auto (keep each tensor's dtype), fp32, bf16 or fp16. Converting
+    /// rewrites the dtype in config.json.
+    #[arg(long, alias = "torch-dtype", default_value = "auto")]
+    pub dtype: String,
+    /// Largest shard of the merged model: bytes or a size such as 5GB, 200MB, 2GiB. A model
+    /// larger than this is split into model-0000i-of-0000N.safetensors with an index.
+    #[arg(long, default_value = "5GB")]
+    pub max_shard_size: String,
+    /// Check every merged tensor for NaN and infinity (and the adapters first), and refuse to
+    /// write a broken model.
+    #[arg(
+        long,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value_t = false,
+        action = ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub safe_merge: bool,
+}
+
+/// Generate text with a model, optionally with an adapter.
+///
+/// With --prompt: stream one answer. With --prompts: answer every line of a JSONL file, writing
+/// one JSON line per prompt. With neither: chat interactively, reading lines from stdin
+/// (/reset starts a new conversation, /exit quits).
+#[derive(Debug, Args)]
+pub struct InferArgs {
+    /// Model: local folder or hub id (a merged model is just a model folder).
+    #[arg(long, alias = "model-id-or-path")]
+    pub model: String,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// A PEFT adapter folder, applied unmerged on top of the model.
+    #[arg(long)]
+    pub adapters: Option<PathBuf>,
+    /// Answer this prompt (streamed to stdout) and exit.
+    #[arg(long, conflicts_with = "prompts")]
+    pub prompt: Option<String>,
+    /// JSONL file of prompts: each line {"prompt": "..."}, {"messages": [...]}, a JSON string,
+    /// or plain text. Writes one JSON line per prompt with the generated token ids and text.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Write the JSONL answers of --prompts here instead of stdout.
+    #[arg(long, requires = "prompts")]
+    pub output: Option<PathBuf>,
+    /// System message put before the conversation (unless a prompt brings its own).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Feed the prompt as it is (after the BOS token, if the model has one), without the chat
+    /// template.
+    #[arg(long)]
+    pub no_chat_template: bool,
+    /// Chat template instead of the model's: chatml, llama3, mistral, raw, or a Jinja file.
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Most tokens to generate per answer [default: generation_config.json's, else 512].
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// 0 is greedy decoding [default: generation_config.json's when it sets do_sample, else 0].
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Sample among the k most likely tokens; 0 turns it off [default: generation_config.json's,
+    /// else 50, as transformers].
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample among the most likely tokens that make up this much probability [default:
+    /// generation_config.json's, else 1].
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Penalise tokens already in the prompt or answer (transformers' definition; 1 is off)
+    /// [default: generation_config.json's, else 1].
+    #[arg(long)]
+    pub repetition_penalty: Option<f64>,
+    /// Seed of sampling (turn n of a chat uses seed + n).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Keep generating past EOS / end-of-turn tokens, up to --max_new_tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Answer with the base model and with the adapter, one after the other, labelled.
+    #[arg(long, requires = "adapters")]
+    pub compare: bool,
+    /// Weights dtype: auto (f32 on CPU, the checkpoint's dtype on GPU), fp32, bf16 or fp16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+}
+
+/// `lorafold bench`: the fixed benchmark workload and what to measure.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Measured steps (after warm-up).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Pairs in the batch.
+    #[arg(long, default_value_t = 4)]
+    pub pairs: usize,
+    #[arg(long, default_value_t = 150)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 100)]
+    pub response_len: usize,
+    /// Also measure with precomputed reference log-probs (one forward + backward per step).
+    #[arg(long)]
+    pub precomputed_ref: bool,
+    /// Where to write the benchmark model (default: a temporary folder).
+    #[arg(long)]
+    pub model_dir: Option<std::path::PathBuf>,
+    /// Write the benchmark batch as JSON ([{prompt, chosen, rejected}] token ids) for
+    /// benchmarks/trl_bench.py.
+    #[arg(long)]
+    pub dump_pairs: Option<std::path::PathBuf>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Recompute each decoder block in the backward pass (less memory, more time).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// Run chosen and rejected as separate padded sequences instead of sharing the prompt.
+    #[arg(long)]
+    pub no_prefix_sharing: bool,
+    /// Tokens to generate for the decode measurement (0 skips it).
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+    /// Base weight dtype: f32, bf16 or f16 (LoRA stays f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Skip the merge measurement.
+    #[arg(long)]
+    pub skip_merge: bool,
+}
+
+impl MergeArgs {
+    /// The flags resolved into a checked [`MergePlan`].
+    pub fn plan(&self) -> Result<MergePlan> {
+        if self.adapters.is_empty() {
+            return Err(Error::Flag {
+                flag: "--adapters".into(),
+                msg: "give at least one adapter folder".into(),
+            });
+        }
+        let weights = self.weights_per_adapter()?;
+        self.check_ranges()?;
+        let combine = self.combination.map(|c| CombineOptions {
+            combination: c,
+            density: self.density,
+            sign_method: self.majority_sign_method,
+            svd_rank: self.svd_rank,
+            svd_clamp: self.svd_clamp,
+            seed: self.seed,
+        });
+        if let Some(c) = &combine {
+            if c.combination.needs_density() && self.density.is_none() && self.adapters.len() > 1 {
+                let msg = format!(
+                    "{} needs --density (the fraction of values kept, 0 < d ≤ 1)",
+                    c.combination.name()
+                );
+                return Err(setting("--combination", msg));
+            }
+        }
+        let into_base = combine.is_none() || self.merge;
+        if into_base && self.model.is_none() {
+            return Err(setting(
+                "--model",
+                "is required to merge into the base model (only combining adapters with \
+                 --combination and without --merge works without it)",
+            ));
+        }
+        let output = match &self.output {
+            Some(o) => o.clone(),
+            None => match (&combine, into_base) {
+                (Some(c), false) => sibling(&self.adapters[0], c.combination.name()),
+                _ => sibling(&self.adapters[0], "merged"),
+            },
+        };
+        Ok(MergePlan {
+            model: self.model.clone(),
+            revision: self.revision.clone(),
+            adapters: self.adapters.clone(),
+            weights,
+            combine,
+            into_base,
+            output,
+            overwrite: self.overwrite,
+            dtype: crate::model::load::parse_dtype_flag(&self.dtype)?.explicit(),
+            max_shard_size: crate::merge::writer::parse_size(&self.max_shard_size)?,
+            safe_merge: self.safe_merge,
+        })
+    }
+
+    /// `--weights`, one per adapter (1 each when not given), all finite.
+    fn weights_per_adapter(&self) -> Result<Vec<f64>> {
+        let (w, a) = (&self.weights, &self.adapters);
+        let weights = if w.is_empty() {
+            vec![1.0; a.len()]
+        } else if w.len() != a.len() {
+            let msg = format!(
+                "has {} value{} but --adapters names {} adapter{}; give one weight per adapter",
+                w.len(),
+                if w.len() == 1 { "" } else { "s" },
+                a.len(),
+                if a.len() == 1 { "" } else { "s" },
+            );
+            return Err(setting("--weights", msg));
+        } else {
+            w.clone()
+        };
+        if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+            return Err(Error::Flag {
+                flag: "--weights".into(),
+                msg: format!("{w} is not a finite number"),
+            });
+        }
+        Ok(weights)
+    }
+
+    fn check_ranges(&self) -> Result<()> {
+        if let Some(d) = self.density {
+            if !(d > 0.0 && d <= 1.0) {
+                return Err(setting("--density", format!("{d} is outside (0, 1]")));
+            }
+        }
+        if let Some(q) = self.svd_clamp {
+            if !(0.0..=1.0).contains(&q) {
+                return Err(setting("--svd_clamp", format!("{q} is outside [0, 1]")));
+            }
+        }
+        if self.svd_rank == Some(0) {
+            return Err(setting("--svd_rank", "must be positive"));
+        }
+        Ok(())
+    }
+
+    /// Flags that the chosen mode does not use (PEFT ignores them too), as notes for the user.
+    pub fn unused_flags(&self) -> Vec<String> {
+        let comb = self.combination;
+        let mut notes = Vec::new();
+        let mut unused =
+            |flag: &str, used_by: &str| notes.push(format!("note: {flag} is ignored; it is used by {used_by}"));
+        if self.density.is_some() && !comb.is_some_and(Combination::needs_density) {
+            unused("--density", "--combination ties, dare_*, magnitude_prune*");
+        }
+        if (self.svd_rank.is_some() || self.svd_clamp.is_some()) && !comb.is_some_and(Combination::on_delta) {
+            unused("--svd_rank/--svd_clamp", "the *svd combinations");
+        }
+        if self.merge && comb.is_none() {
+            notes.push("note: --merge is implied without --combination".into());
+        }
+        notes
+    }
+}
+
+fn setting(key: &str, msg: impl Into<String>) -> Error {
+    Error::Setting {
+        key: key.into(),
+        msg: msg.into(),
+    }
+}
+
+/// `<dir>-<suffix>` next to `dir`.
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let abs;
+    let dir = if dir.file_name().is_none() {
+        abs = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        abs.as_path()
+    } else {
+        dir
+    };
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "adapter".into());
+    dir.with_file_name(format!("{name}-{suffix}"))
 }

@@ -5,6 +5,45 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    // training runs
+    #[error("no training pairs left after preprocessing")]
+    NoTrainingPairs,
+
+    #[error("no pairs to evaluate after preprocessing")]
+    NoEvalPairs,
+
+    #[error("{dir}: this checkpoint was trained on different data (fingerprint {was} vs {now}); refusing to resume")]
+    ResumeDataMismatch { dir: PathBuf, was: String, now: String },
+
+    #[error("{dir}: loss state: {msg}")]
+    LossState { dir: PathBuf, msg: String },
+
+    #[error(
+        "non-finite loss or gradient in {in_a_row} steps in a row (up to step {step}); training stopped ({keep}). \
+         Lower --learning_rate or check the data"
+    )]
+    NonFinite { step: usize, in_a_row: usize, keep: String },
+
+    #[error("{dir} already holds a trained adapter; choose another --output_dir or pass --resume_from_checkpoint")]
+    OutputHoldsAdapter { dir: PathBuf },
+
+    #[error("--output_dir {dir}: {msg}")]
+    OutputDir { dir: PathBuf, msg: String },
+
+    // inference
+    #[error("{path}:{line}: {msg}")]
+    PromptLine { path: PathBuf, line: usize, msg: String },
+
+    #[error("{path}: no prompts in the file")]
+    NoPrompts { path: PathBuf },
+
+    #[error("the prompt has no tokens")]
+    EmptyPrompt,
+
+    /// What was being done when `inner` happened (`loading model <dir>: ...`).
+    #[error("{what}: {inner}")]
+    Context { what: String, inner: Box<Error> },
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -64,6 +103,10 @@ pub enum Error {
     /// A command-line flag with a bad value (`--dtype "x" must be ...`).
     #[error("{key} {msg}")]
     Setting { key: String, msg: String },
+
+    /// A command-line flag whose value is refused (`--weights: inf is not a finite number`).
+    #[error("{flag}: {msg}")]
+    Flag { flag: String, msg: String },
 
     /// A recipe file that is not YAML, or not a mapping of keys to values.
     #[error("{path}: {msg}")]

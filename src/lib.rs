@@ -4,6 +4,7 @@
 //! adapters off it is the frozen DPO reference.
 
 pub mod bench;
+pub mod cli;
 pub mod data;
 pub mod dpo;
 pub mod error;

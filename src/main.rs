@@ -22,9 +22,7 @@ fn tune_malloc() {}
 
 use clap::Parser;
 
-mod cli;
-
-use cli::{Cli, Command};
+use lorafold::cli::{self as cli, Cli, Command};
 use lorafold::model::{LoadOptions, Model};
 use lorafold::recipe::{normalize_flag_spelling, DpoOptions, Settings};
 
@@ -43,11 +41,17 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect(args),
-        Command::Bench(args) => lorafold::bench::run(&args),
+        Command::Bench(args) => Ok(lorafold::bench::run(&args)?),
         Command::Dpo(args) => dpo(args),
         Command::Eval(args) => eval(args),
-        Command::Merge(args) => lorafold::merge::run(&args),
-        Command::Infer(args) => lorafold::infer::run(&args),
+        Command::Merge(args) => {
+            let plan = args.plan()?;
+            for n in args.unused_flags() {
+                eprintln!("{n}");
+            }
+            Ok(lorafold::merge::run(&plan)?)
+        }
+        Command::Infer(args) => Ok(lorafold::infer::run(&args)?),
     }
 }
 
@@ -93,9 +97,7 @@ fn dpo(args: cli::DpoArgs) -> anyhow::Result<()> {
     if let Some((step, e)) = o.evals.last() {
         eprintln!(
             "eval at step {step}: loss {:.4}, reward accuracy {:.3}, margin {:.4}",
-            e.get("eval_loss").copied().unwrap_or(f64::NAN),
-            e.get("eval_rewards/accuracies").copied().unwrap_or(f64::NAN),
-            e.get("eval_rewards/margins").copied().unwrap_or(f64::NAN)
+            e.loss, e.rewards_accuracies, e.rewards_margins
         );
     }
     Ok(())
@@ -104,10 +106,7 @@ fn dpo(args: cli::DpoArgs) -> anyhow::Result<()> {
 fn eval(args: cli::EvalArgs) -> anyhow::Result<()> {
     let s = settings(args.recipe.as_deref(), &args.options)?;
     let (rec, n, report) = lorafold::train::run::run_eval(&s, args.per_pair.as_deref())?;
-    let rec: std::collections::BTreeMap<String, f64> = rec
-        .into_iter()
-        .map(|(k, v)| (k.trim_start_matches("eval_").to_string(), v))
-        .collect();
+    let rec = rec.record("");
     if args.json {
         let mut obj = serde_json::Map::new();
         obj.insert("pairs".into(), n.into());

@@ -4,173 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
-use clap::Args;
-use serde::{Deserialize, Serialize};
-
+pub use crate::cli::{normalize_flag_spelling, DpoOptions};
 use crate::data::tokenize::TruncationMode;
 use crate::dpo::loss::{LossKind, LossParams};
 use crate::error::{Error, Result};
 use crate::model::load::DtypeChoice;
 use crate::train::schedule::SchedulerKind;
 pub use crate::train::settings::Settings;
-
-/// Every key of `lorafold dpo`, as a flag (both `--max_length` and `--max-length` work) and as a
-/// recipe key. Unset keys take lorafold's defaults (see `lorafold dpo --help`).
-#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DpoOptions {
-    /// Model: local folder or hub id (aliases: --model_id_or_path, --model_type).
-    #[arg(long, alias = "model-id-or-path", alias = "model-type")]
-    #[serde(alias = "model_id_or_path", alias = "model_type")]
-    pub model: Option<String>,
-    /// Hub revision of the model.
-    #[arg(long)]
-    pub revision: Option<String>,
-    /// Reference model; must be the same as the model (the reference is the base with adapters off).
-    #[arg(long)]
-    pub ref_model_type: Option<String>,
-    /// Training type; only `lora` is supported.
-    #[arg(long)]
-    pub sft_type: Option<String>,
-    /// Training data: JSON, JSONL or Parquet files, or hub dataset ids (org/name[:subset]).
-    #[arg(long, num_args = 1..)]
-    pub dataset: Option<Vec<String>>,
-    /// Held-out evaluation data (same forms as --dataset).
-    #[arg(long, num_args = 1..)]
-    pub val_dataset: Option<Vec<String>>,
-    /// Fraction of the training pairs held out for evaluation when no --val_dataset is given.
-    #[arg(long)]
-    pub split_dataset_ratio: Option<f64>,
-    /// Output folder (default: adapters/<model>-dpo-<time>).
-    #[arg(long)]
-    pub output_dir: Option<PathBuf>,
-    #[arg(long)]
-    pub num_train_epochs: Option<f64>,
-    /// Total optimizer steps; overrides --num_train_epochs.
-    #[arg(long)]
-    pub max_steps: Option<usize>,
-    /// Longest prompt + response in tokens.
-    #[arg(long)]
-    pub max_length: Option<usize>,
-    #[arg(long)]
-    pub max_prompt_length: Option<usize>,
-    /// keep_end (default: keep the end of a long prompt) or keep_start.
-    #[arg(long)]
-    pub truncation_mode: Option<String>,
-    #[arg(long)]
-    pub lora_rank: Option<usize>,
-    #[arg(long)]
-    pub lora_alpha: Option<f64>,
-    /// LoRA dropout (alias: --lora_dropout).
-    #[arg(long, alias = "lora-dropout")]
-    #[serde(alias = "lora_dropout")]
-    pub lora_dropout_p: Option<f64>,
-    /// ALL / all-linear, a list of module names, or a regex over module paths.
-    #[arg(long, num_args = 1..)]
-    pub lora_target_modules: Option<Vec<String>>,
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub use_rslora: Option<bool>,
-    /// Start from an existing adapter folder (trained further).
-    #[arg(long)]
-    pub adapters: Option<PathBuf>,
-    /// Use a frozen adapter (e.g. an SFT adapter) as the reference instead of the bare base.
-    #[arg(long)]
-    pub ref_adapters: Option<PathBuf>,
-    /// Pairs per micro-batch (alias: --per_device_train_batch_size).
-    #[arg(long, alias = "per-device-train-batch-size")]
-    #[serde(alias = "per_device_train_batch_size")]
-    pub batch_size: Option<usize>,
-    #[arg(long, alias = "per-device-eval-batch-size")]
-    #[serde(alias = "per_device_eval_batch_size")]
-    pub eval_batch_size: Option<usize>,
-    #[arg(long)]
-    pub gradient_accumulation_steps: Option<usize>,
-    /// Shuffle the training pairs each epoch (default true; false keeps file order).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub shuffle: Option<bool>,
-    #[arg(long)]
-    pub learning_rate: Option<f64>,
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
-    #[arg(long)]
-    pub adam_beta1: Option<f64>,
-    #[arg(long)]
-    pub adam_beta2: Option<f64>,
-    #[arg(long)]
-    pub adam_epsilon: Option<f64>,
-    #[arg(long)]
-    pub max_grad_norm: Option<f64>,
-    /// cosine, linear, constant or constant_with_warmup.
-    #[arg(long)]
-    pub lr_scheduler_type: Option<String>,
-    #[arg(long)]
-    pub warmup_ratio: Option<f64>,
-    #[arg(long)]
-    pub warmup_steps: Option<usize>,
-    /// DPO temperature β.
-    #[arg(long)]
-    pub beta: Option<f64>,
-    /// One or more of: sigmoid hinge ipo robust exo_pair nca_pair bco_pair sppo_hard aot aot_pair
-    /// apo_zero apo_down discopop sigmoid_norm simpo orpo sft.
-    #[arg(long, num_args = 1..)]
-    pub loss_type: Option<Vec<String>>,
-    /// Weights of the loss types, one per --loss_type.
-    #[arg(long, num_args = 1.., value_delimiter = ',')]
-    pub loss_weights: Option<Vec<f64>>,
-    #[arg(long)]
-    pub label_smoothing: Option<f64>,
-    /// Weight of an SFT (NLL) term on the chosen response.
-    #[arg(long)]
-    pub rpo_alpha: Option<f64>,
-    #[arg(long)]
-    pub simpo_gamma: Option<f64>,
-    #[arg(long)]
-    pub discopop_tau: Option<f64>,
-    /// Compute reference log-probs once before training and cache them next to the run.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub precompute_ref_log_probs: Option<bool>,
-    /// Compute the prompt shared by a pair's chosen and rejected responses once, packing
-    /// prompt + chosen + rejected in one row (default true; same results up to f32 rounding).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub prefix_sharing: Option<bool>,
-    /// Put pairs of similar length in the same batch (less padding); the batches are
-    /// shuffled. As transformers' `group_by_length`.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub group_by_length: Option<bool>,
-    #[arg(long)]
-    pub eval_steps: Option<usize>,
-    #[arg(long)]
-    pub save_steps: Option<usize>,
-    /// Keep at most this many checkpoints (oldest removed).
-    #[arg(long)]
-    pub save_total_limit: Option<usize>,
-    #[arg(long)]
-    pub logging_steps: Option<usize>,
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// AUTO, fp32, bf16 or fp16 for the base weights (LoRA, optimizer and loss stay f32).
-    #[arg(long)]
-    pub dtype: Option<String>,
-    /// Keep only each decoder block's input during the forward pass and recompute the block in
-    /// the backward pass: far less activation memory for about one more forward's time (CPU).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub gradient_checkpointing: Option<bool>,
-    /// A checkpoint folder to resume from, or `latest` (the newest under --output_dir).
-    #[arg(long)]
-    pub resume_from_checkpoint: Option<String>,
-    /// Skip rows that fail to parse (counted) instead of stopping at the first.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    pub skip_bad_rows: Option<bool>,
-    /// Chat template override: chatml, llama3, mistral, raw, or a Jinja file.
-    #[arg(long)]
-    pub template: Option<String>,
-    /// Evaluate on at most this many held-out pairs.
-    #[arg(long)]
-    pub max_eval_pairs: Option<usize>,
-    /// Steps with a NaN/Inf loss or gradient are skipped; stop after this many in a row (default 5).
-    #[arg(long)]
-    pub max_nonfinite_steps: Option<usize>,
-}
 
 impl DpoOptions {
     /// Read a YAML recipe. Keys may use `_` or `-`; unknown keys are errors naming them.
@@ -441,27 +281,6 @@ fn listify(v: serde_yaml::Value, keys: &[&str]) -> serde_yaml::Value {
         ),
         other => other,
     }
-}
-
-/// Normalise command-line flag spellings: `--max_length` → `--max-length` (values untouched).
-pub fn normalize_flag_spelling(args: impl IntoIterator<Item = String>) -> Vec<String> {
-    args.into_iter()
-        .map(|a| {
-            if let Some(rest) = a.strip_prefix("--") {
-                let (name, value) = match rest.split_once('=') {
-                    Some((n, v)) => (n, Some(v)),
-                    None => (rest, None),
-                };
-                let name = name.replace('_', "-");
-                match value {
-                    Some(v) => format!("--{name}={v}"),
-                    None => format!("--{name}"),
-                }
-            } else {
-                a
-            }
-        })
-        .collect()
 }
 
 fn bad(key: &str, msg: impl Into<String>) -> Error {

@@ -10,186 +10,103 @@ pub mod generate;
 pub mod sampling;
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
-use clap::Args;
 use serde_json::{json, Value};
 
+use crate::cli::InferArgs;
 use crate::data::tokenize::Preprocessor;
 use crate::data::Message;
+use crate::error::{Error, Result};
 use crate::model::linear::Fwd;
 use crate::model::Model;
 pub use generate::{generate, FinishReason, GenerateOptions, Generation, Session, TextStream};
 pub use sampling::{Sampler, SamplingParams};
 
-/// Generate text with a model, optionally with an adapter.
-///
-/// With --prompt: stream one answer. With --prompts: answer every line of a JSONL file, writing
-/// one JSON line per prompt. With neither: chat interactively, reading lines from stdin
-/// (/reset starts a new conversation, /exit quits).
-#[derive(Debug, Args)]
-pub struct InferArgs {
-    /// Model: local folder or hub id (a merged model is just a model folder).
-    #[arg(long, alias = "model-id-or-path")]
-    pub model: String,
-    /// Hub revision (branch, tag or commit).
-    #[arg(long)]
-    pub revision: Option<String>,
-    /// A PEFT adapter folder, applied unmerged on top of the model.
-    #[arg(long)]
-    pub adapters: Option<PathBuf>,
-    /// Answer this prompt (streamed to stdout) and exit.
-    #[arg(long, conflicts_with = "prompts")]
-    pub prompt: Option<String>,
-    /// JSONL file of prompts: each line {"prompt": "..."}, {"messages": [...]}, a JSON string,
-    /// or plain text. Writes one JSON line per prompt with the generated token ids and text.
-    #[arg(long)]
-    pub prompts: Option<PathBuf>,
-    /// Write the JSONL answers of --prompts here instead of stdout.
-    #[arg(long, requires = "prompts")]
-    pub output: Option<PathBuf>,
-    /// System message put before the conversation (unless a prompt brings its own).
-    #[arg(long)]
-    pub system: Option<String>,
-    /// Feed the prompt as it is (after the BOS token, if the model has one), without the chat
-    /// template.
-    #[arg(long)]
-    pub no_chat_template: bool,
-    /// Chat template instead of the model's: chatml, llama3, mistral, raw, or a Jinja file.
-    #[arg(long)]
-    pub template: Option<String>,
-    /// Most tokens to generate per answer [default: generation_config.json's, else 512].
-    #[arg(long)]
-    pub max_new_tokens: Option<usize>,
-    /// 0 is greedy decoding [default: generation_config.json's when it sets do_sample, else 0].
-    #[arg(long)]
-    pub temperature: Option<f64>,
-    /// Sample among the k most likely tokens; 0 turns it off [default: generation_config.json's,
-    /// else 50, as transformers].
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    /// Sample among the most likely tokens that make up this much probability [default:
-    /// generation_config.json's, else 1].
-    #[arg(long)]
-    pub top_p: Option<f64>,
-    /// Penalise tokens already in the prompt or answer (transformers' definition; 1 is off)
-    /// [default: generation_config.json's, else 1].
-    #[arg(long)]
-    pub repetition_penalty: Option<f64>,
-    /// Seed of sampling (turn n of a chat uses seed + n).
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-    /// Keep generating past EOS / end-of-turn tokens, up to --max_new_tokens.
-    #[arg(long)]
-    pub ignore_eos: bool,
-    /// Answer with the base model and with the adapter, one after the other, labelled.
-    #[arg(long, requires = "adapters")]
-    pub compare: bool,
-    /// Weights dtype: auto (f32 on CPU, the checkpoint's dtype on GPU), fp32, bf16 or fp16.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
-}
-
-pub fn run(args: &InferArgs) -> anyhow::Result<()> {
-    let InferArgs {
-        model,
-        revision,
-        adapters,
-        prompt,
-        prompts,
-        output,
-        system,
-        no_chat_template,
-        template,
-        max_new_tokens,
-        temperature,
-        top_k,
-        top_p,
-        repetition_penalty,
-        seed,
-        ignore_eos,
-        compare,
-        dtype,
-    } = args;
-
+/// Run `lorafold infer`: one prompt, a file of prompts, or an interactive chat.
+pub fn run(args: &InferArgs) -> Result<()> {
     // Read the prompts first: a bad line is reported before the model is loaded.
-    let batch = match prompts {
+    let batch = match &args.prompts {
         Some(p) => Some(read_prompts(p)?),
         None => None,
     };
-    let files = crate::hub::resolve_model(model, revision.as_deref())?;
-    let template = if *no_chat_template {
+    let files = crate::hub::resolve_model(&args.model, args.revision.as_deref())?;
+    let template = if args.no_chat_template {
         Some("raw")
     } else {
-        template.as_deref()
+        args.template.as_deref()
     };
     let pre = Preprocessor::from_model_dir(&files.dir, template)?;
     let gen_cfg = GenerationConfig::read(files.generation_config().as_deref())?;
-
-    let sampling = SamplingParams {
-        temperature: temperature.unwrap_or(if gen_cfg.do_sample == Some(true) {
-            gen_cfg.temperature.unwrap_or(1.0)
-        } else {
-            0.0
-        }),
-        top_k: top_k.or(gen_cfg.top_k).unwrap_or(50),
-        top_p: top_p.or(gen_cfg.top_p).unwrap_or(1.0),
-        repetition_penalty: repetition_penalty.or(gen_cfg.repetition_penalty).unwrap_or(1.0),
-        seed: *seed,
-    };
+    let sampling = sampling_params(args, &gen_cfg);
     sampling.validate()?;
-    if let Some(dir) = adapters {
+    if let Some(dir) = &args.adapters {
         let cfg = dir.join(crate::lora::io::CONFIG_FILE);
         if !cfg.is_file() {
-            bail!(
-                "{}: required file is missing (--adapters must be a PEFT adapter folder)",
-                cfg.display()
-            );
+            return Err(Error::Adapter {
+                path: cfg,
+                msg: "required file is missing (--adapters must be a PEFT adapter folder)".into(),
+            });
         }
     }
     // Everything cheap is checked; now the weights.
-    let mut m = crate::model::load::load_model(
-        &files.config,
-        &files.weights,
-        crate::model::load::parse_dtype_flag(dtype)?,
-    )
-    .with_context(|| format!("loading model {}", files.dir.display()))?;
-    let adapter_slot = match adapters {
+    let dtype = crate::model::load::parse_dtype_flag(&args.dtype)?;
+    let mut m = crate::model::load::load_model(&files.config, &files.weights, dtype).map_err(|e| Error::Context {
+        what: format!("loading model {}", files.dir.display()),
+        inner: Box::new(e),
+    })?;
+    let adapter_slot = match &args.adapters {
         Some(dir) => Some(crate::lora::io::load_adapter(&mut m, dir, false)?.slot),
         None => None,
     };
-    let stop_tokens = if *ignore_eos {
+    let stop_tokens = if args.ignore_eos {
         Vec::new()
     } else {
         stop_tokens(&gen_cfg, &m, &pre)
     };
     let opts = GenerateOptions {
-        max_new_tokens: max_new_tokens.or(gen_cfg.max_new_tokens).unwrap_or(512),
+        max_new_tokens: args.max_new_tokens.or(gen_cfg.max_new_tokens).unwrap_or(512),
         stop_tokens,
         sampling,
         use_cache: true,
     };
-    let sides: Vec<(&str, Fwd)> = match (adapter_slot, compare) {
+    let sides: Vec<(&str, Fwd)> = match (adapter_slot, args.compare) {
         (Some(slot), true) => vec![("base", Fwd::base()), ("adapter", Fwd::eval(slot))],
         (Some(slot), false) => vec![("adapter", Fwd::eval(slot))],
         (None, _) => vec![("base", Fwd::base())],
     };
-    eprintln!("{}", describe(&files.name, &m, adapters.as_deref(), &opts));
+    eprintln!("{}", describe(&files.name, &m, args.adapters.as_deref(), &opts));
 
     let inf = Inference {
         model: &m,
         pre: &pre,
         opts,
-        system: system.clone(),
+        system: args.system.clone(),
         sides,
-        compare: *compare,
+        compare: args.compare,
     };
-    match (prompt, batch) {
+    match (&args.prompt, batch) {
         (Some(p), _) => inf.one_prompt(p),
-        (None, Some(items)) => inf.prompt_file(&items, output.as_deref()),
+        (None, Some(items)) => inf.prompt_file(&items, args.output.as_deref()),
         (None, None) => inf.chat(std::io::stdin().lock()),
+    }
+}
+
+/// Sampling settings: the flags, else generation_config.json's, else transformers' defaults
+/// (greedy unless the config sets do_sample).
+fn sampling_params(args: &InferArgs, gen_cfg: &GenerationConfig) -> SamplingParams {
+    let default_temperature = if gen_cfg.do_sample == Some(true) {
+        gen_cfg.temperature.unwrap_or(1.0)
+    } else {
+        0.0
+    };
+    SamplingParams {
+        temperature: args.temperature.unwrap_or(default_temperature),
+        top_k: args.top_k.or(gen_cfg.top_k).unwrap_or(50),
+        top_p: args.top_p.or(gen_cfg.top_p).unwrap_or(1.0),
+        repetition_penalty: args.repetition_penalty.or(gen_cfg.repetition_penalty).unwrap_or(1.0),
+        seed: args.seed,
     }
 }
 
@@ -206,7 +123,7 @@ struct GenerationConfig {
 }
 
 impl GenerationConfig {
-    fn read(path: Option<&Path>) -> anyhow::Result<GenerationConfig> {
+    fn read(path: Option<&Path>) -> Result<GenerationConfig> {
         Ok(match path {
             Some(p) => crate::error::read_json_named(p, &serde_json::json!({}))?,
             None => GenerationConfig::default(),
@@ -272,27 +189,30 @@ pub struct PromptItem {
 }
 
 /// Read a --prompts file; errors name the file and line.
-pub fn read_prompts(path: &Path) -> anyhow::Result<Vec<PromptItem>> {
+pub fn read_prompts(path: &Path) -> Result<Vec<PromptItem>> {
     let bytes = std::fs::read(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            crate::Error::MissingFile { path: path.into() }
+            Error::MissingFile { path: path.into() }
         } else {
-            crate::Error::io(path, e)
+            Error::io(path, e)
         }
     })?;
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let mut items = Vec::new();
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let bad_line = |msg: String| Error::PromptLine {
+            path: path.into(),
+            line: i + 1,
+            msg,
+        };
         let line = std::str::from_utf8(raw).map_err(|e| {
-            anyhow::anyhow!(
-                "{}:{}: not valid UTF-8 text (byte {} of the line)",
-                path.display(),
-                i + 1,
+            bad_line(format!(
+                "not valid UTF-8 text (byte {} of the line)",
                 e.valid_up_to() + 1
-            )
+            ))
         })?;
         let line = line.strip_suffix('\r').unwrap_or(line);
-        let parsed = parse_prompt_line(line).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+        let parsed = parse_prompt_line(line).map_err(|e| bad_line(e.to_string()))?;
         if let Some((messages, source)) = parsed {
             items.push(PromptItem {
                 line: i + 1,
@@ -302,7 +222,7 @@ pub fn read_prompts(path: &Path) -> anyhow::Result<Vec<PromptItem>> {
         }
     }
     if items.is_empty() {
-        bail!("{}: no prompts in the file", path.display());
+        return Err(Error::NoPrompts { path: path.into() });
     }
     Ok(items)
 }
@@ -310,7 +230,7 @@ pub fn read_prompts(path: &Path) -> anyhow::Result<Vec<PromptItem>> {
 /// One line of a prompts file: `{"prompt"|"query": "...", "system"?: "..."}`,
 /// `{"messages": [{"role", "content"}, ...]}`, a list of messages, a JSON string, or plain text
 /// (a line not starting with `{`, `[` or `"`). Blank lines: `Ok(None)`.
-pub fn parse_prompt_line(line: &str) -> Result<Option<(Vec<Message>, Value)>, String> {
+pub fn parse_prompt_line(line: &str) -> std::result::Result<Option<(Vec<Message>, Value)>, String> {
     let t = line.trim();
     if t.is_empty() {
         return Ok(None);
@@ -348,7 +268,7 @@ pub fn parse_prompt_line(line: &str) -> Result<Option<(Vec<Message>, Value)>, St
     Ok(Some((messages, v)))
 }
 
-fn parse_messages(v: &Value) -> Result<Vec<Message>, String> {
+fn parse_messages(v: &Value) -> std::result::Result<Vec<Message>, String> {
     let arr = v.as_array().ok_or("\"messages\" must be a list")?;
     if arr.is_empty() {
         return Err("\"messages\" is empty".into());
@@ -380,7 +300,7 @@ struct Inference<'a> {
 
 impl Inference<'_> {
     /// Token ids of a conversation, ready for the assistant's answer.
-    fn prompt_ids(&self, messages: &[Message]) -> anyhow::Result<Vec<u32>> {
+    fn prompt_ids(&self, messages: &[Message]) -> Result<Vec<u32>> {
         let mut msgs = Vec::with_capacity(messages.len() + 1);
         if let (Some(s), false) = (&self.system, messages.first().is_some_and(|m| m.role == "system")) {
             msgs.push(Message::system(s.clone()));
@@ -389,7 +309,7 @@ impl Inference<'_> {
         let text = self.pre.render(&msgs, true)?;
         let ids = self.pre.encode(&text)?;
         if ids.is_empty() {
-            bail!("the prompt has no tokens");
+            return Err(Error::EmptyPrompt);
         }
         Ok(ids)
     }
@@ -401,7 +321,7 @@ impl Inference<'_> {
         ids: &[u32],
         opts: &GenerateOptions,
         mut out: Option<&mut dyn Write>,
-    ) -> anyhow::Result<(Generation, String)> {
+    ) -> Result<(Generation, String)> {
         let max_pos = self.model.cfg.max_position_embeddings;
         if ids.len() + opts.max_new_tokens > max_pos {
             eprintln!(
@@ -423,8 +343,8 @@ impl Inference<'_> {
             Ok(())
         })?;
         if let (Some(w), Some(piece)) = (out.as_mut(), stream.finish()?) {
-            w.write_all(piece.as_bytes())?;
-            w.flush()?;
+            w.write_all(piece.as_bytes()).map_err(console)?;
+            w.flush().map_err(console)?;
         }
         let text = generate::decode(self.pre.tokenizer(), answer_tokens(&g, stop))?;
         let secs = t0.elapsed().as_secs_f64();
@@ -440,28 +360,28 @@ impl Inference<'_> {
         Ok((g, text))
     }
 
-    fn one_prompt(&self, prompt: &str) -> anyhow::Result<()> {
+    fn one_prompt(&self, prompt: &str) -> Result<()> {
         let ids = self.prompt_ids(&[Message::user(prompt)])?;
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
         for (label, ctx) in &self.sides {
             if self.compare {
-                writeln!(out, "=== {label} ===")?;
+                writeln!(out, "=== {label} ===").map_err(console)?;
             }
             let mut session = Session::new(self.model, *ctx);
             self.answer(&mut session, &ids, &self.opts, Some(&mut out))?;
-            writeln!(out)?;
+            writeln!(out).map_err(console)?;
             if self.compare {
-                writeln!(out)?;
+                writeln!(out).map_err(console)?;
             }
         }
         Ok(())
     }
 
-    fn prompt_file(&self, items: &[PromptItem], output: Option<&Path>) -> anyhow::Result<()> {
+    fn prompt_file(&self, items: &[PromptItem], output: Option<&Path>) -> Result<()> {
         let mut w: Box<dyn Write> = match output {
             Some(p) => Box::new(std::io::BufWriter::new(
-                std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+                std::fs::File::create(p).map_err(|e| Error::io(p, e))?,
             )),
             None => Box::new(std::io::stdout().lock()),
         };
@@ -473,9 +393,10 @@ impl Inference<'_> {
             .map(|(_, ctx)| Session::new(self.model, *ctx))
             .collect();
         for (n, item) in items.iter().enumerate() {
-            let ids = self
-                .prompt_ids(&item.messages)
-                .with_context(|| format!("prompt on line {}", item.line))?;
+            let ids = self.prompt_ids(&item.messages).map_err(|e| Error::Context {
+                what: format!("prompt on line {}", item.line),
+                inner: Box::new(e),
+            })?;
             let mut answers = Vec::new();
             for ((label, _), session) in self.sides.iter().zip(sessions.iter_mut()) {
                 let (g, text) = self.answer(session, &ids, &self.opts, None)?;
@@ -496,8 +417,8 @@ impl Inference<'_> {
                 }
             }
             let row = Value::Object(row);
-            writeln!(w, "{row}")?;
-            w.flush()?;
+            writeln!(w, "{row}").map_err(console)?;
+            w.flush().map_err(console)?;
             if output.is_some() {
                 eprintln!("prompt {}/{} done", n + 1, items.len());
             }
@@ -506,7 +427,7 @@ impl Inference<'_> {
     }
 
     /// Interactive chat over `input` (stdin): one user turn per line.
-    fn chat(&self, input: impl BufRead) -> anyhow::Result<()> {
+    fn chat(&self, input: impl BufRead) -> Result<()> {
         let tty = std::io::stdin().is_terminal();
         if tty {
             eprintln!("chat: type a message; /reset starts over, /exit quits");
@@ -524,10 +445,10 @@ impl Inference<'_> {
         loop {
             if tty {
                 eprint!("> ");
-                std::io::stderr().flush()?;
+                std::io::stderr().flush().map_err(console)?;
             }
             let Some(line) = lines.next() else { break };
-            let line = line.context("reading stdin")?;
+            let line = line.map_err(|e| Error::io("<stdin>", e))?;
             let text = line.trim();
             match text {
                 "" => continue,
@@ -560,12 +481,12 @@ impl Inference<'_> {
                     }
                 };
                 if self.compare {
-                    writeln!(out, "=== {label} ===")?;
+                    writeln!(out, "=== {label} ===").map_err(console)?;
                 }
                 let (_, text) = self.answer(session, &ids, &opts, Some(&mut out))?;
-                writeln!(out)?;
+                writeln!(out).map_err(console)?;
                 if self.compare {
-                    writeln!(out)?;
+                    writeln!(out).map_err(console)?;
                 }
                 history.push(Message::assistant(text));
             }
@@ -584,4 +505,9 @@ fn answer_tokens<'g>(g: &'g Generation, stop: &[u32]) -> &'g [u32] {
 
 fn io_err(e: std::io::Error) -> crate::Error {
     crate::Error::Msg(format!("writing output: {e}"))
+}
+
+/// A failed write to the terminal or the answers file.
+fn console(e: std::io::Error) -> Error {
+    Error::io("<output>", e)
 }

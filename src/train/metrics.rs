@@ -1,4 +1,6 @@
-//! Metric records (TRL's names), averaged over logging windows, written as JSON lines.
+//! Metrics under TRL's names: typed structs for a micro-batch, a step, a logging window and an
+//! evaluation, turned into name → value records only where they are written (`metrics.jsonl`,
+//! `trainer_state.json`'s `log_history`, the terminal).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -6,19 +8,188 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 
+/// A written log entry: TRL's metric names and their values.
 pub type Record = BTreeMap<String, f64>;
 
-/// Average each key over the records of a window.
-pub fn mean(records: &[Record]) -> Record {
-    let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
-    for r in records {
-        for (k, v) in r {
-            let e = sums.entry(k.clone()).or_insert((0.0, 0));
-            e.0 += v;
-            e.1 += 1;
+/// TRL's DPO metrics: means over the pairs of a micro-batch (or over micro-batches).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DpoMetrics {
+    pub loss: f64,
+    pub rewards_chosen: f64,
+    pub rewards_rejected: f64,
+    pub rewards_accuracies: f64,
+    pub rewards_margins: f64,
+    pub logps_chosen: f64,
+    pub logps_rejected: f64,
+    pub logits_chosen: f64,
+    pub logits_rejected: f64,
+}
+
+impl DpoMetrics {
+    /// TRL's names, in the order of [`DpoMetrics::values`].
+    pub const NAMES: [&'static str; 9] = [
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+    ];
+
+    pub fn values(&self) -> [f64; 9] {
+        [
+            self.loss,
+            self.rewards_chosen,
+            self.rewards_rejected,
+            self.rewards_accuracies,
+            self.rewards_margins,
+            self.logps_chosen,
+            self.logps_rejected,
+            self.logits_chosen,
+            self.logits_rejected,
+        ]
+    }
+
+    fn from_values(v: [f64; 9]) -> DpoMetrics {
+        DpoMetrics {
+            loss: v[0],
+            rewards_chosen: v[1],
+            rewards_rejected: v[2],
+            rewards_accuracies: v[3],
+            rewards_margins: v[4],
+            logps_chosen: v[5],
+            logps_rejected: v[6],
+            logits_chosen: v[7],
+            logits_rejected: v[8],
         }
     }
-    sums.into_iter().map(|(k, (s, n))| (k, s / n as f64)).collect()
+
+    /// Mean of `items` weighted by `weights` (pairs per micro-batch for an evaluation, 1 each for
+    /// a step): Σ wᵢ·xᵢ / Σ wᵢ, summed in order.
+    pub fn weighted_mean(items: &[DpoMetrics], weights: &[f64]) -> DpoMetrics {
+        let mut sums = [0f64; 9];
+        for (m, w) in items.iter().zip(weights) {
+            for (s, v) in sums.iter_mut().zip(m.values()) {
+                *s += v * w;
+            }
+        }
+        let total: f64 = weights.iter().sum();
+        DpoMetrics::from_values(sums.map(|s| s / total.max(f64::MIN_POSITIVE)))
+    }
+
+    /// Plain mean of `items`.
+    pub fn mean(items: &[DpoMetrics]) -> DpoMetrics {
+        let mut sums = [0f64; 9];
+        for m in items {
+            for (s, v) in sums.iter_mut().zip(m.values()) {
+                *s += v;
+            }
+        }
+        let n = items.len().max(1) as f64;
+        DpoMetrics::from_values(sums.map(|s| s / n))
+    }
+
+    /// The metrics under TRL's names, each prefixed (`eval_` for an evaluation).
+    pub fn record(&self, prefix: &str) -> Record {
+        DpoMetrics::NAMES
+            .iter()
+            .zip(self.values())
+            .map(|(k, v)| (format!("{prefix}{k}"), v))
+            .collect()
+    }
+
+    fn field(&self, name: &str) -> Option<&f64> {
+        Some(match name {
+            "loss" => &self.loss,
+            "rewards/chosen" => &self.rewards_chosen,
+            "rewards/rejected" => &self.rewards_rejected,
+            "rewards/accuracies" => &self.rewards_accuracies,
+            "rewards/margins" => &self.rewards_margins,
+            "logps/chosen" => &self.logps_chosen,
+            "logps/rejected" => &self.logps_rejected,
+            "logits/chosen" => &self.logits_chosen,
+            "logits/rejected" => &self.logits_rejected,
+            _ => return None,
+        })
+    }
+}
+
+/// One optimizer step: the DPO metrics (means over its micro-batches) and the update's figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepMetrics {
+    pub dpo: DpoMetrics,
+    pub grad_norm: f64,
+    pub learning_rate: f64,
+    pub epoch: f64,
+}
+
+impl StepMetrics {
+    /// Mean of each metric over the steps of a logging window.
+    pub fn mean(steps: &[StepMetrics]) -> StepMetrics {
+        let n = steps.len().max(1) as f64;
+        let avg = |f: fn(&StepMetrics) -> f64| steps.iter().map(f).sum::<f64>() / n;
+        StepMetrics {
+            dpo: DpoMetrics::mean(&steps.iter().map(|s| s.dpo).collect::<Vec<_>>()),
+            grad_norm: avg(|s| s.grad_norm),
+            learning_rate: avg(|s| s.learning_rate),
+            epoch: avg(|s| s.epoch),
+        }
+    }
+
+    pub fn record(&self) -> Record {
+        let mut r = self.dpo.record("");
+        r.insert("grad_norm".into(), self.grad_norm);
+        r.insert("learning_rate".into(), self.learning_rate);
+        r.insert("epoch".into(), self.epoch);
+        r
+    }
+
+    /// A metric by TRL's name (`"loss"`, `"rewards/margins"`, `"grad_norm"`, ...).
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.field(name).copied()
+    }
+
+    fn field(&self, name: &str) -> Option<&f64> {
+        match name {
+            "grad_norm" => Some(&self.grad_norm),
+            "learning_rate" => Some(&self.learning_rate),
+            "epoch" => Some(&self.epoch),
+            _ => self.dpo.field(name),
+        }
+    }
+}
+
+impl std::ops::Index<&str> for StepMetrics {
+    type Output = f64;
+    /// Like a map's index: a name that is not a metric is a programming error.
+    fn index(&self, name: &str) -> &f64 {
+        match self.field(name) {
+            Some(v) => v,
+            None => panic!("no step metric named {name:?}"),
+        }
+    }
+}
+
+/// A logging window: the mean of its steps, the throughput and the process's peak memory.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WindowMetrics {
+    pub mean: StepMetrics,
+    pub tokens_per_second: f64,
+    pub peak_rss_mib: Option<f64>,
+}
+
+impl WindowMetrics {
+    pub fn record(&self) -> Record {
+        let mut r = self.mean.record();
+        r.insert("tokens_per_second".into(), self.tokens_per_second);
+        if let Some(m) = self.peak_rss_mib {
+            r.insert("peak_rss_mib".into(), m);
+        }
+        r
+    }
 }
 
 /// Appends one JSON object per line to `metrics.jsonl`.

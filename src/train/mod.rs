@@ -7,4 +7,5 @@ pub mod plot;
 pub mod run;
 pub mod schedule;
 pub mod settings;
+pub mod step;
 pub mod trainer;

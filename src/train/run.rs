@@ -9,9 +9,10 @@ use crate::dpo::batch::PairIds;
 use crate::error::{Error, Result};
 use crate::hub::{resolve_model, ModelFiles};
 use crate::lora::config::{LoraConfig, TargetModules};
-use crate::lora::{attach_new, io::load_adapter, LoraInit};
+use crate::lora::{attach_new, io::load_adapter, Adapter, LoraInit};
 use crate::model::load::load_model;
 use crate::rng::Rng;
+use crate::train::metrics::DpoMetrics;
 use crate::train::settings::Settings;
 use crate::train::trainer::{train, DpoRun, LoopConfig, Outcome, RunOutput};
 
@@ -123,26 +124,8 @@ pub struct DpoSummary {
 
 /// Run `lorafold dpo` with resolved settings.
 pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
-    let out_dir = s.output_dir.clone();
-    let resume_from = match &s.resume_from_checkpoint {
-        Some(spec) => Some(crate::train::checkpoint::resolve(spec, &out_dir)?),
-        None => None,
-    };
-    if resume_from.is_none() && out_dir.join(crate::lora::io::WEIGHTS_FILE).exists() {
-        return Err(Error::Msg(format!(
-            "{} already holds a trained adapter; choose another --output_dir or pass --resume_from_checkpoint",
-            out_dir.display()
-        )));
-    }
-    // The output folder is checked before the model is fetched or loaded (and removed again,
-    // when this call created it, if the model cannot be found).
-    let created = !out_dir.exists();
-    check_writable(&out_dir)?;
-    for p in crate::train::checkpoint::remove_unfinished(&out_dir) {
-        if !quiet {
-            eprintln!("removed {}, left unfinished by an interrupted run", p.display());
-        }
-    }
+    // The output folder first: a bad one fails before the model is fetched or loaded.
+    let (out_dir, resume_from, created) = open_output(s, quiet)?;
     let files = resolve_model(&s.model, s.revision.as_deref()).inspect_err(|_| {
         if created {
             let _ = std::fs::remove_dir(&out_dir);
@@ -151,6 +134,7 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
     let recipe_yaml = serde_yaml::to_string(s).map_err(|e| Error::Msg(e.to_string()))?;
     crate::lora::io::write_atomic(&out_dir.join("recipe.yaml"), recipe_yaml.as_bytes())?;
 
+    // Model, data, adapters.
     let mut model = load_model(&files.config, &files.weights, s.dtype)?;
     model.set_gradient_checkpointing(s.gradient_checkpointing);
     let data = prepare_data(&files, s)?;
@@ -159,23 +143,7 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
             eprintln!("{line}");
         }
     }
-    let adapter = match &s.adapters {
-        Some(dir) => load_adapter(&mut model, dir, true)?,
-        None => {
-            let mut cfg = LoraConfig::new(
-                s.lora_rank,
-                s.lora_alpha,
-                s.lora_dropout_p,
-                TargetModules::parse_cli(&s.lora_target_modules),
-            );
-            cfg.use_rslora = s.use_rslora;
-            attach_new(&mut model, &cfg, LoraInit::Peft { seed: s.seed })?
-        }
-    };
-    let ref_slot = match &s.ref_adapters {
-        Some(dir) => Some(load_adapter(&mut model, dir, false)?.slot),
-        None => None,
-    };
+    let (adapter, ref_slot) = attach_adapters(&mut model, s)?;
     crate::train::checkpoint::check_free_space(
         &out_dir,
         crate::train::checkpoint::estimated_size(adapter.num_params()),
@@ -192,22 +160,19 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
             data.eval.len()
         );
     }
+
+    // Train, then write the final adapter (an interrupted run leaves its checkpoint) and the plot.
     let run = DpoRun::new(&model, Some(adapter), ref_slot, s)?;
     let mut cfg = LoopConfig::from_settings(s, data.train.len())?;
     cfg.quiet = quiet;
     cfg.stop = Some(install_ctrlc());
-    let outcome = train(
-        &run,
-        &data.train,
-        &data.eval,
-        &cfg,
-        &RunOutput {
-            dir: &out_dir,
-            base_model: &files.name,
-            recipe_yaml: &recipe_yaml,
-            resume_from,
-        },
-    )?;
+    let output = RunOutput {
+        dir: &out_dir,
+        base_model: &files.name,
+        recipe_yaml: &recipe_yaml,
+        resume_from,
+    };
+    let outcome = train(&run, &data.train, &data.eval, &cfg, &output)?;
     if let (Some(a), false) = (&run.adapter, outcome.interrupted) {
         a.save(&out_dir, Some(&files.name))?;
     }
@@ -224,9 +189,54 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
     })
 }
 
+/// The output folder of a run, checked writable, with the checkpoint to resume from (if asked)
+/// and whether this call created the folder. Unfinished checkpoints of an interrupted run are
+/// removed.
+fn open_output(s: &Settings, quiet: bool) -> Result<(PathBuf, Option<PathBuf>, bool)> {
+    let out_dir = s.output_dir.clone();
+    let resume_from = match &s.resume_from_checkpoint {
+        Some(spec) => Some(crate::train::checkpoint::resolve(spec, &out_dir)?),
+        None => None,
+    };
+    if resume_from.is_none() && out_dir.join(crate::lora::io::WEIGHTS_FILE).exists() {
+        return Err(Error::OutputHoldsAdapter { dir: out_dir });
+    }
+    let created = !out_dir.exists();
+    check_writable(&out_dir)?;
+    for p in crate::train::checkpoint::remove_unfinished(&out_dir) {
+        if !quiet {
+            eprintln!("removed {}, left unfinished by an interrupted run", p.display());
+        }
+    }
+    Ok((out_dir, resume_from, created))
+}
+
+/// The trained adapter (new, or `--adapters` to continue from) and the frozen reference
+/// adapter's slot (`--ref_adapters`), if any.
+fn attach_adapters(model: &mut crate::model::Model, s: &Settings) -> Result<(Adapter, Option<usize>)> {
+    let adapter = match &s.adapters {
+        Some(dir) => load_adapter(model, dir, true)?,
+        None => {
+            let mut cfg = LoraConfig::new(
+                s.lora_rank,
+                s.lora_alpha,
+                s.lora_dropout_p,
+                TargetModules::parse_cli(&s.lora_target_modules),
+            );
+            cfg.use_rslora = s.use_rslora;
+            attach_new(model, &cfg, LoraInit::Peft { seed: s.seed })?
+        }
+    };
+    let ref_slot = match &s.ref_adapters {
+        Some(dir) => Some(load_adapter(model, dir, false)?.slot),
+        None => None,
+    };
+    Ok((adapter, ref_slot))
+}
+
 /// Create the output folder and fail before training when it cannot be written, naming it.
 pub fn check_writable(dir: &Path) -> Result<()> {
-    let say = |what: String| Error::Msg(format!("--output_dir {}: {what}", dir.display()));
+    let say = |msg: String| Error::OutputDir { dir: dir.into(), msg };
     if dir.exists() && !dir.is_dir() {
         return Err(say("exists and is not a folder".into()));
     }
@@ -250,7 +260,7 @@ pub struct PairScore {
 }
 
 /// Run `lorafold eval`: the DPO metrics of an adapter (or the bare model) on preference pairs.
-pub fn run_eval(s: &Settings, per_pair: Option<&Path>) -> Result<(crate::train::metrics::Record, usize, Vec<String>)> {
+pub fn run_eval(s: &Settings, per_pair: Option<&Path>) -> Result<(DpoMetrics, usize, Vec<String>)> {
     let files = resolve_model(&s.model, s.revision.as_deref())?;
     let mut model = load_model(&files.config, &files.weights, s.dtype)?;
     let pre = Preprocessor::from_model_dir(&files.dir, s.template.as_deref())?;
@@ -261,7 +271,7 @@ pub fn run_eval(s: &Settings, per_pair: Option<&Path>) -> Result<(crate::train::
         pairs.truncate(m);
     }
     if pairs.is_empty() {
-        return Err(Error::Msg("no pairs to evaluate after preprocessing".into()));
+        return Err(Error::NoEvalPairs);
     }
     let adapter = match &s.adapters {
         Some(dir) => Some(load_adapter(&mut model, dir, false)?),

@@ -2,11 +2,10 @@
 //! (or a frozen reference adapter), AdamW, schedule, accumulation, clipping, evaluation,
 //! checkpoints and exact resume.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 
 use crate::dpo::batch::{sequence_logps, Batch, PairIds};
 use crate::dpo::loss::{DpoLoss, LossInputs, LossKind, LossState};
@@ -16,10 +15,11 @@ use crate::model::linear::Fwd;
 use crate::model::Model;
 use crate::rng::Rng;
 use crate::train::checkpoint::{self, TrainerState};
-use crate::train::metrics::{self, MetricsFile, Record};
-use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::train::metrics::{self, DpoMetrics, MetricsFile, Record, StepMetrics, WindowMetrics};
+use crate::train::optim::AdamWConfig;
 use crate::train::schedule::Schedule;
 use crate::train::settings::Settings;
+use crate::train::step::{Micro, StepOutcome, Updater};
 
 /// Everything one DPO forward needs: the model, the trainable adapter, the reference and the loss.
 pub struct DpoRun<'m> {
@@ -140,22 +140,17 @@ impl<'m> DpoRun<'m> {
             .map(|(c, r)| if c > r { 1.0 } else { 0.0 })
             .collect::<Vec<f32>>();
         let margins = cr.iter().zip(&rr).map(|(c, r)| c - r).collect::<Vec<f32>>();
-        let mut rec = Record::new();
-        rec.insert(
-            "loss".into(),
-            out.loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64,
-        );
-        rec.insert("rewards/chosen".into(), mean(&cr));
-        rec.insert("rewards/rejected".into(), mean(&rr));
-        rec.insert("rewards/accuracies".into(), mean(&acc));
-        rec.insert("rewards/margins".into(), mean(&margins));
-        rec.insert("logps/chosen".into(), mean(&chosen.detach().to_vec1::<f32>()?));
-        rec.insert("logps/rejected".into(), mean(&rejected.detach().to_vec1::<f32>()?));
-        rec.insert("logits/chosen".into(), pol.logits_sum[0] / pol.logits_count[0].max(1.0));
-        rec.insert(
-            "logits/rejected".into(),
-            pol.logits_sum[1] / pol.logits_count[1].max(1.0),
-        );
+        let metrics = DpoMetrics {
+            loss: out.loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64,
+            rewards_chosen: mean(&cr),
+            rewards_rejected: mean(&rr),
+            rewards_accuracies: mean(&acc),
+            rewards_margins: mean(&margins),
+            logps_chosen: mean(&chosen.detach().to_vec1::<f32>()?),
+            logps_rejected: mean(&rejected.detach().to_vec1::<f32>()?),
+            logits_chosen: pol.logits_sum[0] / pol.logits_count[0].max(1.0),
+            logits_rejected: pol.logits_sum[1] / pol.logits_count[1].max(1.0),
+        };
         let vec = |t: Option<&Tensor>| -> Result<Option<Vec<f32>>> {
             Ok(match t {
                 Some(t) => Some(t.to_vec1::<f32>()?),
@@ -170,19 +165,19 @@ impl<'m> DpoRun<'m> {
             chosen_rewards: cr,
             rejected_rewards: rr,
             loss: out.loss,
-            record: rec,
+            metrics,
             tokens: batch.num_tokens,
         })
     }
 
-    /// Mean metrics over `pairs` (no dropout, no gradient), keys prefixed `eval_`.
+    /// Mean metrics over `pairs` (no dropout, no gradient).
     pub fn evaluate(
         &self,
         pairs: &[PairIds],
         refs: Option<&RefLogps>,
         batch_size: usize,
         state: &LossState,
-    ) -> Result<Record> {
+    ) -> Result<DpoMetrics> {
         self.evaluate_pairs(pairs, refs, batch_size, state, |_| {})
     }
 
@@ -194,28 +189,25 @@ impl<'m> DpoRun<'m> {
         batch_size: usize,
         state: &LossState,
         mut each: impl FnMut(&MicroOut),
-    ) -> Result<Record> {
+    ) -> Result<DpoMetrics> {
         let mut state = state.clone();
-        let mut sums = Record::new();
-        let mut n = 0usize;
+        let (mut means, mut weights) = (Vec::new(), Vec::new());
         for (ci, chunk) in pairs.chunks(batch_size.max(1)).enumerate() {
             let ps: Vec<&PairIds> = chunk.iter().collect();
             let r = refs.map(|r| &r[ci * batch_size..ci * batch_size + chunk.len()]);
             let m = self.micro_batch(&ps, r, None, &mut state)?;
             each(&m);
-            for (k, v) in m.record.clone() {
-                *sums.entry(format!("eval_{k}")).or_insert(0.0) += v * chunk.len() as f64;
-            }
-            n += chunk.len();
+            means.push(m.metrics);
+            weights.push(chunk.len() as f64);
         }
-        Ok(sums.into_iter().map(|(k, v)| (k, v / n.max(1) as f64)).collect())
+        Ok(DpoMetrics::weighted_mean(&means, &weights))
     }
 }
 
 /// Outputs of one micro-batch: the loss (with its graph), TRL metrics, and per-pair values.
 pub struct MicroOut {
     pub loss: Tensor,
-    pub record: Record,
+    pub metrics: DpoMetrics,
     pub tokens: usize,
     pub chosen_logps: Vec<f32>,
     pub rejected_logps: Vec<f32>,
@@ -349,9 +341,9 @@ pub fn fingerprint(pairs: &[PairIds]) -> String {
 
 /// What a training run produced.
 pub struct Outcome {
-    /// One record per optimizer step (not windowed), with `step`-indexed TRL metrics.
-    pub steps: Vec<Record>,
-    pub evals: Vec<(usize, Record)>,
+    /// One entry per optimizer step (not windowed), with TRL's metrics.
+    pub steps: Vec<StepMetrics>,
+    pub evals: Vec<(usize, DpoMetrics)>,
     pub last_step: usize,
     pub last_checkpoint: Option<PathBuf>,
     /// Steps skipped because the loss or a gradient was NaN/Inf.
@@ -412,44 +404,163 @@ fn cached_reference(
 
 /// Train the adapter of `run` on `train`, evaluating on `eval`.
 pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig, out: &RunOutput) -> Result<Outcome> {
-    if train.is_empty() {
-        return Err(Error::Msg("no training pairs left after preprocessing".into()));
-    }
-    std::fs::create_dir_all(out.dir).map_err(|e| Error::io(out.dir, e))?;
-    let adapter = run
-        .adapter
-        .as_ref()
-        .ok_or_else(|| Error::Msg("training needs an adapter".into()))?;
-    let params: Vec<(String, Var)> = adapter
-        .params
-        .iter()
-        .filter_map(|p| p.var.clone().map(|v| (p.key.clone(), v)))
-        .collect();
-    let mut opt = AdamW::new(params.clone(), cfg.adamw)?;
-    let data_fp = fingerprint(train);
-    let mut loss_state = LossState::default();
-    let mut step = 0usize;
-    let mut consumed = 0usize;
-    let mut history: Vec<Record> = Vec::new();
+    Trainer::new(run, train, eval, cfg, out)?.train()
+}
 
-    if let Some(dir) = &out.resume_from {
-        let ck = checkpoint::load(dir)?;
-        if ck.state.data_fingerprint != data_fp {
-            return Err(Error::Msg(format!(
-                "{}: this checkpoint was trained on different data (fingerprint {} vs {}); refusing to resume",
-                dir.display(),
-                ck.state.data_fingerprint,
-                data_fp
-            )));
+/// The steps of the current logging window.
+struct Window {
+    steps: Vec<StepMetrics>,
+    tokens: usize,
+    start: Instant,
+}
+
+impl Window {
+    fn new() -> Window {
+        Window {
+            steps: Vec::new(),
+            tokens: 0,
+            start: Instant::now(),
         }
-        for (key, var) in &params {
+    }
+}
+
+/// A training run in progress: the data position, the optimizer, the logs and what was written.
+pub struct Trainer<'a> {
+    run: &'a DpoRun<'a>,
+    adapter: &'a Adapter,
+    train: &'a [PairIds],
+    eval: &'a [PairIds],
+    cfg: &'a LoopConfig,
+    out: &'a RunOutput<'a>,
+    updater: Updater,
+    data_fp: String,
+    loss_state: LossState,
+    /// Optimizer steps taken (skipped ones included) and micro-batches consumed.
+    step: usize,
+    consumed: usize,
+    /// The last step this call runs to (`total_steps`, or `stop_after`).
+    last: usize,
+    refs: Option<(RefLogps, RefLogps)>,
+    /// The epoch whose pair order is in `order`.
+    order_epoch: usize,
+    order: Vec<usize>,
+    /// `log_history` of trainer_state.json: every window and evaluation logged so far.
+    history: Vec<Record>,
+    window: Window,
+    metrics_file: Option<MetricsFile>,
+    pb: indicatif::ProgressBar,
+    nonfinite_run: usize,
+    outcome: Outcome,
+}
+
+impl<'a> Trainer<'a> {
+    pub fn new(
+        run: &'a DpoRun<'a>,
+        train: &'a [PairIds],
+        eval: &'a [PairIds],
+        cfg: &'a LoopConfig,
+        out: &'a RunOutput<'a>,
+    ) -> Result<Trainer<'a>> {
+        if train.is_empty() {
+            return Err(Error::NoTrainingPairs);
+        }
+        std::fs::create_dir_all(out.dir).map_err(|e| Error::io(out.dir, e))?;
+        let adapter = run
+            .adapter
+            .as_ref()
+            .ok_or_else(|| Error::Msg("training needs an adapter".into()))?;
+        Ok(Trainer {
+            run,
+            adapter,
+            train,
+            eval,
+            cfg,
+            out,
+            updater: Updater::new(adapter, cfg.adamw, cfg.max_grad_norm)?,
+            data_fp: fingerprint(train),
+            loss_state: LossState::default(),
+            step: 0,
+            consumed: 0,
+            last: cfg.stop_after.map_or(cfg.total_steps, |s| s.min(cfg.total_steps)),
+            refs: None,
+            order_epoch: usize::MAX,
+            order: Vec::new(),
+            history: Vec::new(),
+            window: Window::new(),
+            metrics_file: None,
+            pb: indicatif::ProgressBar::hidden(),
+            nonfinite_run: 0,
+            outcome: Outcome {
+                steps: Vec::new(),
+                evals: Vec::new(),
+                last_step: 0,
+                last_checkpoint: None,
+                skipped_nonfinite: 0,
+                interrupted: false,
+            },
+        })
+    }
+
+    /// The training loop.
+    pub fn train(mut self) -> Result<Outcome> {
+        // Pick up where a checkpoint left off: weights, optimizer moments, data position, logs.
+        if let Some(dir) = &self.out.resume_from {
+            self.resume(dir)?;
+        }
+        // Reference log-probs once up front, when asked (cached next to the run).
+        self.refs = self.precompute_reference()?;
+        self.metrics_file = Some(MetricsFile::open(
+            &self.out.dir.join("metrics.jsonl"),
+            self.out.resume_from.is_none(),
+        )?);
+        self.pb = progress_bar(self.cfg, self.step);
+        self.window = Window::new();
+        while self.step < self.last {
+            // Accumulate over the micro-batches, clip, update; a non-finite step is skipped.
+            let micros = self.next_micros();
+            let lr = self.cfg.schedule.lr(self.step);
+            let outcome = self.updater.step(self.run, &micros, lr, &mut self.loss_state)?;
+            self.step += 1;
+            match outcome {
+                StepOutcome::Updated { dpo, grad_norm, tokens } => self.record_step(dpo, grad_norm, lr, tokens),
+                StepOutcome::Skipped { tokens } => {
+                    self.skip_step(tokens)?;
+                    continue;
+                }
+            }
+            // Log the window's means every `logging_steps`, evaluate every `eval_steps`.
+            self.log_window()?;
+            self.maybe_eval()?;
+            // A Ctrl-C stops after this step, with a checkpoint.
+            let interrupted = self.check_interrupt();
+            self.maybe_save()?;
+            if interrupted {
+                break;
+            }
+        }
+        self.pb.finish_and_clear();
+        self.outcome.last_step = self.step;
+        Ok(self.outcome)
+    }
+
+    /// Restore the adapter, optimizer, data position, loss state and logs of checkpoint `dir`.
+    fn resume(&mut self, dir: &Path) -> Result<()> {
+        let ck = checkpoint::load(dir)?;
+        if ck.state.data_fingerprint != self.data_fp {
+            return Err(Error::ResumeDataMismatch {
+                dir: dir.into(),
+                was: ck.state.data_fingerprint.clone(),
+                now: self.data_fp.clone(),
+            });
+        }
+        for (key, var) in self.updater.params() {
             let t = ck.adapter.get(key).ok_or_else(|| Error::MissingTensor {
-                path: dir.clone(),
+                path: dir.into(),
                 name: key.clone(),
             })?;
             if t.dims() != var.as_tensor().dims() {
                 return Err(Error::ShapeMismatch {
-                    path: dir.clone(),
+                    path: dir.into(),
                     name: key.clone(),
                     expected: var.as_tensor().dims().to_vec(),
                     got: t.dims().to_vec(),
@@ -457,223 +568,209 @@ pub fn train(run: &DpoRun, train: &[PairIds], eval: &[PairIds], cfg: &LoopConfig
             }
             var.set(&t.to_device(var.device())?)?;
         }
-        opt.load_state(&ck.optimizer, ck.state.optimizer_t, dir)?;
-        step = ck.state.step;
-        consumed = ck.state.consumed_micro_batches;
-        loss_state = serde_json::from_value(ck.state.loss_state.clone())
-            .map_err(|e| Error::Msg(format!("{}: loss state: {e}", dir.display())))?;
-        history = ck.state.log_history.clone();
-        checkpoint::restore_metrics(dir, &out.dir.join("metrics.jsonl"), step)?;
-        if !cfg.quiet {
-            eprintln!("resumed from {} at step {step}", dir.display());
+        self.updater.opt.load_state(&ck.optimizer, ck.state.optimizer_t, dir)?;
+        self.step = ck.state.step;
+        self.consumed = ck.state.consumed_micro_batches;
+        self.loss_state = serde_json::from_value(ck.state.loss_state.clone()).map_err(|e| Error::LossState {
+            dir: dir.into(),
+            msg: e.to_string(),
+        })?;
+        self.history = ck.state.log_history.clone();
+        checkpoint::restore_metrics(dir, &self.out.dir.join("metrics.jsonl"), self.step)?;
+        if !self.cfg.quiet {
+            eprintln!("resumed from {} at step {}", dir.display(), self.step);
         }
+        Ok(())
     }
 
-    let refs = if cfg.precompute_ref && run.needs_reference {
-        let key = format!("{}-{}-{:?}", data_fp, fingerprint(eval), run.reference.adapter);
-        Some(cached_reference(
-            run,
-            train,
-            eval,
-            cfg,
-            &out.dir.join("ref_logps.json"),
-            &key,
-        )?)
-    } else {
-        None
-    };
+    fn precompute_reference(&self) -> Result<Option<(RefLogps, RefLogps)>> {
+        if !(self.cfg.precompute_ref && self.run.needs_reference) {
+            return Ok(None);
+        }
+        let key = format!(
+            "{}-{}-{:?}",
+            self.data_fp,
+            fingerprint(self.eval),
+            self.run.reference.adapter
+        );
+        let path = self.out.dir.join("ref_logps.json");
+        cached_reference(self.run, self.train, self.eval, self.cfg, &path, &key).map(Some)
+    }
 
-    let n = train.len();
-    let micro_per_epoch = n.div_ceil(cfg.batch_size);
-    let mut metrics_file = MetricsFile::open(&out.dir.join("metrics.jsonl"), out.resume_from.is_none())?;
-    let last = cfg.stop_after.map_or(cfg.total_steps, |s| s.min(cfg.total_steps));
-    let pb = progress_bar(cfg, step);
-    let mut window: Vec<Record> = Vec::new();
-    let mut steps_out = Vec::new();
-    let mut evals = Vec::new();
-    let mut last_checkpoint = None;
-    let (mut order_epoch, mut order) = (usize::MAX, Vec::new());
-    let mut window_tokens = 0usize;
-    let (mut skipped, mut nonfinite_run) = (0usize, 0usize);
-    let mut interrupted = false;
-    let mut window_start = Instant::now();
-
-    while step < last {
-        let mut grads: HashMap<String, Tensor> = HashMap::new();
-        let mut micro_records = Vec::with_capacity(cfg.accumulation);
-        let mut bad_step = false;
+    /// The next `accumulation` micro-batches in epoch order, advancing the data position.
+    fn next_micros(&mut self) -> Vec<Micro<'a>> {
+        let (cfg, n) = (self.cfg, self.train.len());
+        let micro_per_epoch = n.div_ceil(cfg.batch_size);
+        let mut micros = Vec::with_capacity(cfg.accumulation);
         for _ in 0..cfg.accumulation {
-            let (epoch, k) = (consumed / micro_per_epoch, consumed % micro_per_epoch);
-            if epoch != order_epoch {
-                order = if cfg.group_by_length {
-                    let lengths: Vec<usize> = train.iter().map(|p| p.num_tokens()).collect();
+            let (epoch, k) = (self.consumed / micro_per_epoch, self.consumed % micro_per_epoch);
+            if epoch != self.order_epoch {
+                self.order = if cfg.group_by_length {
+                    let lengths: Vec<usize> = self.train.iter().map(|p| p.num_tokens()).collect();
                     length_grouped_order(&lengths, epoch, cfg.seed, cfg.shuffle, cfg.batch_size)
                 } else {
                     epoch_order(n, epoch, cfg.seed, cfg.shuffle)
                 };
-                order_epoch = epoch;
+                self.order_epoch = epoch;
             }
-            let idx = &order[k * cfg.batch_size..((k + 1) * cfg.batch_size).min(n)];
-            let pairs: Vec<&PairIds> = idx.iter().map(|&i| &train[i]).collect();
-            let r: Option<Vec<[f32; 2]>> = refs.as_ref().map(|(tr, _)| idx.iter().map(|&i| tr[i]).collect());
-            let seed = Rng::stream(cfg.seed, consumed as u64 + 1).next_u64();
-            let MicroOut {
-                loss,
-                record: rec,
-                tokens,
-                ..
-            } = run.micro_batch(&pairs, r.as_deref(), Some(seed), &mut loss_state)?;
-            let lv = rec.get("loss").copied().unwrap_or(f64::NAN);
-            if !lv.is_finite() {
-                bad_step = true;
-                consumed += 1;
-                continue;
-            }
-            let g = run.model.backward(&(loss / cfg.accumulation as f64)?)?;
-            for (key, var) in &params {
-                if let Some(gv) = g.get(var.as_tensor()) {
-                    let acc = match grads.remove(key) {
-                        Some(a) => (a + gv)?,
-                        None => gv.clone(),
-                    };
-                    grads.insert(key.clone(), acc);
-                }
-            }
-            micro_records.push(rec);
-            window_tokens += tokens;
-            consumed += 1;
+            let idx = &self.order[k * cfg.batch_size..((k + 1) * cfg.batch_size).min(n)];
+            let train = self.train;
+            micros.push(Micro {
+                pairs: idx.iter().map(|&i| &train[i]).collect(),
+                refs: self.refs.as_ref().map(|(tr, _)| idx.iter().map(|&i| tr[i]).collect()),
+                dropout_seed: Rng::stream(cfg.seed, self.consumed as u64 + 1).next_u64(),
+            });
+            self.consumed += 1;
         }
-        let norm = if bad_step {
-            f64::NAN
-        } else {
-            clip_grad_norm(&mut grads, cfg.max_grad_norm)?
+        micros
+    }
+
+    fn record_step(&mut self, dpo: DpoMetrics, grad_norm: f64, lr: f64, tokens: usize) {
+        self.nonfinite_run = 0;
+        let micro_per_epoch = self.train.len().div_ceil(self.cfg.batch_size);
+        let m = StepMetrics {
+            dpo,
+            grad_norm,
+            learning_rate: lr,
+            epoch: self.consumed as f64 / micro_per_epoch as f64,
         };
-        if !norm.is_finite() {
-            // Skip the update, keep the data position moving, stop after too many in a row.
-            skipped += 1;
-            nonfinite_run += 1;
-            say(
-                &pb,
-                cfg.quiet,
-                &format!(
-                    "step {}: non-finite loss or gradient, update skipped ({nonfinite_run} in a row)",
-                    step + 1
-                ),
-            );
-            if nonfinite_run >= cfg.max_nonfinite_steps.max(1) {
-                return Err(non_finite(step + 1, nonfinite_run, last_checkpoint.as_ref()));
-            }
-            step += 1;
-            continue;
-        }
-        nonfinite_run = 0;
-        let lr = cfg.schedule.lr(step);
-        opt.step(&grads, lr)?;
-        step += 1;
+        self.outcome.steps.push(m);
+        self.window.steps.push(m);
+        self.window.tokens += tokens;
+        self.pb.inc(1);
+    }
 
-        let mut rec = metrics::mean(&micro_records);
-        rec.insert("grad_norm".into(), norm);
-        rec.insert("learning_rate".into(), lr);
-        rec.insert("epoch".into(), consumed as f64 / micro_per_epoch as f64);
-        steps_out.push(rec.clone());
-        window.push(rec);
-        pb.inc(1);
+    /// A skipped step keeps the data position moving; too many in a row stop the run.
+    fn skip_step(&mut self, tokens: usize) -> Result<()> {
+        self.window.tokens += tokens;
+        self.outcome.skipped_nonfinite += 1;
+        self.nonfinite_run += 1;
+        let line = format!(
+            "step {}: non-finite loss or gradient, update skipped ({} in a row)",
+            self.step, self.nonfinite_run
+        );
+        say(&self.pb, self.cfg.quiet, &line);
+        if self.nonfinite_run >= self.cfg.max_nonfinite_steps.max(1) {
+            let keep = match &self.outcome.last_checkpoint {
+                Some(p) => format!("the last good checkpoint is {}", p.display()),
+                None => "no checkpoint was written yet".into(),
+            };
+            return Err(Error::NonFinite {
+                step: self.step,
+                in_a_row: self.nonfinite_run,
+                keep,
+            });
+        }
+        Ok(())
+    }
 
-        if step.is_multiple_of(cfg.logging_steps) || step == last {
-            let mut w = metrics::mean(&window);
-            let secs = window_start.elapsed().as_secs_f64();
-            w.insert("tokens_per_second".into(), window_tokens as f64 / secs.max(1e-9));
-            if let Some(m) = metrics::peak_rss_mib() {
-                w.insert("peak_rss_mib".into(), m);
-            }
-            metrics_file.write(step, &w)?;
-            let line = metrics::format_line(
-                step,
-                &w,
-                &[
-                    "loss",
-                    "rewards/accuracies",
-                    "rewards/margins",
-                    "grad_norm",
-                    "learning_rate",
-                    "tokens_per_second",
-                ],
-            );
-            say(&pb, cfg.quiet, &line);
-            pb.set_message(format!("loss {:.4}", w.get("loss").copied().unwrap_or(f64::NAN)));
-            history.push(w);
-            window.clear();
-            window_tokens = 0;
-            window_start = Instant::now();
+    fn write_metrics(&mut self, record: &Record) -> Result<()> {
+        match self.metrics_file.as_mut() {
+            Some(f) => f.write(self.step, record),
+            None => Err(Error::Msg("metrics.jsonl is not open".into())),
         }
-        if !eval.is_empty() && (step.is_multiple_of(cfg.eval_steps) || step == cfg.total_steps) {
-            let e = run.evaluate(eval, refs.as_ref().map(|(_, ev)| ev), cfg.eval_batch_size, &loss_state)?;
-            metrics_file.write(step, &e)?;
-            say(
-                &pb,
-                cfg.quiet,
-                &metrics::format_line(
-                    step,
-                    &e,
-                    &["eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"],
-                ),
-            );
-            history.push(e.clone());
-            evals.push((step, e));
+    }
+
+    /// At the end of a logging window: write and print its means, start the next window.
+    fn log_window(&mut self) -> Result<()> {
+        if !(self.step.is_multiple_of(self.cfg.logging_steps) || self.step == self.last) {
+            return Ok(());
         }
-        let stop_now = cfg
+        let w = WindowMetrics {
+            mean: StepMetrics::mean(&self.window.steps),
+            tokens_per_second: self.window.tokens as f64 / self.window.start.elapsed().as_secs_f64().max(1e-9),
+            peak_rss_mib: metrics::peak_rss_mib(),
+        };
+        let record = w.record();
+        self.write_metrics(&record)?;
+        let keys = [
+            "loss",
+            "rewards/accuracies",
+            "rewards/margins",
+            "grad_norm",
+            "learning_rate",
+            "tokens_per_second",
+        ];
+        say(
+            &self.pb,
+            self.cfg.quiet,
+            &metrics::format_line(self.step, &record, &keys),
+        );
+        self.pb.set_message(format!("loss {:.4}", w.mean.dpo.loss));
+        self.history.push(record);
+        self.window = Window::new();
+        Ok(())
+    }
+
+    /// Every `eval_steps` and at the last step: the DPO metrics on the eval pairs.
+    fn maybe_eval(&mut self) -> Result<()> {
+        let due = self.step.is_multiple_of(self.cfg.eval_steps) || self.step == self.cfg.total_steps;
+        if self.eval.is_empty() || !due {
+            return Ok(());
+        }
+        let refs = self.refs.as_ref().map(|(_, ev)| ev);
+        let e = self
+            .run
+            .evaluate(self.eval, refs, self.cfg.eval_batch_size, &self.loss_state)?;
+        let record = e.record("eval_");
+        self.write_metrics(&record)?;
+        let keys = ["eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"];
+        say(
+            &self.pb,
+            self.cfg.quiet,
+            &metrics::format_line(self.step, &record, &keys),
+        );
+        self.history.push(record);
+        self.outcome.evals.push((self.step, e));
+        Ok(())
+    }
+
+    /// Has a Ctrl-C asked the run to stop before its last step?
+    fn check_interrupt(&mut self) -> bool {
+        let stop = self
+            .cfg
             .stop
             .as_ref()
             .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
-        if stop_now && step < last {
-            interrupted = true;
-            say(
-                &pb,
-                cfg.quiet,
-                &format!("interrupted: saving a checkpoint at step {step} and stopping"),
-            );
+        if stop && self.step < self.last {
+            self.outcome.interrupted = true;
+            let line = format!("interrupted: saving a checkpoint at step {} and stopping", self.step);
+            say(&self.pb, self.cfg.quiet, &line);
         }
-        if step.is_multiple_of(cfg.save_steps) || step == last || interrupted {
-            let state = TrainerState {
-                step,
-                consumed_micro_batches: consumed,
-                total_steps: cfg.total_steps,
-                optimizer_t: opt.t,
-                seed: cfg.seed,
-                loss_state: serde_json::to_value(&loss_state).map_err(|e| Error::Msg(e.to_string()))?,
-                data_fingerprint: data_fp.clone(),
-                log_history: history.clone(),
-            };
-            let dir = checkpoint::save(out.dir, adapter, out.base_model, &opt, &state, out.recipe_yaml)?;
-            if let Some(k) = cfg.save_total_limit {
-                checkpoint::rotate(out.dir, k, &dir)?;
-            }
-            last_checkpoint = Some(dir);
-        }
-        if interrupted {
-            break;
-        }
+        self.outcome.interrupted
     }
-    pb.finish_and_clear();
-    Ok(Outcome {
-        steps: steps_out,
-        evals,
-        last_step: step,
-        last_checkpoint,
-        skipped_nonfinite: skipped,
-        interrupted,
-    })
-}
 
-fn non_finite(step: usize, in_a_row: usize, last: Option<&PathBuf>) -> Error {
-    let keep = match last {
-        Some(p) => format!("the last good checkpoint is {}", p.display()),
-        None => "no checkpoint was written yet".into(),
-    };
-    Error::Msg(format!(
-        "non-finite loss or gradient in {in_a_row} steps in a row (up to step {step}); training stopped ({keep}). \
-         Lower --learning_rate or check the data"
-    ))
+    /// Every `save_steps`, at the last step and on interrupt: a checkpoint, old ones rotated out.
+    fn maybe_save(&mut self) -> Result<()> {
+        let due = self.step.is_multiple_of(self.cfg.save_steps) || self.step == self.last;
+        if !(due || self.outcome.interrupted) {
+            return Ok(());
+        }
+        let state = TrainerState {
+            step: self.step,
+            consumed_micro_batches: self.consumed,
+            total_steps: self.cfg.total_steps,
+            optimizer_t: self.updater.opt.t,
+            seed: self.cfg.seed,
+            loss_state: serde_json::to_value(&self.loss_state).map_err(|e| Error::Msg(e.to_string()))?,
+            data_fingerprint: self.data_fp.clone(),
+            log_history: self.history.clone(),
+        };
+        let out = self.out;
+        let dir = checkpoint::save(
+            out.dir,
+            self.adapter,
+            out.base_model,
+            &self.updater.opt,
+            &state,
+            out.recipe_yaml,
+        )?;
+        if let Some(k) = self.cfg.save_total_limit {
+            checkpoint::rotate(out.dir, k, &dir)?;
+        }
+        self.outcome.last_checkpoint = Some(dir);
+        Ok(())
+    }
 }
 
 fn progress_bar(cfg: &LoopConfig, start: usize) -> indicatif::ProgressBar {
