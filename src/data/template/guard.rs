@@ -58,33 +58,7 @@ pub fn inject_guards(src: &str) -> String {
                 i = find_endraw(src, end).unwrap_or(b.len());
                 continue;
             }
-            // Some(names): guard those (None: every variable); no entry: no guard.
-            let guard: Option<Option<Vec<String>>> = match word.as_str() {
-                "set" => match top_level_find_assign(rest) {
-                    Some(eq) => Some(target_roots(&rest[..eq])),
-                    None => {
-                        // A block set: the name comes before an optional `| filter`.
-                        let name = rest.split('|').next().unwrap_or("").trim();
-                        block_sets.push(target_roots(name));
-                        None
-                    }
-                },
-                "endset" => block_sets.pop(),
-                "macro" => Some(rest.find('(').and_then(|p| params(&rest[p..]))),
-                "call" if rest.starts_with('(') => Some(params(rest)),
-                "with" => Some(
-                    split_top_level(rest)
-                        .iter()
-                        .map(|part| top_level_find_assign(part).and_then(|eq| target_roots(&part[..eq])))
-                        .collect::<Option<Vec<Vec<String>>>>()
-                        .map(|v| v.concat()),
-                ),
-                "for" if rest.split_whitespace().any(|w| w == "recursive") => {
-                    Some(rest.find(" in ").and_then(|k| target_roots(&rest[..k])))
-                }
-                _ => None,
-            };
-            if let Some(names) = guard {
+            if let Some(names) = guard_for(&word, rest, &mut block_sets) {
                 let marker = match inner.trim_end().as_bytes().last() {
                     Some(b'-') => "-",
                     Some(b'+') => "+",
@@ -104,6 +78,37 @@ pub fn inject_guards(src: &str) -> String {
     }
     out.push_str(&src[copied..]);
     out
+}
+
+/// The names a `{% word rest %}` tag binds, to be guarded after it: `Some(Some(names))` guards
+/// those, `Some(None)` every variable, `None` needs no guard. `block_sets` tracks the names of
+/// the open `{% set name %}` blocks, guarded at their `{% endset %}`.
+fn guard_for(word: &str, rest: &str, block_sets: &mut Vec<Option<Vec<String>>>) -> Option<Option<Vec<String>>> {
+    match word {
+        "set" => match top_level_find_assign(rest) {
+            Some(eq) => Some(target_roots(&rest[..eq])),
+            None => {
+                // A block set: the name comes before an optional `| filter`.
+                let name = rest.split('|').next().unwrap_or("").trim();
+                block_sets.push(target_roots(name));
+                None
+            }
+        },
+        "endset" => block_sets.pop(),
+        "macro" => Some(rest.find('(').and_then(|p| params(&rest[p..]))),
+        "call" if rest.starts_with('(') => Some(params(rest)),
+        "with" => Some(
+            split_top_level(rest)
+                .iter()
+                .map(|part| top_level_find_assign(part).and_then(|eq| target_roots(&part[..eq])))
+                .collect::<Option<Vec<Vec<String>>>>()
+                .map(|v| v.concat()),
+        ),
+        "for" if rest.split_whitespace().any(|w| w == "recursive") => {
+            Some(rest.find(" in ").and_then(|k| target_roots(&rest[..k])))
+        }
+        _ => None,
+    }
 }
 
 pub(super) fn is_identifier(s: &str) -> bool {
