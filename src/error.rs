@@ -129,6 +129,149 @@ pub enum Error {
     #[error("KV cache holds batch/heads {cached:?}, new keys have {new:?}")]
     KvCacheShape { cached: Vec<usize>, new: Vec<usize> },
 
+    // data, adapters, checkpoints, losses, merge
+    /// A JSON file that is not an object of keys and values.
+    #[error("{path}: must be a JSON object of keys and values, got {got}")]
+    NotAnObject { path: PathBuf, got: &'static str },
+
+    /// A JSON file whose values do not deserialize, with no single key to blame. (The inner
+    /// errors of this block are fields, not `#[source]`s: the binary prints the source chain,
+    /// and the message already holds them.)
+    #[error("{path}: {error}")]
+    Deserialize { path: PathBuf, error: serde_json::Error },
+
+    /// A data file at fault as a whole (unknown extension, empty, nothing to score); `file` is the
+    /// name messages give it.
+    #[error("{file}: {msg}")]
+    DataFile { file: String, msg: String },
+
+    /// One row of a data file; `row` is its location (`file:line`, `file: row N (line L)`).
+    #[error("{row}: {msg}")]
+    DataRow { row: String, msg: String },
+
+    #[error("dataset {id:?}: {msg}")]
+    HubDataset { id: String, msg: String },
+
+    #[error("{path}: cannot load the tokenizer: {msg}")]
+    TokenizerLoad { path: PathBuf, msg: String },
+
+    /// The tokenizer failed on a text.
+    #[error("tokenizer: {msg}")]
+    Tokenizer { msg: String },
+
+    #[error("unknown truncation mode `{value}` (expected keep_end or keep_start)")]
+    TruncationMode { value: String },
+
+    /// A chat template that does not parse or render; `origin` names it (a file or a name).
+    #[error("{origin}: {msg}")]
+    Template { origin: String, msg: String },
+
+    #[error("unknown chat template name `{name}` (known: {known}; or give a Jinja file path)")]
+    TemplateName { name: String, known: String },
+
+    #[error("chat template `{spec}` is neither a named template ({known}) nor a file")]
+    TemplateSpec { spec: String, known: String },
+
+    #[error("target_modules: invalid regex {pattern:?}: {msg}")]
+    TargetRegex { pattern: String, msg: String },
+
+    #[error(
+        "target_modules {target:?} selects no linear layer of the model (its layers are \
+         q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
+    )]
+    TargetUnmatched { target: crate::lora::config::TargetModules },
+
+    #[error("{spec}: --model must be a folder or a hub id, not a file")]
+    ModelIsFile { spec: String },
+
+    #[error(
+        "saving checkpoint {dir} failed: {error}; the unfinished checkpoint was removed and earlier \
+         checkpoints are untouched"
+    )]
+    CheckpointSave { dir: PathBuf, error: Box<Error> },
+
+    /// `--resume_from_checkpoint <dir>` names no usable checkpoint.
+    #[error("--resume_from_checkpoint {dir}: {msg}")]
+    Resume { dir: PathBuf, msg: String },
+
+    #[error("--resume_from_checkpoint latest: no complete checkpoint under {output_dir}")]
+    NoCheckpoint { output_dir: PathBuf },
+
+    #[error(
+        "{dir}: only {} free on its filesystem, but one checkpoint needs about {}; free some space or \
+         choose another --output_dir",
+        crate::train::checkpoint::human_bytes(*.free),
+        crate::train::checkpoint::human_bytes(*.needed)
+    )]
+    DiskSpace { dir: PathBuf, free: u64, needed: u64 },
+
+    #[error("unknown loss type {name:?}; known: {known}")]
+    UnknownLoss { name: String, known: String },
+
+    /// A loss parameter (or a loss weight) out of its range.
+    #[error("loss type {loss:?}: {msg}")]
+    LossParam { loss: &'static str, msg: String },
+
+    #[error("loss type {loss:?} needs reference log-probs")]
+    LossNeedsReference { loss: &'static str },
+
+    #[error("no loss type given")]
+    NoLoss,
+
+    /// A loss input tensor of the wrong shape or dtype.
+    #[error("{tensor}: {msg}")]
+    LossInput { tensor: &'static str, msg: String },
+
+    #[error("ref_chosen_logps and ref_rejected_logps must be given together")]
+    LossRefsUnpaired,
+
+    #[error("the prompt has no tokens")]
+    EmptyPrompt,
+
+    #[error("the model produced a NaN logit (token {token})")]
+    NanLogit { token: usize },
+
+    /// Metrics that cannot be read back or a plot that cannot be written.
+    #[error("{path}: {msg}")]
+    Plot { path: PathBuf, msg: String },
+
+    #[error(
+        "--combination {combination}: module {module} has rank {rank} in {adapter} but {other_rank} in \
+         {other}; use cat or svd"
+    )]
+    CombineRank {
+        combination: &'static str,
+        module: String,
+        rank: usize,
+        adapter: String,
+        other_rank: usize,
+        other: String,
+    },
+
+    #[error("--svd_rank {rank} is larger than min(out, in) = {max} of module {module}")]
+    SvdRank { rank: usize, max: usize, module: String },
+
+    /// The SVD of one module failed.
+    #[error("module {module}: {error}")]
+    Svd { module: String, error: Box<Error> },
+
+    #[error("subspace iteration did not converge (residual {residual:?})")]
+    SvdNotConverged { residual: Option<f64> },
+
+    #[error(
+        "merged tensor {name:?} has {count} NaN/infinite values; the adapter seems to be broken \
+         (--safe_merge: nothing was written)"
+    )]
+    MergeNonFinite { name: String, count: usize },
+
+    /// A tensor whose dtype lorafold cannot convert (`action` is "convert" or "write").
+    #[error("tensor {name:?}: cannot {action} dtype {dtype:?}")]
+    TensorDtype {
+        name: String,
+        action: &'static str,
+        dtype: safetensors::Dtype,
+    },
+
     /// An internal invariant that does not hold; user input is reported by the variants above.
     #[error("{0}")]
     Msg(String),
@@ -203,11 +346,10 @@ pub fn from_json_named<T: serde::de::DeserializeOwned>(
 ) -> Result<T> {
     use serde_json::Value;
     let Value::Object(map) = value else {
-        return Err(Error::Msg(format!(
-            "{}: must be a JSON object of keys and values, got {}",
-            path.display(),
-            json_kind(value)
-        )));
+        return Err(Error::NotAnObject {
+            path: path.into(),
+            got: json_kind(value),
+        });
     };
     let err = match serde_json::from_value::<T>(value.clone()) {
         Ok(v) => return Ok(v),
@@ -239,5 +381,8 @@ pub fn from_json_named<T: serde::de::DeserializeOwned>(
             return Err(config(name, "is required but missing".into()));
         }
     }
-    Err(Error::Msg(format!("{}: {msg}", path.display())))
+    Err(Error::Deserialize {
+        path: path.into(),
+        error: err,
+    })
 }

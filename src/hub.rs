@@ -58,9 +58,7 @@ pub fn resolve_model(spec: &str, revision: Option<&str>) -> Result<ModelFiles> {
         return local_model(spec, path);
     }
     if path.exists() {
-        return Err(Error::Msg(format!(
-            "{spec}: --model must be a folder or a hub id, not a file"
-        )));
+        return Err(Error::ModelIsFile { spec: spec.into() });
     }
     if !looks_like_hub_id(spec) {
         return Err(Error::MissingFile { path: path.into() });

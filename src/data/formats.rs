@@ -252,7 +252,10 @@ pub fn normalise_rows(
     opts: &LoadOptions,
 ) -> Result<(Vec<(RowRef, PreferencePair)>, LoadStats)> {
     if rows.is_empty() {
-        return Err(Error::Msg(format!("{display}: the file holds no rows (empty file)")));
+        return Err(Error::DataFile {
+            file: display.into(),
+            msg: "the file holds no rows (empty file)".into(),
+        });
     }
     let mut format: Option<Format> = None;
     let mut pairs = Vec::with_capacity(rows.len());
@@ -266,8 +269,10 @@ pub fn normalise_rows(
                 let f = match format {
                     Some(f) => f,
                     None => {
-                        let f = Format::detect(&map)
-                            .ok_or_else(|| Error::Msg(format!("{}: {}", raw.loc, unknown_format(&map))))?;
+                        let f = Format::detect(&map).ok_or_else(|| Error::DataRow {
+                            row: raw.loc.clone(),
+                            msg: unknown_format(&map),
+                        })?;
                         format = Some(f);
                         f
                     }
@@ -284,13 +289,14 @@ pub fn normalise_rows(
                 pairs.push((raw.row, pair))
             }
             Err(_) if opts.skip_bad_rows => skipped += 1,
-            Err(msg) => return Err(Error::Msg(format!("{}: {msg}", raw.loc))),
+            Err(msg) => return Err(Error::DataRow { row: raw.loc, msg }),
         }
     }
     let Some(format) = format else {
-        return Err(Error::Msg(format!(
-            "{display}: no readable row ({skipped} bad rows skipped); cannot detect the format"
-        )));
+        return Err(Error::DataFile {
+            file: display.into(),
+            msg: format!("no readable row ({skipped} bad rows skipped); cannot detect the format"),
+        });
     };
     check_something_to_score(&pairs, first_loc.as_deref(), format, display)?;
     let stats = LoadStats {
@@ -338,10 +344,13 @@ fn check_something_to_score(
     } else {
         format!("keys `{ck}` and `{rk}` hold the same response")
     };
-    Err(Error::Msg(format!(
-        "{display}: every row has an empty chosen or rejected response, or the same response for \
-         both, so nothing can be scored (first: {loc}: {what})"
-    )))
+    Err(Error::DataFile {
+        file: display.into(),
+        msg: format!(
+            "every row has an empty chosen or rejected response, or the same response for both, so \
+             nothing can be scored (first: {loc}: {what})"
+        ),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -45,7 +45,10 @@ impl FileKind {
 }
 
 fn file_err(display: &str, msg: impl std::fmt::Display) -> Error {
-    Error::Msg(format!("{display}: {msg}"))
+    Error::DataFile {
+        file: display.into(),
+        msg: msg.to_string(),
+    }
 }
 
 /// Read every row of a data file. `display` names the file in rows and messages.
@@ -449,7 +452,10 @@ pub fn resolve_hub_dataset(spec: &HubSpec, revision: Option<&str>) -> Result<Vec
 }
 
 fn hub_err(id: &str, msg: impl std::fmt::Display) -> Error {
-    Error::Msg(format!("dataset {id:?}: {msg}"))
+    Error::HubDataset {
+        id: id.into(),
+        msg: msg.to_string(),
+    }
 }
 
 /// Resolve a hub dataset with the cache root given explicitly. Offline, the snapshot folder of

@@ -29,9 +29,7 @@ impl std::str::FromStr for TruncationMode {
         match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
             "keep_end" => Ok(TruncationMode::KeepEnd),
             "keep_start" => Ok(TruncationMode::KeepStart),
-            _ => Err(Error::Msg(format!(
-                "unknown truncation mode `{s}` (expected keep_end or keep_start)"
-            ))),
+            _ => Err(Error::TruncationMode { value: s.into() }),
         }
     }
 }
@@ -136,18 +134,20 @@ impl Preprocessor {
         if !tok_path.exists() {
             return Err(Error::MissingFile { path: tok_path });
         }
-        let tokenizer = Tokenizer::from_file(&tok_path)
-            .map_err(|e| Error::Msg(format!("{}: cannot load the tokenizer: {e}", tok_path.display())))?;
+        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| Error::TokenizerLoad {
+            path: tok_path.clone(),
+            msg: e.to_string(),
+        })?;
         let cfg = read_tokenizer_config(dir)?;
         let template = match template_override {
             Some(name) if NAMED_TEMPLATES.contains(&name) => ChatTemplate::named(name, cfg.tokens.clone())?,
             Some(path) => {
                 let p = Path::new(path);
                 if !p.is_file() {
-                    return Err(Error::Msg(format!(
-                        "chat template `{path}` is neither a named template ({}) nor a file",
-                        NAMED_TEMPLATES.join(", ")
-                    )));
+                    return Err(Error::TemplateSpec {
+                        spec: path.into(),
+                        known: NAMED_TEMPLATES.join(", "),
+                    });
                 }
                 let src = crate::error::read_to_string(p)?;
                 ChatTemplate::new(&src, path, cfg.tokens.clone())?
@@ -203,7 +203,7 @@ impl Preprocessor {
         self.tokenizer
             .encode(text, false)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| Error::Msg(format!("tokenizer: {e}")))
+            .map_err(|e| Error::Tokenizer { msg: e.to_string() })
     }
 
     /// Prompt ids (rendered with the generation prompt).
@@ -250,7 +250,10 @@ impl Preprocessor {
             stats.dropped_empty += 1;
             return Ok(None);
         }
-        let at_row = |e: Error| Error::Msg(format!("{row}: {e}"));
+        let at_row = |e: Error| Error::DataRow {
+            row: row.to_string(),
+            msg: e.to_string(),
+        };
         let inner = || -> Result<_> {
             let prompt = self.prompt_ids(&pair.prompt)?;
             let (chosen, fb_c) = self.response_ids(&pair.prompt, &prompt, &pair.chosen)?;
@@ -341,6 +344,7 @@ impl Preprocessor {
                     .into_iter()
                     .map(|h| {
                         h.join()
+                            // internal invariant: tokenising does not panic
                             .unwrap_or_else(|_| Err(Error::Msg("tokenising thread panicked".into())))
                     })
                     .collect()

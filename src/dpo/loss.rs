@@ -149,10 +149,10 @@ impl LossKind {
             "orpo" => LossKind::Orpo,
             "sft" => LossKind::Sft,
             _ => {
-                return Err(Error::Msg(format!(
-                    "unknown loss type {name:?}; known: {}",
-                    LOSS_NAMES.join(", ")
-                )))
+                return Err(Error::UnknownLoss {
+                    name: name.into(),
+                    known: LOSS_NAMES.join(", "),
+                })
             }
         };
         kind.validate()?;
@@ -189,7 +189,12 @@ impl LossKind {
 
     /// Check the parameters: a value outside its range is an error naming the loss.
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str, v: f64| Err(Error::Msg(format!("loss type {:?}: {what}, got {v}", self.name())));
+        let bad = |what: &str, v: f64| {
+            Err(Error::LossParam {
+                loss: self.name(),
+                msg: format!("{what}, got {v}"),
+            })
+        };
         match *self {
             LossKind::Sigmoid { label_smoothing: e }
             | LossKind::Aot { label_smoothing: e }
@@ -221,119 +226,114 @@ impl LossKind {
     }
 
     fn losses(&self, beta: f64, c: &Prepared) -> Result<Tensor> {
-        let need_ref = || -> Result<(&Tensor, &Tensor)> {
-            match (&c.ref_chosen, &c.ref_rejected) {
-                (Some(rc), Some(rr)) => Ok((rc, rr)),
-                _ => Err(Error::Msg(format!(
-                    "loss type {:?} needs reference log-probs",
-                    self.name()
-                ))),
-            }
-        };
-        let logratios = || -> Result<(Tensor, Tensor)> {
-            let (rc, rr) = need_ref()?;
-            Ok(((&c.chosen - rc)?, (&c.rejected - rr)?))
-        };
-        // z = β·Δ
-        let z = || -> Result<Tensor> {
-            let (lc, lr) = logratios()?;
-            Ok(((lc - lr)? * beta)?)
-        };
+        let name = self.name();
         let out = match *self {
-            LossKind::Sigmoid { label_smoothing } => cdpo(&z()?, label_smoothing)?,
-            LossKind::Hinge => {
-                let u = (1.0 - z()?)?;
-                // relu with gradient 0 at 0, as torch (candle's relu passes 1 there)
-                let on = u.gt(0.0)?.to_dtype(u.dtype())?;
-                (u * on)?
-            }
-            LossKind::Ipo => {
-                let (lc, lr) = logratios()?;
-                let d = ((lc / &c.chosen_len)? - (lr / &c.rejected_len)?)?;
-                (d - 1.0 / (2.0 * beta))?.sqr()?
-            }
-            LossKind::Robust { label_smoothing: e } => {
-                let z = z()?;
-                let clean = (log_sigmoid(&z)? * -(1.0 - e))?;
-                let flipped = (log_sigmoid(&z.neg()?)? * e)?;
-                ((clean + flipped)? / (1.0 - 2.0 * e))?
-            }
-            LossKind::ExoPair { label_smoothing: e } => {
-                let z = z()?;
-                let log_qw = log_sigmoid(&z)?;
-                let log_ql = log_sigmoid(&z.neg()?)?;
-                let w = (log_qw.exp()? * (&log_qw - (-e).ln_1p())?)?;
-                let l = (log_ql.exp()? * (&log_ql - e.ln())?)?;
-                (w + l)?
-            }
-            LossKind::NcaPair => {
-                let (lc, lr) = logratios()?;
-                let (rc, rr) = ((lc * beta)?, (lr * beta)?);
-                let a = log_sigmoid(&rc)?;
-                let b = log_sigmoid(&rc.neg()?)?;
-                let d = log_sigmoid(&rr.neg()?)?;
-                ((a.neg()? - (b * 0.5)?)? - (d * 0.5)?)?
-            }
-            LossKind::BcoPair => {
-                let (lc, lr) = logratios()?;
-                let a = log_sigmoid(&(lc * beta)?)?;
-                let b = log_sigmoid(&(lr * -beta)?)?;
-                (a + b)?.neg()?
-            }
-            LossKind::SppoHard => {
-                let (lc, lr) = logratios()?;
-                let half = 0.5 / beta;
-                ((lc - half)?.sqr()? + (lr + half)?.sqr()?)?
-            }
-            LossKind::Aot { label_smoothing } => {
-                let (rc, rr) = need_ref()?;
-                let pi = (&c.chosen - &c.rejected)?;
-                let reference = (rc - rr)?;
-                let d = (sorted(&pi)? - sorted(&reference)?)?;
-                cdpo(&(d * beta)?, label_smoothing)?
-            }
-            LossKind::AotPair { label_smoothing } => {
-                let (lc, lr) = logratios()?;
-                let d = (sorted(&lc)? - sorted(&lr)?)?;
-                cdpo(&(d * beta)?, label_smoothing)?
-            }
-            LossKind::ApoZero => {
-                let (lc, lr) = logratios()?;
-                let chosen = (1.0 - sigmoid(&(lc * beta)?)?)?;
-                (chosen + sigmoid(&(lr * beta)?)?)?
-            }
-            LossKind::ApoDown => {
-                let (lc, _) = logratios()?;
-                let chosen = sigmoid(&(lc * beta)?)?;
-                (chosen + (1.0 - sigmoid(&z()?)?)?)?
-            }
-            LossKind::DiscoPop { tau } => {
-                let z = z()?;
-                let m = sigmoid(&(&z / tau)?)?;
-                let logistic = log_sigmoid(&z)?.neg()?;
-                let exponential = z.neg()?.exp()?;
-                ((logistic * (1.0 - &m)?)? + (exponential * m)?)?
-            }
-            LossKind::SigmoidNorm => {
-                let (lc, lr) = logratios()?;
-                let d = ((lc / &c.chosen_len)? - (lr / &c.rejected_len)?)?;
-                log_sigmoid(&(d * beta)?)?.neg()?
-            }
-            LossKind::Simpo { gamma, label_smoothing } => {
-                let (mc, mr) = c.means()?;
-                let logits = (((mc - mr)? * beta)? - gamma)?;
-                cdpo(&logits, label_smoothing)?
-            }
-            LossKind::Orpo => {
-                let (mc, mr) = c.means()?;
-                let log_odds = ((&mc - &mr)? - (log1mexp(&mc)? - log1mexp(&mr)?)?)?;
-                let ratio = (log_sigmoid(&log_odds)? * beta)?;
-                c.nll()?.broadcast_sub(&ratio)?
-            }
+            LossKind::Sigmoid { label_smoothing } => cdpo(&c.z(name, beta)?, label_smoothing)?,
+            LossKind::Hinge => hinge(&c.z(name, beta)?)?,
+            LossKind::Ipo => (c.mean_margin(name)? - 1.0 / (2.0 * beta))?.sqr()?,
+            LossKind::Robust { label_smoothing: e } => robust(&c.z(name, beta)?, e)?,
+            LossKind::ExoPair { label_smoothing: e } => exo_pair(&c.z(name, beta)?, e)?,
+            LossKind::NcaPair => nca_pair(c.logratios(name)?, beta)?,
+            LossKind::BcoPair => bco_pair(c.logratios(name)?, beta)?,
+            LossKind::SppoHard => sppo_hard(c.logratios(name)?, beta)?,
+            LossKind::Aot { label_smoothing } => aot(c, name, beta, label_smoothing)?,
+            LossKind::AotPair { label_smoothing } => aot_pair(c.logratios(name)?, beta, label_smoothing)?,
+            LossKind::ApoZero => apo_zero(c.logratios(name)?, beta)?,
+            LossKind::ApoDown => apo_down(&c.logratios(name)?.0, &c.z(name, beta)?, beta)?,
+            LossKind::DiscoPop { tau } => discopop(&c.z(name, beta)?, tau)?,
+            LossKind::SigmoidNorm => log_sigmoid(&(c.mean_margin(name)? * beta)?)?.neg()?,
+            LossKind::Simpo { gamma, label_smoothing } => simpo(c, beta, gamma, label_smoothing)?,
+            LossKind::Orpo => orpo(c, beta)?,
             LossKind::Sft => c.nll()?.broadcast_as(c.chosen.shape())?,
         };
         Ok(out)
     }
+}
+
+// Per-pair losses of the kinds whose formula takes more than one line; `lr` is the pair of
+// policy−reference log-ratios (chosen, rejected), `z` = βΔ.
+
+/// max(0, 1 − z), with gradient 0 at 0 as torch (candle's relu passes 1 there).
+fn hinge(z: &Tensor) -> Result<Tensor> {
+    let u = (1.0 - z)?;
+    let on = u.gt(0.0)?.to_dtype(u.dtype())?;
+    Ok((u * on)?)
+}
+
+fn robust(z: &Tensor, e: f64) -> Result<Tensor> {
+    let clean = (log_sigmoid(z)? * -(1.0 - e))?;
+    let flipped = (log_sigmoid(&z.neg()?)? * e)?;
+    Ok(((clean + flipped)? / (1.0 - 2.0 * e))?)
+}
+
+fn exo_pair(z: &Tensor, e: f64) -> Result<Tensor> {
+    let log_qw = log_sigmoid(z)?;
+    let log_ql = log_sigmoid(&z.neg()?)?;
+    let w = (log_qw.exp()? * (&log_qw - (-e).ln_1p())?)?;
+    let l = (log_ql.exp()? * (&log_ql - e.ln())?)?;
+    Ok((w + l)?)
+}
+
+fn nca_pair((lc, lr): (Tensor, Tensor), beta: f64) -> Result<Tensor> {
+    let (rc, rr) = ((lc * beta)?, (lr * beta)?);
+    let a = log_sigmoid(&rc)?;
+    let b = log_sigmoid(&rc.neg()?)?;
+    let d = log_sigmoid(&rr.neg()?)?;
+    Ok(((a.neg()? - (b * 0.5)?)? - (d * 0.5)?)?)
+}
+
+fn bco_pair((lc, lr): (Tensor, Tensor), beta: f64) -> Result<Tensor> {
+    let a = log_sigmoid(&(lc * beta)?)?;
+    let b = log_sigmoid(&(lr * -beta)?)?;
+    Ok((a + b)?.neg()?)
+}
+
+fn sppo_hard((lc, lr): (Tensor, Tensor), beta: f64) -> Result<Tensor> {
+    let half = 0.5 / beta;
+    Ok(((lc - half)?.sqr()? + (lr + half)?.sqr()?)?)
+}
+
+fn aot(c: &Prepared, name: &'static str, beta: f64, label_smoothing: f64) -> Result<Tensor> {
+    let (rc, rr) = c.refs(name)?;
+    let pi = (&c.chosen - &c.rejected)?;
+    let reference = (rc - rr)?;
+    let d = (sorted(&pi)? - sorted(&reference)?)?;
+    Ok(cdpo(&(d * beta)?, label_smoothing)?)
+}
+
+fn aot_pair((lc, lr): (Tensor, Tensor), beta: f64, label_smoothing: f64) -> Result<Tensor> {
+    let d = (sorted(&lc)? - sorted(&lr)?)?;
+    Ok(cdpo(&(d * beta)?, label_smoothing)?)
+}
+
+fn apo_zero((lc, lr): (Tensor, Tensor), beta: f64) -> Result<Tensor> {
+    let chosen = (1.0 - sigmoid(&(lc * beta)?)?)?;
+    Ok((chosen + sigmoid(&(lr * beta)?)?)?)
+}
+
+fn apo_down(lc: &Tensor, z: &Tensor, beta: f64) -> Result<Tensor> {
+    let chosen = sigmoid(&(lc * beta)?)?;
+    Ok((chosen + (1.0 - sigmoid(z)?)?)?)
+}
+
+fn discopop(z: &Tensor, tau: f64) -> Result<Tensor> {
+    let m = sigmoid(&(z / tau)?)?;
+    let logistic = log_sigmoid(z)?.neg()?;
+    let exponential = z.neg()?.exp()?;
+    Ok(((logistic * (1.0 - &m)?)? + (exponential * m)?)?)
+}
+
+fn simpo(c: &Prepared, beta: f64, gamma: f64, label_smoothing: f64) -> Result<Tensor> {
+    let (mc, mr) = c.means()?;
+    let logits = (((mc - mr)? * beta)? - gamma)?;
+    Ok(cdpo(&logits, label_smoothing)?)
+}
+
+fn orpo(c: &Prepared, beta: f64) -> Result<Tensor> {
+    let (mc, mr) = c.means()?;
+    let log_odds = ((&mc - &mr)? - (log1mexp(&mc)? - log1mexp(&mr)?)?)?;
+    let ratio = (log_sigmoid(&log_odds)? * beta)?;
+    Ok(c.nll()?.broadcast_sub(&ratio)?)
 }
 
 /// Inputs, all [B] tensors of the same float dtype (f32 in training). Log-probs are
@@ -393,23 +393,29 @@ impl DpoLoss {
     /// Check beta, the weights and every kind's parameters.
     pub fn validate(&self) -> Result<()> {
         if self.terms.is_empty() {
-            return Err(Error::Msg("no loss type given".into()));
+            return Err(Error::NoLoss);
         }
         if !(self.beta > 0.0 && self.beta.is_finite()) {
-            return Err(Error::Msg(format!("beta must be > 0, got {}", self.beta)));
+            return Err(Error::Setting {
+                key: "beta".into(),
+                msg: format!("must be > 0, got {}", self.beta),
+            });
         }
         for (kind, w) in &self.terms {
             kind.validate()?;
             if !w.is_finite() {
-                return Err(Error::Msg(format!(
-                    "loss type {:?}: weight must be finite, got {w}",
-                    kind.name()
-                )));
+                return Err(Error::LossParam {
+                    loss: kind.name(),
+                    msg: format!("weight must be finite, got {w}"),
+                });
             }
         }
         if let Some(a) = self.rpo_alpha {
             if !a.is_finite() {
-                return Err(Error::Msg(format!("rpo_alpha must be finite, got {a}")));
+                return Err(Error::Setting {
+                    key: "rpo_alpha".into(),
+                    msg: format!("must be finite, got {a}"),
+                });
             }
         }
         Ok(())
@@ -477,20 +483,25 @@ impl Prepared {
         let b = match x.chosen_logps.dims() {
             [b] if *b > 0 => *b,
             d => {
-                return Err(Error::Msg(format!(
-                    "chosen_logps: expected shape [B] with B > 0, got {d:?}"
-                )))
+                return Err(Error::LossInput {
+                    tensor: "chosen_logps",
+                    msg: format!("expected shape [B] with B > 0, got {d:?}"),
+                })
             }
         };
         let dtype = x.chosen_logps.dtype();
         if !matches!(dtype, DType::F32 | DType::F64 | DType::BF16 | DType::F16) {
-            return Err(Error::Msg(format!(
-                "chosen_logps: expected a float tensor, got {dtype:?}"
-            )));
+            return Err(Error::LossInput {
+                tensor: "chosen_logps",
+                msg: format!("expected a float tensor, got {dtype:?}"),
+            });
         }
-        let check = |name: &str, t: &Tensor| -> Result<Tensor> {
+        let check = |name: &'static str, t: &Tensor| -> Result<Tensor> {
             if t.dims() != [b] {
-                return Err(Error::Msg(format!("{name}: expected shape [{b}], got {:?}", t.dims())));
+                return Err(Error::LossInput {
+                    tensor: name,
+                    msg: format!("expected shape [{b}], got {:?}", t.dims()),
+                });
             }
             Ok(t.to_dtype(dtype)?)
         };
@@ -500,11 +511,7 @@ impl Prepared {
                 Some(check("ref_rejected_logps", rr)?.detach()),
             ),
             (None, None) => (None, None),
-            _ => {
-                return Err(Error::Msg(
-                    "ref_chosen_logps and ref_rejected_logps must be given together".into(),
-                ))
-            }
+            _ => return Err(Error::LossRefsUnpaired),
         };
         Ok(Prepared {
             chosen: x.chosen_logps.clone(),
@@ -514,6 +521,32 @@ impl Prepared {
             chosen_len: check("chosen_lengths", x.chosen_lengths)?.detach().maximum(1.0)?,
             rejected_len: check("rejected_lengths", x.rejected_lengths)?.detach().maximum(1.0)?,
         })
+    }
+
+    /// The reference log-probs (chosen, rejected); an error naming `loss` when there are none.
+    fn refs(&self, loss: &'static str) -> Result<(&Tensor, &Tensor)> {
+        match (&self.ref_chosen, &self.ref_rejected) {
+            (Some(rc), Some(rr)) => Ok((rc, rr)),
+            _ => Err(Error::LossNeedsReference { loss }),
+        }
+    }
+
+    /// Policy − reference log-ratios of chosen and rejected.
+    fn logratios(&self, loss: &'static str) -> Result<(Tensor, Tensor)> {
+        let (rc, rr) = self.refs(loss)?;
+        Ok(((&self.chosen - rc)?, (&self.rejected - rr)?))
+    }
+
+    /// z = βΔ.
+    fn z(&self, loss: &'static str, beta: f64) -> Result<Tensor> {
+        let (lc, lr) = self.logratios(loss)?;
+        Ok(((lc - lr)? * beta)?)
+    }
+
+    /// Δ̄: the log-ratio margin on per-token means.
+    fn mean_margin(&self, loss: &'static str) -> Result<Tensor> {
+        let (lc, lr) = self.logratios(loss)?;
+        Ok(((lc / &self.chosen_len)? - (lr / &self.rejected_len)?)?)
     }
 
     /// Per-token mean log-probs of chosen and rejected.

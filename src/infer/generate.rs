@@ -94,7 +94,7 @@ impl<'m> Session<'m> {
         mut on_token: impl FnMut(u32) -> Result<()>,
     ) -> Result<Generation> {
         if prompt.is_empty() {
-            return Err(Error::Msg("the prompt has no tokens".into()));
+            return Err(Error::EmptyPrompt);
         }
         opts.sampling.validate()?;
         let mut sampler = Sampler::new(opts.sampling.clone());
@@ -230,7 +230,7 @@ impl<'t> TextStream<'t> {
 
 /// Text of `ids` without special tokens.
 pub fn decode(tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
-    tokenizer
-        .decode(ids, true)
-        .map_err(|e| Error::Msg(format!("tokenizer: cannot decode: {e}")))
+    tokenizer.decode(ids, true).map_err(|e| Error::Tokenizer {
+        msg: format!("cannot decode: {e}"),
+    })
 }

@@ -45,21 +45,21 @@ impl SamplingParams {
 
     /// Reject values transformers rejects too.
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: String| Err(Error::Msg(what));
+        let bad = |key: &str, msg: String| Err(Error::Setting { key: key.into(), msg });
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad(format!(
-                "temperature must be >= 0 (0: greedy), got {}",
-                self.temperature
-            ));
+            return bad(
+                "temperature",
+                format!("must be >= 0 (0: greedy), got {}", self.temperature),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
+            return bad("top_p", format!("must be in (0, 1], got {}", self.top_p));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return bad(format!(
-                "repetition_penalty must be > 0, got {}",
-                self.repetition_penalty
-            ));
+            return bad(
+                "repetition_penalty",
+                format!("must be > 0, got {}", self.repetition_penalty),
+            );
         }
         Ok(())
     }
@@ -137,14 +137,14 @@ pub fn argmax(logits: &[f32]) -> Result<u32> {
     let mut best: Option<(usize, f32)> = None;
     for (i, &x) in logits.iter().enumerate() {
         if x.is_nan() {
-            return Err(Error::Msg(format!("the model produced a NaN logit (token {i})")));
+            return Err(Error::NanLogit { token: i });
         }
         if best.is_none_or(|(_, b)| x > b) {
             best = Some((i, x));
         }
     }
     best.map(|(i, _)| i as u32)
-        .ok_or_else(|| Error::Msg("empty logits".into()))
+        .ok_or_else(|| Error::Msg("empty logits".into())) // internal invariant: vocab_size > 0
 }
 
 /// Picks next tokens with [`SamplingParams`]; the random stream is seeded, so a run repeats.

@@ -53,8 +53,10 @@ impl TargetModules {
         Ok(match self {
             TargetModules::Pattern(p) if is_all_keyword(p) => TargetMatcher::All,
             TargetModules::Pattern(p) => {
-                let re = regex::Regex::new(&format!("^(?:{p})$"))
-                    .map_err(|e| Error::Msg(format!("target_modules: invalid regex {p:?}: {e}")))?;
+                let re = regex::Regex::new(&format!("^(?:{p})$")).map_err(|e| Error::TargetRegex {
+                    pattern: p.clone(),
+                    msg: e.to_string(),
+                })?;
                 TargetMatcher::Regex(re)
             }
             TargetModules::Modules(list) => {

@@ -341,6 +341,7 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()>
                     .collect(),
                 Dtype::BF16,
             ),
+            // internal invariant: lorafold only saves the float tensors it creates
             other => return Err(Error::Msg(format!("tensor {name}: cannot save dtype {other:?}"))),
         };
         owned.push((name.clone(), bytes, shape, dt));

@@ -40,11 +40,6 @@ pub struct Adapter {
 }
 
 impl Adapter {
-    /// Trainable variables, in a fixed order (layer, module, A before B).
-    pub fn vars(&self) -> Vec<Var> {
-        self.params.iter().filter_map(|p| p.var.clone()).collect()
-    }
-
     pub fn num_params(&self) -> usize {
         self.params.iter().map(|p| p.tensor.elem_count()).sum()
     }
@@ -117,10 +112,7 @@ pub fn attach_new(model: &mut Model, config: &LoraConfig, init: LoraInit) -> Res
         lin.set_adapter(slot, Some(ad));
     }
     if hit == 0 {
-        return Err(Error::Msg(format!(
-            "target_modules {target:?} selects no linear layer of the model (its layers are \
-             q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
-        )));
+        return Err(Error::TargetUnmatched { target });
     }
     let mut config = config.clone();
     config.target_modules = Some(config::TargetModules::Modules(

@@ -117,10 +117,6 @@ impl Combination {
     pub fn needs_density(self) -> bool {
         self.rule().is_some_and(|r| r != Rule::TaskArithmetic)
     }
-
-    pub fn is_random(self) -> bool {
-        matches!(self.rule(), Some(Rule::DareLinear | Rule::DareTies))
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -151,51 +147,21 @@ pub fn combine(
     mut on_module: impl FnMut(&str),
 ) -> Result<Combined> {
     if adapters.is_empty() || adapters.len() != weights.len() {
-        return Err(Error::Msg(format!(
-            "--weights has {} values for {} adapters",
-            weights.len(),
-            adapters.len()
-        )));
+        return Err(setting(
+            "--weights",
+            format!("has {} values for {} adapters", weights.len(), adapters.len()),
+        ));
     }
     let comb = if adapters.len() == 1 {
         Combination::Linear
     } else {
         opts.combination
     };
-    let density = match (comb.needs_density(), opts.density) {
-        (true, None) => {
-            return Err(Error::Msg(format!(
-                "--combination {} needs --density (0 < d ≤ 1)",
-                comb.name()
-            )))
-        }
-        (true, Some(d)) if !(d > 0.0 && d <= 1.0) => {
-            return Err(Error::Msg(format!("--density {d} is outside (0, 1]")))
-        }
-        (_, d) => d.unwrap_or(1.0),
-    };
-    let ranks: Vec<usize> = adapters.iter().map(LoadedAdapter::max_rank).collect();
-    let new_rank = if comb == Combination::Cat {
-        ranks.iter().sum()
-    } else if comb.on_delta() {
-        opts.svd_rank
-            .unwrap_or_else(|| ranks.iter().copied().max().unwrap_or(1))
-    } else {
-        if ranks.iter().any(|&r| r != ranks[0]) {
-            return Err(Error::Msg(format!(
-                "--combination {} needs adapters of equal rank, got r = {}; use cat or svd instead",
-                comb.name(),
-                ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
-            )));
-        }
-        ranks[0]
-    };
-    if new_rank == 0 {
-        return Err(Error::Msg("--svd_rank must be positive".into()));
-    }
+    let density = checked_density(comb, opts.density)?;
+    let new_rank = combined_rank(adapters, comb, opts)?;
     if let Some(q) = opts.svd_clamp {
         if !(0.0..=1.0).contains(&q) {
-            return Err(Error::Msg(format!("--svd_clamp {q} is outside [0, 1]")));
+            return Err(setting("--svd_clamp", format!("{q} is outside [0, 1]")));
         }
     }
 
@@ -217,7 +183,67 @@ pub fn combine(
         };
         modules.insert(path.clone(), (a, b));
     }
+    Ok(Combined {
+        rank: new_rank,
+        config: combined_config(adapters, new_rank, modules.keys()),
+        modules,
+        combination: comb,
+    })
+}
 
+/// A bad command-line value of the merge.
+fn setting(key: &str, msg: String) -> Error {
+    Error::Setting { key: key.into(), msg }
+}
+
+/// The density `comb` uses: `--density`, required (0 < d ≤ 1) by the pruning combinations, 1
+/// for the others.
+fn checked_density(comb: Combination, density: Option<f64>) -> Result<f64> {
+    match (comb.needs_density(), density) {
+        (true, None) => Err(setting(
+            "--combination",
+            format!("{} needs --density (0 < d ≤ 1)", comb.name()),
+        )),
+        (true, Some(d)) if !(d > 0.0 && d <= 1.0) => Err(setting("--density", format!("{d} is outside (0, 1]"))),
+        (_, d) => Ok(d.unwrap_or(1.0)),
+    }
+}
+
+/// The rank of the combined adapter: the sum of the ranks for `cat`, `--svd_rank` (default: the
+/// largest rank) on delta weights, the common rank otherwise.
+fn combined_rank(adapters: &[LoadedAdapter], comb: Combination, opts: &CombineOptions) -> Result<usize> {
+    let ranks: Vec<usize> = adapters.iter().map(LoadedAdapter::max_rank).collect();
+    let new_rank = if comb == Combination::Cat {
+        ranks.iter().sum()
+    } else if comb.on_delta() {
+        opts.svd_rank
+            .unwrap_or_else(|| ranks.iter().copied().max().unwrap_or(1))
+    } else {
+        if ranks.iter().any(|&r| r != ranks[0]) {
+            return Err(setting(
+                "--combination",
+                format!(
+                    "{} needs adapters of equal rank, got r = {}; use cat or svd instead",
+                    comb.name(),
+                    ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+        ranks[0]
+    };
+    if new_rank == 0 {
+        return Err(setting("--svd_rank", "must be positive".into()));
+    }
+    Ok(new_rank)
+}
+
+/// The adapter config of the combination: the first adapter's, at rank `new_rank` with
+/// alpha = r, no per-module patterns, and the union of the targets.
+fn combined_config<'a>(
+    adapters: &[LoadedAdapter],
+    new_rank: usize,
+    paths: impl Iterator<Item = &'a String>,
+) -> LoraConfig {
     let mut config = adapters[0].config.clone();
     config.r = new_rank;
     config.lora_alpha = new_rank as f64;
@@ -225,13 +251,8 @@ pub fn combine(
     config.rank_pattern.clear();
     config.alpha_pattern.clear();
     config.inference_mode = true;
-    config.target_modules = Some(combined_targets(adapters, modules.keys()));
-    Ok(Combined {
-        rank: new_rank,
-        modules,
-        config,
-        combination: comb,
-    })
+    config.target_modules = Some(combined_targets(adapters, paths));
+    config
 }
 
 /// `target_modules` of the combined adapter, as PEFT builds it: the union of the lists, or the
@@ -283,13 +304,14 @@ fn on_factors(
 ) -> Result<(Mat, Mat)> {
     let r = present[0].1.rank();
     if let Some((i, p)) = present.iter().find(|(_, p)| p.rank() != r) {
-        return Err(Error::Msg(format!(
-            "--combination {}: module {path} has rank {} in {} but {r} in {}; use cat or svd",
-            comb.name(),
-            p.rank(),
-            adapters[*i].name(),
-            adapters[present[0].0].name()
-        )));
+        return Err(Error::CombineRank {
+            combination: comb.name(),
+            module: path.into(),
+            rank: p.rank(),
+            adapter: adapters[*i].name(),
+            other_rank: r,
+            other: adapters[present[0].0].name(),
+        });
     }
     let rule = comb.rule().unwrap_or(Rule::TaskArithmetic);
     let mut wa = Vec::new();
@@ -334,10 +356,11 @@ fn via_delta(
 ) -> Result<(Mat, Mat)> {
     let (out, inp) = (present[0].1.b.rows, present[0].1.a.cols);
     if new_rank > out.min(inp) {
-        return Err(Error::Msg(format!(
-            "--svd_rank {new_rank} is larger than min(out, in) = {} of module {path}",
-            out.min(inp)
-        )));
+        return Err(Error::SvdRank {
+            rank: new_rank,
+            max: out.min(inp),
+            module: path.into(),
+        });
     }
     let rule = comb.rule().unwrap_or(Rule::TaskArithmetic);
     let total_rank: usize = present.iter().map(|(_, p)| p.rank()).sum();
@@ -363,7 +386,10 @@ fn via_delta(
             cols: inp,
             data: apply_rule(rule, &tensors, &w, density, opts.sign_method, &key),
         };
-        svd::truncated_svd(&combined, new_rank).map_err(|e| Error::Msg(format!("module {path}: {e}")))?
+        svd::truncated_svd(&combined, new_rank).map_err(|e| Error::Svd {
+            module: path.into(),
+            error: Box::new(e),
+        })?
     };
     if t.residual > 1e-6 {
         eprintln!(

@@ -88,8 +88,4 @@ impl Mat {
         }
         out
     }
-
-    pub fn all_finite(&self) -> bool {
-        self.data.iter().all(|x| x.is_finite())
-    }
 }

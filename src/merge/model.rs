@@ -263,10 +263,10 @@ fn report_non_finite(name: &str, bad: usize, safe: bool) -> Result<()> {
         return Ok(());
     }
     if safe {
-        return Err(Error::Msg(format!(
-            "merged tensor {name:?} has {bad} NaN/infinite values; the adapter seems to be broken \
-             (--safe_merge: nothing was written)"
-        )));
+        return Err(Error::MergeNonFinite {
+            name: name.into(),
+            count: bad,
+        });
     }
     eprintln!("warning: merged tensor {name:?} has {bad} NaN/infinite values (use --safe_merge to refuse)");
     Ok(())
@@ -311,8 +311,16 @@ fn to_f32(dtype: Dtype, bytes: &[u8], name: &str) -> Result<Vec<f32>> {
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32)
             .collect(),
-        other => return Err(Error::Msg(format!("tensor {name:?}: cannot convert dtype {other:?}"))),
+        other => return Err(dtype_error(name, "convert", other)),
     })
+}
+
+fn dtype_error(name: &str, action: &'static str, dtype: Dtype) -> Error {
+    Error::TensorDtype {
+        name: name.into(),
+        action,
+        dtype,
+    }
 }
 
 /// Encode f32 values in `dtype` (round to nearest even), and count the non-finite stored values.
@@ -346,7 +354,7 @@ fn from_f32(w: &[f32], dtype: Dtype, name: &str) -> Result<(Vec<u8>, usize)> {
                 out.extend_from_slice(&(*x as f64).to_le_bytes());
             }
         }
-        other => return Err(Error::Msg(format!("tensor {name:?}: cannot write dtype {other:?}"))),
+        other => return Err(dtype_error(name, "write", other)),
     }
     Ok((out, bad))
 }

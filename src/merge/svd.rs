@@ -343,6 +343,7 @@ pub fn truncated_svd(a: &Mat, k: usize) -> Result<TruncatedSvd> {
 
 pub fn truncated_svd_with(a: &Mat, k: usize, method: SvdMethod) -> Result<TruncatedSvd> {
     let (m, n) = (a.rows, a.cols);
+    // internal invariant: the merge checks --svd_rank against each module first
     if k == 0 || k > m.min(n) {
         return Err(Error::Msg(format!(
             "rank {k} is outside 1..={} for a {m}×{n} matrix",
@@ -465,15 +466,14 @@ fn iterative(a: &Mat, k: usize, wide: bool) -> Result<TruncatedSvd> {
         q = y;
         orthonormalize(&mut q, &mut rng);
     }
-    Err(Error::Msg(format!(
-        "subspace iteration did not converge (residual {last:?})"
-    )))
+    Err(Error::SvdNotConverged { residual: last })
 }
 
 /// Top `k` triplets of the product `b·a` (`b`: `m × R`, `a`: `R × n`) without forming it: QR of
 /// each factor, exact SVD of the `R × R` core. Needs `R ≤ min(m, n)`.
 pub fn truncated_svd_of_product(b: &Mat, a: &Mat, k: usize) -> Result<TruncatedSvd> {
     let (m, r, n) = (b.rows, b.cols, a.cols);
+    // internal invariants: the factors come from one module, the rank is checked by the merge
     if a.rows != r {
         return Err(Error::Msg(format!(
             "factor shapes {m}×{r} and {}×{n} do not chain",

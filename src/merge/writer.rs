@@ -39,10 +39,9 @@ impl OutTensor {
 /// `KiB`/`MiB`, a lower-case `b` meaning bits (`5Gb`), or a plain number of bytes. Decimals are
 /// accepted (`1.5GB`).
 pub fn parse_size(text: &str) -> Result<u64> {
-    let bad = || {
-        Error::Msg(format!(
-            "--max_shard_size {text:?}: expected a number of bytes or a size such as 5GB, 500MB, 2GiB"
-        ))
+    let bad = || Error::Setting {
+        key: "--max_shard_size".into(),
+        msg: format!("{text:?}: expected a number of bytes or a size such as 5GB, 500MB, 2GiB"),
     };
     let s = text.trim();
     let upper = s.to_ascii_uppercase();
@@ -171,6 +170,7 @@ pub fn write_file<'a>(
     w.write_all(&header).map_err(io)?;
     for t in order {
         let bytes = produce(t)?;
+        // internal invariant: `produce` encodes the dtype and shape it announced
         if bytes.len() != t.nbytes() {
             return Err(Error::Msg(format!(
                 "{}: tensor {:?} produced {} bytes, expected {}",

@@ -126,11 +126,9 @@ pub fn save(
     recipe_yaml: &str,
 ) -> Result<PathBuf> {
     let final_dir = checkpoint_dir(output_dir, state.step);
-    let failed = |e: Error| {
-        Error::Msg(format!(
-            "saving checkpoint {} failed: {e}; the unfinished checkpoint was removed and earlier checkpoints are untouched",
-            final_dir.display()
-        ))
+    let failed = |e: Error| Error::CheckpointSave {
+        dir: final_dir.clone(),
+        error: Box::new(e),
     };
     remove_unfinished(output_dir);
     let staged = Staged::create(tmp_dir(output_dir, state.step)).map_err(failed)?;
@@ -174,6 +172,7 @@ fn write_files(
         write_atomic(&tmp.join(METRICS_FILE), &bytes)?;
     }
     // The state file last: a folder with it has everything else.
+    // internal invariant: a TrainerState always serializes
     let json = serde_json::to_string_pretty(state).map_err(|e| Error::Msg(e.to_string()))?;
     write_atomic(&tmp.join(STATE_FILE), json.as_bytes())
 }
@@ -205,12 +204,12 @@ pub fn rotate(output_dir: &Path, keep: usize, just_saved: &Path) -> Result<()> {
 /// under the output folder; unfinished saves and incomplete folders are skipped).
 pub fn resolve(spec: &str, output_dir: &Path) -> Result<PathBuf> {
     if spec == "latest" || spec == "true" {
-        return list(output_dir).pop().map(|(_, p)| p).ok_or_else(|| {
-            Error::Msg(format!(
-                "--resume_from_checkpoint latest: no complete checkpoint under {}",
-                output_dir.display()
-            ))
-        });
+        return list(output_dir)
+            .pop()
+            .map(|(_, p)| p)
+            .ok_or_else(|| Error::NoCheckpoint {
+                output_dir: output_dir.into(),
+            });
     }
     let p = PathBuf::from(spec);
     let name = p
@@ -218,24 +217,24 @@ pub fn resolve(spec: &str, output_dir: &Path) -> Result<PathBuf> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     if is_unfinished_name(&name) {
-        return Err(Error::Msg(format!(
-            "--resume_from_checkpoint {}: this is an unfinished checkpoint left by an interrupted save or delete; \
-             resume from a checkpoint-<step> folder or with `latest`",
-            p.display()
-        )));
+        return Err(Error::Resume {
+            dir: p,
+            msg: "this is an unfinished checkpoint left by an interrupted save or delete; \
+                  resume from a checkpoint-<step> folder or with `latest`"
+                .into(),
+        });
     }
     if !p.is_dir() {
-        return Err(Error::Msg(format!(
-            "--resume_from_checkpoint {}: no such checkpoint folder",
-            p.display()
-        )));
+        return Err(Error::Resume {
+            dir: p,
+            msg: "no such checkpoint folder".into(),
+        });
     }
     if let Some(missing) = missing_file(&p) {
-        return Err(Error::Msg(format!(
-            "--resume_from_checkpoint {}: not a complete checkpoint ({} is missing)",
-            p.display(),
-            missing.display()
-        )));
+        return Err(Error::Resume {
+            msg: format!("not a complete checkpoint ({} is missing)", missing.display()),
+            dir: p,
+        });
     }
     Ok(p)
 }
@@ -310,17 +309,16 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
 /// bytes (see [`estimated_size`]).
 pub fn check_free_space(dir: &Path, needed: u64) -> Result<()> {
     match free_bytes(dir) {
-        Some(free) if free < needed => Err(Error::Msg(format!(
-            "{}: only {} free on its filesystem, but one checkpoint needs about {}; free some space or choose another --output_dir",
-            dir.display(),
-            human_bytes(free),
-            human_bytes(needed)
-        ))),
+        Some(free) if free < needed => Err(Error::DiskSpace {
+            dir: dir.into(),
+            free,
+            needed,
+        }),
         _ => Ok(()),
     }
 }
 
-fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut u = 0;

@@ -109,14 +109,20 @@ fn glyph(c: char) -> [u8; 5] {
 
 type Series = Vec<(f64, f64)>;
 
+fn plot_error(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Plot {
+        path: path.into(),
+        msg: e.to_string(),
+    }
+}
+
 /// Read metrics.jsonl and draw the three panels into `png_path`.
 pub fn write_plot(jsonl: &Path, png_path: &Path) -> Result<()> {
     let text = crate::error::read_to_string(jsonl)?;
     let mut train: Vec<Series> = vec![Vec::new(); 3];
     let mut eval: Vec<Series> = vec![Vec::new(); 3];
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| Error::Msg(format!("{}: {e}", jsonl.display())))?;
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| plot_error(jsonl, e))?;
         let Some(step) = v.get("step").and_then(|s| s.as_f64()) else {
             continue;
         };
@@ -176,11 +182,8 @@ pub fn write_plot(jsonl: &Path, png_path: &Path) -> Result<()> {
     let mut enc = png::Encoder::new(std::io::BufWriter::new(file), W as u32, (PANEL_H * 3) as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
-    let mut w = enc
-        .write_header()
-        .map_err(|e| Error::Msg(format!("{}: {e}", png_path.display())))?;
+    let mut w = enc.write_header().map_err(|e| plot_error(png_path, e))?;
     let bytes: Vec<u8> = c.px.iter().flatten().copied().collect();
-    w.write_image_data(&bytes)
-        .map_err(|e| Error::Msg(format!("{}: {e}", png_path.display())))?;
+    w.write_image_data(&bytes).map_err(|e| plot_error(png_path, e))?;
     Ok(())
 }

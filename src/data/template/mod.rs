@@ -231,23 +231,21 @@ impl ChatTemplate {
         let source = rewrite_generation_tags(source);
         Environment::new()
             .template_from_str(&source)
-            .map_err(|e| Error::Msg(format!("{origin}: cannot parse the chat template: {}", one_line(&e))))?;
+            .map_err(|e| parse_error(&origin, &e))?;
         // The guarded form parses whenever the original does; should it ever not, the template
         // still runs, bounded by fuel and the output cap only.
         if env.add_template_owned("chat_template", inject_guards(&source)).is_err() {
             env.add_template_owned("chat_template", source)
-                .map_err(|e| Error::Msg(format!("{origin}: cannot parse the chat template: {}", one_line(&e))))?;
+                .map_err(|e| parse_error(&origin, &e))?;
         }
         Ok(ChatTemplate { env, origin, tokens })
     }
 
     /// A named fallback template (see [`named_template`]).
     pub fn named(name: &str, tokens: SpecialTokens) -> Result<Self> {
-        let src = named_template(name).ok_or_else(|| {
-            Error::Msg(format!(
-                "unknown chat template name `{name}` (known: {}; or give a Jinja file path)",
-                NAMED_TEMPLATES.join(", ")
-            ))
+        let src = named_template(name).ok_or_else(|| Error::TemplateName {
+            name: name.into(),
+            known: NAMED_TEMPLATES.join(", "),
         })?;
         Self::new(src, format!("the `{name}` chat template"), tokens)
     }
@@ -264,7 +262,10 @@ impl ChatTemplate {
     /// Render `messages` as transformers' `apply_chat_template(messages, tokenize=False,
     /// add_generation_prompt=...)` does.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let err = |msg: String| Error::Msg(format!("{}: chat template: {msg}", self.origin));
+        let err = |msg: String| Error::Template {
+            origin: self.origin.clone(),
+            msg: format!("chat template: {msg}"),
+        };
         let tmpl = self.env.get_template("chat_template").map_err(|e| err(e.to_string()))?;
         let ctx = Context {
             messages,
@@ -336,6 +337,14 @@ fn describe(e: &minijinja::Error) -> String {
 }
 
 /// A minijinja error as "kind: detail (line N)", without minijinja's internal template name.
+/// A template that does not parse, named by its origin.
+fn parse_error(origin: &str, e: &minijinja::Error) -> Error {
+    Error::Template {
+        origin: origin.into(),
+        msg: format!("cannot parse the chat template: {}", one_line(e)),
+    }
+}
+
 fn one_line(e: &minijinja::Error) -> String {
     let mut s = match e.detail() {
         Some(d) => format!("{}: {d}", e.kind()),
