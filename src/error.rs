@@ -159,9 +159,6 @@ pub enum Error {
     #[error("tokenizer: {msg}")]
     Tokenizer { msg: String },
 
-    #[error("unknown truncation mode `{value}` (expected keep_end or keep_start)")]
-    TruncationMode { value: String },
-
     /// A chat template that does not parse or render; `origin` names it (a file or a name).
     #[error("{origin}: {msg}")]
     Template { origin: String, msg: String },
@@ -224,9 +221,6 @@ pub enum Error {
 
     #[error("ref_chosen_logps and ref_rejected_logps must be given together")]
     LossRefsUnpaired,
-
-    #[error("the prompt has no tokens")]
-    EmptyPrompt,
 
     #[error("the model produced a NaN logit (token {token})")]
     NanLogit { token: usize },

@@ -151,7 +151,8 @@ impl DpoOptions {
             }
         }
         if let Some(m) = &self.truncation_mode {
-            parse_truncation_mode(m).map_err(|msg| ("truncation_mode".to_string(), msg))?;
+            m.parse::<TruncationMode>()
+                .map_err(|msg| ("truncation_mode".to_string(), msg))?;
         }
         if let Some(k) = &self.lr_scheduler_type {
             k.parse::<SchedulerKind>()
@@ -250,15 +251,6 @@ const FLOAT_RULES: [(&str, Rule); 16] = [
     ("discopop_tau", Rule::Finite),
 ];
 
-/// `--truncation_mode`, with the message the recipe checks have always given.
-fn parse_truncation_mode(m: &str) -> std::result::Result<TruncationMode, String> {
-    match m {
-        "keep_end" => Ok(TruncationMode::KeepEnd),
-        "keep_start" => Ok(TruncationMode::KeepStart),
-        _ => Err(format!("{m:?} must be keep_end or keep_start")),
-    }
-}
-
 /// Loss type names as given: each value may hold several, comma-separated.
 fn loss_names(values: &[String]) -> Vec<String> {
     values
@@ -316,7 +308,7 @@ impl DpoOptions {
             max_steps: o.max_steps,
             max_length: Some(o.max_length.unwrap_or(1024)),
             max_prompt_length: Some(o.max_prompt_length.unwrap_or(512)),
-            truncation_mode: named(o.truncation_mode.as_deref(), parse_truncation_mode)?,
+            truncation_mode: named(o.truncation_mode.as_deref(), str::parse)?,
             lora_rank: o.lora_rank.unwrap_or(8),
             lora_alpha: o.lora_alpha.unwrap_or(32.0),
             lora_dropout_p: o.lora_dropout_p.unwrap_or(0.05),

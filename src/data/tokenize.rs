@@ -23,13 +23,15 @@ pub enum TruncationMode {
     KeepStart,
 }
 
+/// The one parser of `truncation_mode` (flags and recipes): `keep_end` or `keep_start`, in any
+/// case, with `-` or `_`.
 impl std::str::FromStr for TruncationMode {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
             "keep_end" => Ok(TruncationMode::KeepEnd),
             "keep_start" => Ok(TruncationMode::KeepStart),
-            _ => Err(Error::TruncationMode { value: s.into() }),
+            _ => Err(format!("{s:?} must be keep_end or keep_start")),
         }
     }
 }

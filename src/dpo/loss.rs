@@ -29,7 +29,7 @@
 //! (CPOTrainer, ORPOTrainer).
 //!
 //! Everything is built from candle primitives that implement backward (candle-nn's fused
-//! sigmoid and friends would drop the gradient, see DESIGN.md "candle trap").
+//! sigmoid and friends would drop the gradient: in candle 0.11 those ops carry none).
 
 use candle_core::{DType, Tensor};
 
