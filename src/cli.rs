@@ -466,6 +466,11 @@ pub struct BenchArgs {
     /// Skip the merge measurement.
     #[arg(long)]
     pub skip_merge: bool,
+    /// The machine's best f32 GEMM in GFLOP/s, as measured by benchmarks/sgemm.py (torch's or
+    /// numpy's BLAS on the step's shapes); the "of peak" column is then relative to it instead
+    /// of candle's own 1024³ product.
+    #[arg(long)]
+    pub reference_peak_gflops: Option<f64>,
 }
 
 impl MergeArgs {

@@ -30,6 +30,9 @@ pub enum Error {
     #[error("--output_dir {dir}: {msg}")]
     OutputDir { dir: PathBuf, msg: String },
 
+    #[error("--output {dir} {msg}")]
+    MergeOutput { dir: PathBuf, msg: String },
+
     // inference
     #[error("{path}:{line}: {msg}")]
     PromptLine { path: PathBuf, line: usize, msg: String },

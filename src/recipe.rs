@@ -16,8 +16,10 @@ impl DpoOptions {
     /// Read a YAML recipe. Keys may use `_` or `-`; unknown keys are errors naming them.
     pub fn from_yaml_file(path: &Path) -> Result<DpoOptions> {
         let text = crate::error::read_to_string(path)?;
-        let value: serde_yaml::Value =
-            serde_yaml::from_str(&text).map_err(|e| Error::Msg(format!("{}: invalid YAML: {e}", path.display())))?;
+        let value: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| Error::Recipe {
+            path: path.into(),
+            msg: format!("invalid YAML: {e}"),
+        })?;
         let value = match value {
             serde_yaml::Value::Mapping(m) => serde_yaml::Value::Mapping(
                 m.into_iter()
@@ -34,10 +36,10 @@ impl DpoOptions {
                     serde_yaml::Value::Tagged(_) => "a tagged value",
                     _ => "a single value",
                 };
-                return Err(Error::Msg(format!(
-                    "{}: a recipe must be a mapping of keys to values, got {kind}",
-                    path.display()
-                )));
+                return Err(Error::Recipe {
+                    path: path.into(),
+                    msg: format!("a recipe must be a mapping of keys to values, got {kind}"),
+                });
             }
         };
         // Single values are accepted where lists are expected (dataset: file.jsonl).

@@ -175,7 +175,10 @@ pub fn execute(plan: &MergePlan, show_progress: bool) -> Result<MergeSummary> {
         });
     }
 
-    let base = base.ok_or_else(|| Error::Msg("--model is required to merge".into()))?;
+    let base = base.ok_or_else(|| Error::Setting {
+        key: "--model".into(),
+        msg: "is required to merge".into(),
+    })?;
     let terms = delta_terms(&adapters, &plan.weights, combined.as_ref());
     let mut summary = base.write_merged(staging.path(), &terms, plan, show_progress)?;
     summary.combination = combined.as_ref().map(|c| c.combination);
@@ -249,18 +252,18 @@ impl Staging {
             let canon = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
             for i in inputs {
                 if std::fs::canonicalize(i).is_ok_and(|c| c == canon) {
-                    return Err(Error::Msg(format!(
-                        "--output {} is one of the inputs; choose another folder",
-                        out.display()
-                    )));
+                    return Err(Error::MergeOutput {
+                        dir: out.into(),
+                        msg: "is one of the inputs; choose another folder".into(),
+                    });
                 }
             }
             let empty_dir = out.is_dir() && std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
             if !empty_dir && !overwrite {
-                return Err(Error::Msg(format!(
-                    "--output {} already exists; pass --overwrite to replace it",
-                    out.display()
-                )));
+                return Err(Error::MergeOutput {
+                    dir: out.into(),
+                    msg: "already exists; pass --overwrite to replace it".into(),
+                });
             }
         }
         let parent = match out.parent() {
