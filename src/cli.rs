@@ -94,8 +94,9 @@ pub struct DpoOptions {
     #[arg(long, alias = "model-id-or-path", alias = "model-type")]
     #[serde(alias = "model_id_or_path", alias = "model_type")]
     pub model: Option<String>,
-    /// Hub revision of the model.
-    #[arg(long)]
+    /// Hub revision of the model (alias: --model_revision, ms-swift 2.x).
+    #[arg(long, alias = "model-revision")]
+    #[serde(alias = "model_revision")]
     pub revision: Option<String>,
     /// Reference model; must be the same as the model (the reference is the base with adapters off).
     #[arg(long)]
@@ -159,7 +160,9 @@ pub struct DpoOptions {
     /// Shuffle the training pairs each epoch (default true; false keeps file order).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub shuffle: Option<bool>,
-    #[arg(long)]
+    /// Peak learning rate (alias: --lr).
+    #[arg(long, alias = "lr")]
+    #[serde(alias = "lr")]
     pub learning_rate: Option<f64>,
     #[arg(long)]
     pub weight_decay: Option<f64>,
@@ -241,6 +244,19 @@ pub struct DpoOptions {
     /// Steps with a NaN/Inf loss or gradient are skipped; stop after this many in a row (default 5).
     #[arg(long)]
     pub max_nonfinite_steps: Option<usize>,
+    /// ms-swift's tuner library: peft or swift. lorafold writes PEFT adapters either way, which
+    /// both load; accepted and noted.
+    #[arg(long)]
+    pub tuner_backend: Option<String>,
+    /// ms-swift checks whether the model on the hub is newer; lorafold uses the files it finds
+    /// (accepted and noted).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub check_model_is_latest: Option<bool>,
+    /// ms-swift's dataset check: none, warning or error (lorafold checks every row as it reads
+    /// it and names a bad one; --skip_bad_rows skips them instead). discard is refused: pass
+    /// --skip_bad_rows.
+    #[arg(long)]
+    pub check_dataset_strategy: Option<String>,
 }
 
 /// Normalise command-line flag spellings: `--max_length` → `--max-length` (values untouched).

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
     tune_malloc();
     let cli = Cli::parse_from(normalize_flag_spelling(std::env::args()));
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -38,11 +38,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+/// A run stopped by Ctrl-C (after saving its checkpoint) exits with the shell's code for SIGINT,
+/// so `lorafold dpo … && lorafold merge …` does not go on with an unfinished adapter.
+const INTERRUPTED: u8 = 130;
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let done = match cli.command {
         Command::Inspect(args) => inspect(args),
         Command::Bench(args) => Ok(lorafold::bench::run(&args)?),
-        Command::Dpo(args) => dpo(args),
+        Command::Dpo(args) => return dpo(args),
         Command::Eval(args) => eval(args),
         Command::Merge(args) => {
             let plan = args.plan()?;
@@ -52,7 +56,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(lorafold::merge::run(&plan)?)
         }
         Command::Infer(args) => Ok(lorafold::infer::run(&args)?),
-    }
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }
 
 /// Recipe (if any) overlaid with the flags given, resolved into settings.
@@ -61,14 +66,18 @@ fn settings(recipe: Option<&std::path::Path>, flags: &DpoOptions) -> anyhow::Res
         Some(p) => DpoOptions::from_yaml_file(p)?,
         None => DpoOptions::default(),
     };
-    Ok(base.overlay(flags)?.resolve()?)
+    let options = base.overlay(flags)?;
+    for note in options.notes() {
+        eprintln!("{note}");
+    }
+    Ok(options.resolve()?)
 }
 
-fn dpo(args: cli::DpoArgs) -> anyhow::Result<()> {
+fn dpo(args: cli::DpoArgs) -> anyhow::Result<ExitCode> {
     let s = settings(args.recipe.as_deref(), &args.options)?;
     if args.print_settings {
         print!("{}", serde_yaml::to_string(&s)?);
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
     let t0 = std::time::Instant::now();
     let summary = lorafold::train::run::run_dpo(&s, false)?;
@@ -85,14 +94,15 @@ fn dpo(args: cli::DpoArgs) -> anyhow::Result<()> {
             o.last_step,
             summary.output_dir.display()
         );
-        return Ok(());
+        return Ok(ExitCode::from(INTERRUPTED));
     }
+    let out = &summary.output_dir;
     eprintln!(
         "trained {} steps on {} pairs in {:.1}s; adapter written to {}",
         o.last_step,
         summary.train_pairs,
         t0.elapsed().as_secs_f64(),
-        summary.output_dir.display()
+        out.display()
     );
     if let Some((step, e)) = o.evals.last() {
         eprintln!(
@@ -100,7 +110,21 @@ fn dpo(args: cli::DpoArgs) -> anyhow::Result<()> {
             e.loss, e.rewards_accuracies, e.rewards_margins
         );
     }
-    Ok(())
+    print_where(out, &s.model, o.last_checkpoint.as_deref());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where a finished run put everything, and the commands that use it next.
+fn print_where(out: &std::path::Path, model: &str, last_checkpoint: Option<&std::path::Path>) {
+    let d = out.display();
+    eprintln!("  adapter       {d}/adapter_model.safetensors, {d}/adapter_config.json");
+    if let Some(c) = last_checkpoint {
+        eprintln!("  checkpoints   {d}/checkpoint-* (last: {})", c.display());
+    }
+    eprintln!("  metrics       {d}/metrics.jsonl, plot {d}/metrics.png");
+    eprintln!("next:");
+    eprintln!("  lorafold infer --model {model} --adapters {d}");
+    eprintln!("  lorafold merge --model {model} --adapters {d} --output {d}-merged");
 }
 
 fn eval(args: cli::EvalArgs) -> anyhow::Result<()> {

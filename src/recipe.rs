@@ -84,6 +84,26 @@ impl DpoOptions {
     /// [`FLOAT_RULES`]), counts at least 1, names known. Checks that depend on several keys
     /// together (loss parameters, weights per loss type) are left to [`DpoOptions::resolve`].
     /// The error is (key, message).
+    /// ms-swift flags that change nothing here, one note each, to print once before a run.
+    pub fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if let Some(t) = &self.tuner_backend {
+            notes.push(format!(
+                "note: --tuner_backend {t} is accepted; lorafold writes PEFT adapters, which peft and ms-swift both load"
+            ));
+        }
+        if self.check_model_is_latest.is_some() {
+            notes.push("note: --check_model_is_latest is ignored; lorafold uses the model files it finds".into());
+        }
+        if let Some(c) = &self.check_dataset_strategy {
+            notes.push(format!(
+                "note: --check_dataset_strategy {c} is accepted; lorafold checks every row as it reads it and \
+                 stops at a bad one, naming file and line (--skip_bad_rows skips them instead)"
+            ));
+        }
+        notes
+    }
+
     pub fn check_values(&self) -> std::result::Result<(), (String, String)> {
         let err = |key: &str, msg: String| Err((key.to_string(), msg));
         for (key, rule) in FLOAT_RULES {
@@ -144,6 +164,28 @@ impl DpoOptions {
     /// Named values: sft_type, truncation_mode, lr_scheduler_type, dtype and loss names.
     fn check_names(&self) -> std::result::Result<(), (String, String)> {
         let err = |key: &str, msg: String| Err((key.to_string(), msg));
+        if let Some(t) = &self.tuner_backend {
+            if !matches!(t.as_str(), "peft" | "swift") {
+                return err("tuner_backend", format!("{t:?} must be peft or swift"));
+            }
+        }
+        if let Some(c) = &self.check_dataset_strategy {
+            match c.as_str() {
+                "none" | "warning" | "error" => {}
+                "discard" => {
+                    return err(
+                        "check_dataset_strategy",
+                        "discard is not supported: pass --skip_bad_rows true to skip rows that do not parse".into(),
+                    )
+                }
+                _ => {
+                    return err(
+                        "check_dataset_strategy",
+                        format!("{c:?} must be none, warning, error or discard"),
+                    )
+                }
+            }
+        }
         if let Some(t) = &self.sft_type {
             if !t.eq_ignore_ascii_case("lora") {
                 return err(

@@ -127,15 +127,13 @@ pub struct StepMetrics {
 }
 
 impl StepMetrics {
-    /// Mean of each metric over the steps of a logging window.
-    pub fn mean(steps: &[StepMetrics]) -> StepMetrics {
-        let n = steps.len().max(1) as f64;
-        let avg = |f: fn(&StepMetrics) -> f64| steps.iter().map(f).sum::<f64>() / n;
+    /// A logging window as transformers and TRL log it: the loss and the DPO metrics averaged
+    /// over its steps; `grad_norm`, `learning_rate` and `epoch` those of its last step.
+    pub fn window(steps: &[StepMetrics]) -> StepMetrics {
+        let last = steps.last().copied().unwrap_or_default();
         StepMetrics {
             dpo: DpoMetrics::mean(&steps.iter().map(|s| s.dpo).collect::<Vec<_>>()),
-            grad_norm: avg(|s| s.grad_norm),
-            learning_rate: avg(|s| s.learning_rate),
-            epoch: avg(|s| s.epoch),
+            ..last
         }
     }
 
@@ -173,17 +171,18 @@ impl std::ops::Index<&str> for StepMetrics {
     }
 }
 
-/// A logging window: the mean of its steps, the throughput and the process's peak memory.
+/// A logging window: its metrics (see [`StepMetrics::window`]), the throughput and the
+/// process's peak memory.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct WindowMetrics {
-    pub mean: StepMetrics,
+    pub metrics: StepMetrics,
     pub tokens_per_second: f64,
     pub peak_rss_mib: Option<f64>,
 }
 
 impl WindowMetrics {
     pub fn record(&self) -> Record {
-        let mut r = self.mean.record();
+        let mut r = self.metrics.record();
         r.insert("tokens_per_second".into(), self.tokens_per_second);
         if let Some(m) = self.peak_rss_mib {
             r.insert("peak_rss_mib".into(), m);
@@ -244,4 +243,41 @@ pub fn format_line(step: usize, r: &Record, keys: &[&str]) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(loss: f64, lr: f64, epoch: f64, grad_norm: f64) -> StepMetrics {
+        StepMetrics {
+            dpo: DpoMetrics {
+                loss,
+                rewards_margins: 2.0 * loss,
+                ..Default::default()
+            },
+            grad_norm,
+            learning_rate: lr,
+            epoch,
+        }
+    }
+
+    #[test]
+    fn a_window_averages_the_dpo_metrics_and_keeps_the_last_steps_lr_epoch_and_grad_norm() {
+        let w = StepMetrics::window(&[step(1.0, 1e-4, 0.5, 3.0), step(0.5, 2e-4, 1.0, 1.0)]);
+        assert_eq!(w.dpo.loss, 0.75);
+        assert_eq!(w.dpo.rewards_margins, 1.5);
+        assert_eq!((w.learning_rate, w.epoch, w.grad_norm), (2e-4, 1.0, 1.0));
+        let r = WindowMetrics {
+            metrics: w,
+            tokens_per_second: 10.0,
+            peak_rss_mib: None,
+        }
+        .record();
+        assert_eq!(r["loss"], 0.75);
+        assert_eq!(r["epoch"], 1.0);
+        assert_eq!(r["rewards/margins"], 1.5);
+        assert!(!r.contains_key("peak_rss_mib"));
+        assert_eq!(r.len(), DpoMetrics::NAMES.len() + 4);
+    }
 }

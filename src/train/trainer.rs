@@ -677,7 +677,7 @@ impl<'a> Trainer<'a> {
             return Ok(());
         }
         let w = WindowMetrics {
-            mean: StepMetrics::mean(&self.window.steps),
+            metrics: StepMetrics::window(&self.window.steps),
             tokens_per_second: self.window.tokens as f64 / self.window.start.elapsed().as_secs_f64().max(1e-9),
             peak_rss_mib: metrics::peak_rss_mib(),
         };
@@ -696,7 +696,7 @@ impl<'a> Trainer<'a> {
             self.cfg.quiet,
             &metrics::format_line(self.step, &record, &keys),
         );
-        self.pb.set_message(format!("loss {:.4}", w.mean.dpo.loss));
+        self.pb.set_message(format!("loss {:.4}", w.metrics.dpo.loss));
         self.history.push(record);
         self.window = Window::new();
         Ok(())

@@ -718,7 +718,8 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     assert!(kill.success());
     let outp = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&outp.stderr);
-    assert!(outp.status.success(), "{stderr}");
+    // 130, the shell's code for SIGINT: `lorafold dpo … && lorafold merge …` stops here.
+    assert_eq!(outp.status.code(), Some(130), "{stderr}");
     assert!(
         stderr.contains("resume with --resume_from_checkpoint latest"),
         "{stderr}"
@@ -792,4 +793,41 @@ fn gradient_checkpointing_gives_the_same_gradients() {
             }
         }
     }
+}
+
+#[test]
+fn ms_swift_2_flags_are_accepted_and_the_irrelevant_ones_noted() {
+    let out = lorafold(
+        &[
+            "dpo",
+            "--model",
+            "m",
+            "--dataset",
+            "d.jsonl",
+            "--model_revision",
+            "master",
+            "--tuner_backend",
+            "swift",
+            "--check_model_is_latest",
+            "false",
+            "--check_dataset_strategy",
+            "none",
+            "--lr",
+            "0.25",
+            "--print_settings",
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    for note in [
+        "note: --tuner_backend swift is accepted",
+        "note: --check_model_is_latest is ignored",
+        "note: --check_dataset_strategy none is accepted",
+    ] {
+        assert_eq!(err.matches(note).count(), 1, "{note:?} said once in: {err}");
+    }
+    let s: Settings = serde_yaml::from_slice(&out.stdout).unwrap();
+    assert_eq!(s.revision.as_deref(), Some("master"));
+    assert_eq!(s.learning_rate, 0.25);
 }
