@@ -176,10 +176,11 @@ pub enum Error {
     TargetRegex { pattern: String, msg: String },
 
     #[error(
-        "target_modules {target:?} selects no linear layer of the model (its layers are \
+        "target_modules {target} selects no linear layer of the model (its layers are \
          q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
     )]
-    TargetUnmatched { target: crate::lora::config::TargetModules },
+    /// `target` is the targets as written in an adapter_config.json (Debug form).
+    TargetUnmatched { target: String },
 
     #[error("{spec}: --model must be a folder or a hub id, not a file")]
     ModelIsFile { spec: String },
@@ -200,8 +201,8 @@ pub enum Error {
     #[error(
         "{dir}: only {} free on its filesystem, but one checkpoint needs about {}; free some space or \
          choose another --output_dir",
-        crate::train::checkpoint::human_bytes(*.free),
-        crate::train::checkpoint::human_bytes(*.needed)
+        crate::util::human_bytes(*.free),
+        crate::util::human_bytes(*.needed)
     )]
     DiskSpace { dir: PathBuf, free: u64, needed: u64 },
 

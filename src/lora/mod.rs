@@ -112,7 +112,9 @@ pub fn attach_new(model: &mut Model, config: &LoraConfig, init: LoraInit) -> Res
         lin.set_adapter(slot, Some(ad));
     }
     if hit == 0 {
-        return Err(Error::TargetUnmatched { target });
+        return Err(Error::TargetUnmatched {
+            target: format!("{target:?}"),
+        });
     }
     let mut config = config.clone();
     config.target_modules = Some(config::TargetModules::Modules(

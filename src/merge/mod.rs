@@ -124,27 +124,7 @@ pub fn execute(plan: &MergePlan, show_progress: bool) -> Result<MergeSummary> {
     let staging = Staging::new(&plan.output, plan.overwrite, &inputs(plan, base.as_ref()))?;
 
     let combined = match &plan.combine {
-        Some(opts) => {
-            let n: usize = {
-                let mut all: Vec<&String> = adapters.iter().flat_map(|a| a.modules.keys()).collect();
-                all.sort();
-                all.dedup();
-                all.len()
-            };
-            let pb = progress(n, &format!("combining ({})", opts.combination.name()), show_progress);
-            let c = combine::combine(&adapters, &plan.weights, opts, |m| {
-                pb.set_message(m.to_string());
-                pb.inc(1);
-            })?;
-            pb.finish_and_clear();
-            if adapters.len() == 1 && opts.combination != Combination::Linear {
-                eprintln!(
-                    "note: one adapter given, so --combination {} acts as linear (as in PEFT)",
-                    opts.combination.name()
-                );
-            }
-            Some(c)
-        }
+        Some(opts) => Some(combine_adapters(&adapters, &plan.weights, opts, show_progress)?),
         None => None,
     };
 
@@ -185,6 +165,34 @@ pub fn execute(plan: &MergePlan, show_progress: bool) -> Result<MergeSummary> {
     summary.rank = combined.as_ref().map(|c| c.rank);
     staging.commit()?;
     Ok(summary)
+}
+
+/// The adapters combined into one (PEFT's add_weighted_adapter), with a progress bar.
+fn combine_adapters(
+    adapters: &[LoadedAdapter],
+    weights: &[f64],
+    opts: &CombineOptions,
+    show_progress: bool,
+) -> Result<Combined> {
+    let n: usize = {
+        let mut all: Vec<&String> = adapters.iter().flat_map(|a| a.modules.keys()).collect();
+        all.sort();
+        all.dedup();
+        all.len()
+    };
+    let pb = progress(n, &format!("combining ({})", opts.combination.name()), show_progress);
+    let c = combine::combine(adapters, weights, opts, |m| {
+        pb.set_message(m.to_string());
+        pb.inc(1);
+    })?;
+    pb.finish_and_clear();
+    if adapters.len() == 1 && opts.combination != Combination::Linear {
+        eprintln!(
+            "note: one adapter given, so --combination {} acts as linear (as in PEFT)",
+            opts.combination.name()
+        );
+    }
+    Ok(c)
 }
 
 /// Folders that --output must not replace.
