@@ -26,6 +26,8 @@ pub struct Cli {
 pub enum Command {
     /// Train a LoRA adapter with DPO (or a variant).
     Dpo(DpoArgs),
+    /// ms-swift 3.x's name for the same: `lorafold rlhf --rlhf_type dpo ...` runs `lorafold dpo`.
+    Rlhf(DpoArgs),
     /// Score preference pairs: loss, rewards, accuracy.
     Eval(EvalArgs),
     /// Merge adapters into the base weights, or combine several adapters.
@@ -101,9 +103,14 @@ pub struct DpoOptions {
     /// Reference model; must be the same as the model (the reference is the base with adapters off).
     #[arg(long)]
     pub ref_model_type: Option<String>,
-    /// Training type; only `lora` is supported.
-    #[arg(long)]
+    /// Training type; only `lora` is supported (alias: --train_type, ms-swift 3.x).
+    #[arg(long, alias = "train-type")]
+    #[serde(alias = "train_type")]
     pub sft_type: Option<String>,
+    /// ms-swift 3.x's `rlhf --rlhf_type`: dpo (the default), or orpo / simpo, which pick that
+    /// loss type. Other kinds (kto, cpo, ppo, grpo, rm, gkd) are refused.
+    #[arg(long)]
+    pub rlhf_type: Option<String>,
     /// Training data: JSON, JSONL or Parquet files, or hub dataset ids (org/name[:subset]).
     #[arg(long, num_args = 1..)]
     pub dataset: Option<Vec<String>>,
@@ -137,8 +144,10 @@ pub struct DpoOptions {
     #[arg(long, alias = "lora-dropout")]
     #[serde(alias = "lora_dropout")]
     pub lora_dropout_p: Option<f64>,
-    /// ALL / all-linear, a list of module names, or a regex over module paths.
-    #[arg(long, num_args = 1..)]
+    /// ALL / all-linear, a list of module names, or a regex over module paths (alias:
+    /// --target_modules, ms-swift 3.x).
+    #[arg(long, alias = "target-modules", num_args = 1..)]
+    #[serde(alias = "target_modules")]
     pub lora_target_modules: Option<Vec<String>>,
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub use_rslora: Option<bool>,
@@ -222,8 +231,10 @@ pub struct DpoOptions {
     pub logging_steps: Option<usize>,
     #[arg(long)]
     pub seed: Option<u64>,
-    /// AUTO, fp32, bf16 or fp16 for the base weights (LoRA, optimizer and loss stay f32).
-    #[arg(long)]
+    /// AUTO, fp32, bf16 or fp16 for the base weights (LoRA, optimizer and loss stay f32; alias:
+    /// --torch_dtype, which also takes bfloat16, float16, float32).
+    #[arg(long, alias = "torch-dtype")]
+    #[serde(alias = "torch_dtype")]
     pub dtype: Option<String>,
     /// Keep only each decoder block's input during the forward pass and recompute the block in
     /// the backward pass: far less activation memory for about one more forward's time (CPU).
@@ -248,6 +259,15 @@ pub struct DpoOptions {
     /// both load; accepted and noted.
     #[arg(long)]
     pub tuner_backend: Option<String>,
+    /// When to evaluate: steps (every --eval_steps, and at the end; the default), epoch (at the
+    /// end of each epoch) or no (alias: --evaluation_strategy).
+    #[arg(long, alias = "evaluation-strategy")]
+    #[serde(alias = "evaluation_strategy")]
+    pub eval_strategy: Option<String>,
+    /// When to save a checkpoint: steps (every --save_steps, and at the end; the default), epoch,
+    /// or no (only the final adapter is written; a Ctrl-C still saves one to resume from).
+    #[arg(long)]
+    pub save_strategy: Option<String>,
     /// ms-swift checks whether the model on the hub is newer; lorafold uses the files it finds
     /// (accepted and noted).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
@@ -257,6 +277,13 @@ pub struct DpoOptions {
     /// --skip_bad_rows.
     #[arg(long)]
     pub check_dataset_strategy: Option<String>,
+    /// ms-swift's data-loader worker processes; lorafold reads and tokenises data in-process on
+    /// all cores (accepted and noted).
+    #[arg(long)]
+    pub dataloader_num_workers: Option<usize>,
+    /// ms-swift's dataset preprocessing processes (accepted and noted, as above).
+    #[arg(long)]
+    pub dataset_num_proc: Option<usize>,
 }
 
 /// Normalise command-line flag spellings: `--max_length` → `--max-length` (values untouched).
@@ -630,4 +657,39 @@ fn sibling(dir: &Path, suffix: &str) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "adapter".into());
     dir.with_file_name(format!("{name}-{suffix}"))
+}
+
+/// Every `--flag` in the command line `args` that the subcommand does not know, as typed, so
+/// that all of them are reported at once (clap stops at the first). Both spellings
+/// (`--max_length`, `--max-length`) are known. Empty when the subcommand itself is unknown:
+/// clap reports that.
+pub fn unknown_flags(args: &[String]) -> Vec<String> {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let Some(sub) = args.get(1).and_then(|name| cli.find_subcommand(name)) else {
+        return Vec::new();
+    };
+    let mut known: Vec<String> = vec!["help".into(), "version".into()];
+    for arg in sub.get_arguments() {
+        known.extend(arg.get_long().map(str::to_string));
+        known.extend(
+            arg.get_all_aliases()
+                .unwrap_or_default()
+                .into_iter()
+                .map(str::to_string),
+        );
+    }
+    let mut unknown = Vec::new();
+    for a in &args[2..] {
+        if a == "--" {
+            break;
+        }
+        let Some(rest) = a.strip_prefix("--") else { continue };
+        let name = rest.split_once('=').map_or(rest, |(n, _)| n);
+        let canonical = name.replace('_', "-");
+        if !known.contains(&canonical) && !unknown.contains(&format!("--{name}")) {
+            unknown.push(format!("--{name}"));
+        }
+    }
+    unknown
 }

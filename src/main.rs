@@ -28,7 +28,19 @@ use lorafold::recipe::{normalize_flag_spelling, DpoOptions, Settings};
 
 fn main() -> ExitCode {
     tune_malloc();
-    let cli = Cli::parse_from(normalize_flag_spelling(std::env::args()));
+    let raw: Vec<String> = std::env::args().collect();
+    let unknown = cli::unknown_flags(&raw);
+    if !unknown.is_empty() {
+        eprintln!(
+            "error: unknown flag{} for `lorafold {}`: {} (see lorafold {} --help)",
+            if unknown.len() == 1 { "" } else { "s" },
+            raw[1],
+            unknown.join(", "),
+            raw[1]
+        );
+        return ExitCode::from(2);
+    }
+    let cli = Cli::parse_from(normalize_flag_spelling(raw));
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -46,7 +58,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let done = match cli.command {
         Command::Inspect(args) => inspect(args),
         Command::Bench(args) => Ok(lorafold::bench::run(&args)?),
-        Command::Dpo(args) => return dpo(args),
+        Command::Dpo(args) | Command::Rlhf(args) => return dpo(args),
         Command::Eval(args) => eval(args),
         Command::Merge(args) => {
             let plan = args.plan()?;

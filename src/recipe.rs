@@ -10,6 +10,7 @@ use crate::dpo::loss::{LossKind, LossParams};
 use crate::error::{Error, Result};
 use crate::model::load::DtypeChoice;
 use crate::train::schedule::SchedulerKind;
+use crate::train::settings::Interval;
 pub use crate::train::settings::Settings;
 
 impl DpoOptions {
@@ -95,6 +96,16 @@ impl DpoOptions {
         if self.check_model_is_latest.is_some() {
             notes.push("note: --check_model_is_latest is ignored; lorafold uses the model files it finds".into());
         }
+        for (flag, v) in [
+            ("dataloader_num_workers", self.dataloader_num_workers),
+            ("dataset_num_proc", self.dataset_num_proc),
+        ] {
+            if let Some(n) = v {
+                notes.push(format!(
+                    "note: --{flag} {n} is ignored; lorafold reads and tokenises the data in-process on every core"
+                ));
+            }
+        }
         if let Some(c) = &self.check_dataset_strategy {
             notes.push(format!(
                 "note: --check_dataset_strategy {c} is accepted; lorafold checks every row as it reads it and \
@@ -164,6 +175,17 @@ impl DpoOptions {
     /// Named values: sft_type, truncation_mode, lr_scheduler_type, dtype and loss names.
     fn check_names(&self) -> std::result::Result<(), (String, String)> {
         let err = |key: &str, msg: String| Err((key.to_string(), msg));
+        for (key, v) in [
+            ("eval_strategy", &self.eval_strategy),
+            ("save_strategy", &self.save_strategy),
+        ] {
+            if let Some(v) = v {
+                v.parse::<Interval>().map_err(|msg| (key.to_string(), msg))?;
+            }
+        }
+        if let Some(t) = &self.rlhf_type {
+            rlhf_loss(t, self.loss_type.as_deref()).map_err(|msg| ("rlhf_type".to_string(), msg))?;
+        }
         if let Some(t) = &self.tuner_backend {
             if !matches!(t.as_str(), "peft" | "swift") {
                 return err("tuner_backend", format!("{t:?} must be peft or swift"));
@@ -386,6 +408,8 @@ impl DpoOptions {
             group_by_length: o.group_by_length.unwrap_or(false),
             eval_steps: o.eval_steps.unwrap_or(500),
             save_steps: o.save_steps.unwrap_or(500),
+            eval_strategy: named(o.eval_strategy.as_deref(), str::parse)?,
+            save_strategy: named(o.save_strategy.as_deref(), str::parse)?,
             save_total_limit: Some(o.save_total_limit.unwrap_or(2)).filter(|&n| n > 0),
             logging_steps: o.logging_steps.unwrap_or(5),
             seed: o.seed.unwrap_or(42),
@@ -421,7 +445,11 @@ impl DpoOptions {
 
     /// Loss names, the losses they parse to with their parameters, and one weight per loss.
     fn resolve_losses(&self) -> Result<(Vec<String>, Vec<LossKind>, Vec<f64>)> {
-        let names = loss_names(self.loss_type.as_deref().unwrap_or(&["sigmoid".to_string()]));
+        let given = match &self.rlhf_type {
+            Some(t) => rlhf_loss(t, self.loss_type.as_deref()).map_err(|msg| bad("rlhf_type", msg))?,
+            None => self.loss_type.clone(),
+        };
+        let names = loss_names(given.as_deref().unwrap_or(&["sigmoid".to_string()]));
         if names.is_empty() {
             return Err(bad("loss_type", "no loss type given"));
         }
@@ -442,6 +470,26 @@ impl DpoOptions {
             ));
         }
         Ok((names, losses, weights))
+    }
+}
+
+/// The loss types an ms-swift `--rlhf_type` stands for, given the `--loss_type` values (if any):
+/// dpo keeps them; orpo and simpo are those losses (and refuse another loss type).
+fn rlhf_loss(rlhf_type: &str, loss_type: Option<&[String]>) -> std::result::Result<Option<Vec<String>>, String> {
+    match rlhf_type {
+        "dpo" => Ok(loss_type.map(<[String]>::to_vec)),
+        "orpo" | "simpo" => match loss_type {
+            Some(l) if loss_names(l) != [rlhf_type] => Err(format!(
+                "{rlhf_type} trains with loss_type {rlhf_type}, but --loss_type {} was given",
+                l.join(",")
+            )),
+            _ => Ok(Some(vec![rlhf_type.to_string()])),
+        },
+        "kto" | "cpo" | "ppo" | "grpo" | "rm" | "gkd" => Err(format!(
+            "{rlhf_type:?} is not supported: lorafold trains preference pairs with DPO and its variants \
+             (--rlhf_type dpo, orpo or simpo; other DPO losses with --loss_type)"
+        )),
+        _ => Err(format!("{rlhf_type:?} must be dpo, orpo or simpo")),
     }
 }
 

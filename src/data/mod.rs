@@ -99,6 +99,7 @@ impl LoadStats {
 /// a hub dataset id `org/name[:subset]` (hf-hub cache, HF_HUB_OFFLINE honoured, like models in
 /// src/hub.rs).
 pub fn load_pairs(spec: &str, opts: &LoadOptions) -> crate::Result<(Vec<(RowRef, PreferencePair)>, LoadStats)> {
+    let (spec, sample) = split_sample(spec);
     let files = source::resolve_spec(spec, opts.revision.as_deref())?;
     let mut pairs = Vec::new();
     let mut stats = LoadStats::default();
@@ -107,5 +108,62 @@ pub fn load_pairs(spec: &str, opts: &LoadOptions) -> crate::Result<(Vec<(RowRef,
         pairs.extend(p);
         stats.absorb(s);
     }
+    if let Some(n) = sample {
+        pairs = sample_rows(pairs, n);
+    }
     Ok((pairs, stats))
+}
+
+/// ms-swift's `dataset#N`: the spec and the number of rows to sample. A spec naming an existing
+/// file is never split (`data#2` may be a file name).
+fn split_sample(spec: &str) -> (&str, Option<usize>) {
+    if std::path::Path::new(spec).exists() {
+        return (spec, None);
+    }
+    match spec.rsplit_once('#') {
+        Some((base, n)) if !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+            (base, n.parse().ok())
+        }
+        _ => (spec, None),
+    }
+}
+
+/// `n` rows as ms-swift samples them: a seeded random subset when `n` is at most the number of
+/// rows; otherwise every row as many whole times as fit, then a random subset for the rest.
+fn sample_rows<T: Clone>(rows: Vec<T>, n: usize) -> Vec<T> {
+    if rows.is_empty() {
+        return rows;
+    }
+    let mut rng = crate::rng::Rng::stream(42, 0xda7a_5a3b);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n / rows.len() {
+        out.extend(rows.iter().cloned());
+    }
+    let mut idx: Vec<usize> = (0..rows.len()).collect();
+    rng.shuffle(&mut idx);
+    out.extend(idx[..n % rows.len()].iter().map(|&i| rows[i].clone()));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dataset_hash_n_samples_n_rows() {
+        assert_eq!(split_sample("my.jsonl#1000"), ("my.jsonl", Some(1000)));
+        assert_eq!(split_sample("org/name:subset#5"), ("org/name:subset", Some(5)));
+        assert_eq!(split_sample("my.jsonl"), ("my.jsonl", None));
+        assert_eq!(split_sample("my#notes.jsonl"), ("my#notes.jsonl", None));
+        let rows: Vec<u32> = (0..10).collect();
+        let few = sample_rows(rows.clone(), 4);
+        assert_eq!(few.len(), 4);
+        let mut distinct = few.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 4, "a subset, no repeats: {few:?}");
+        let many = sample_rows(rows.clone(), 25);
+        assert_eq!(many.len(), 25);
+        assert_eq!(&many[..20], [rows.clone(), rows].concat().as_slice());
+    }
 }

@@ -166,15 +166,16 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
     let mut cfg = LoopConfig::from_settings(s, data.train.len())?;
     cfg.quiet = quiet;
     cfg.stop = Some(install_ctrlc());
+    let base_model = recorded_base(&files);
     let output = RunOutput {
         dir: &out_dir,
-        base_model: &files.name,
+        base_model: &base_model,
         recipe_yaml: &recipe_yaml,
         resume_from,
     };
     let outcome = train(&run, &data.train, &data.eval, &cfg, &output)?;
     if let (Some(a), false) = (&run.adapter, outcome.interrupted) {
-        a.save(&out_dir, Some(&files.name))?;
+        a.save(&out_dir, Some(&base_model))?;
     }
     if let Err(e) = crate::train::plot::write_plot(&out_dir.join("metrics.jsonl"), &out_dir.join("metrics.png")) {
         if !quiet {
@@ -187,6 +188,17 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
         train_pairs: data.train.len(),
         eval_pairs: data.eval.len(),
     })
+}
+
+/// The base model as adapter_config.json records it: the hub id, or a local folder's absolute
+/// path, so that PEFT's `AutoPeftModelForCausalLM.from_pretrained(adapter)` finds it from any
+/// working directory.
+fn recorded_base(files: &ModelFiles) -> String {
+    let named = Path::new(&files.name);
+    if !named.is_dir() {
+        return files.name.clone();
+    }
+    std::fs::canonicalize(named).map_or_else(|_| files.name.clone(), |p| p.display().to_string())
 }
 
 /// The output folder of a run, checked writable, with the checkpoint to resume from (if asked)

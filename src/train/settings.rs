@@ -60,6 +60,11 @@ pub struct Settings {
     pub group_by_length: bool,
     pub eval_steps: usize,
     pub save_steps: usize,
+    /// When to evaluate and when to save a checkpoint (transformers' `IntervalStrategy`).
+    #[serde(default)]
+    pub eval_strategy: Interval,
+    #[serde(default)]
+    pub save_strategy: Interval,
     pub save_total_limit: Option<usize>,
     pub logging_steps: usize,
     pub seed: u64,
@@ -70,4 +75,38 @@ pub struct Settings {
     pub template: Option<String>,
     pub max_eval_pairs: Option<usize>,
     pub max_nonfinite_steps: usize,
+}
+
+/// transformers' `IntervalStrategy`: every N steps, at the end of each epoch, or never.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Interval {
+    #[default]
+    Steps,
+    Epoch,
+    No,
+}
+
+impl std::str::FromStr for Interval {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "steps" => Ok(Interval::Steps),
+            "epoch" => Ok(Interval::Epoch),
+            "no" => Ok(Interval::No),
+            _ => Err(format!("{s:?} must be steps, epoch or no")),
+        }
+    }
+}
+
+impl Interval {
+    /// Every how many optimizer steps, given `every` for `steps` and the steps of one epoch;
+    /// `None` for never.
+    pub fn period(self, every: usize, steps_per_epoch: usize) -> Option<usize> {
+        match self {
+            Interval::Steps => Some(every.max(1)),
+            Interval::Epoch => Some(steps_per_epoch.max(1)),
+            Interval::No => None,
+        }
+    }
 }

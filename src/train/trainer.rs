@@ -232,8 +232,11 @@ pub struct LoopConfig {
     pub adamw: AdamWConfig,
     pub max_grad_norm: f64,
     pub logging_steps: usize,
-    pub eval_steps: usize,
-    pub save_steps: usize,
+    /// Evaluate every this many steps and at the last step; `None`: never (`--eval_strategy no`).
+    pub eval_every: Option<usize>,
+    /// Save a checkpoint every this many steps and at the last step; `None`: only on interrupt
+    /// (`--save_strategy no`).
+    pub save_every: Option<usize>,
     pub save_total_limit: Option<usize>,
     pub precompute_ref: bool,
     /// Stop after this many steps even if `total_steps` is larger (tests interrupt runs with it).
@@ -255,6 +258,7 @@ impl LoopConfig {
                 .max(1.0) as usize,
         };
         let kind = s.lr_scheduler_type;
+        let steps_per_epoch = micro_per_epoch.div_ceil(s.gradient_accumulation_steps.max(1));
         Ok(LoopConfig {
             batch_size: s.batch_size,
             eval_batch_size: s.eval_batch_size,
@@ -277,8 +281,8 @@ impl LoopConfig {
             },
             max_grad_norm: s.max_grad_norm,
             logging_steps: s.logging_steps,
-            eval_steps: s.eval_steps,
-            save_steps: s.save_steps,
+            eval_every: s.eval_strategy.period(s.eval_steps, steps_per_epoch),
+            save_every: s.save_strategy.period(s.save_steps, steps_per_epoch),
             save_total_limit: s.save_total_limit,
             precompute_ref: s.precompute_ref_log_probs,
             stop_after: None,
@@ -528,7 +532,7 @@ impl<'a> Trainer<'a> {
                     continue;
                 }
             }
-            // Log the window's means every `logging_steps`, evaluate every `eval_steps`.
+            // Log the window every `logging_steps`; evaluate as `--eval_strategy` says.
             self.log_window()?;
             self.maybe_eval()?;
             // A Ctrl-C stops after this step, with a checkpoint.
@@ -702,9 +706,12 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// Every `eval_steps` and at the last step: the DPO metrics on the eval pairs.
+    /// Every `eval_every` steps and at the last step: the DPO metrics on the eval pairs.
     fn maybe_eval(&mut self) -> Result<()> {
-        let due = self.step.is_multiple_of(self.cfg.eval_steps) || self.step == self.cfg.total_steps;
+        let Some(every) = self.cfg.eval_every else {
+            return Ok(());
+        };
+        let due = self.step.is_multiple_of(every) || self.step == self.cfg.total_steps;
         if self.eval.is_empty() || !due {
             return Ok(());
         }
@@ -740,9 +747,13 @@ impl<'a> Trainer<'a> {
         self.outcome.interrupted
     }
 
-    /// Every `save_steps`, at the last step and on interrupt: a checkpoint, old ones rotated out.
+    /// Every `save_every` steps, at the last step and on interrupt: a checkpoint, old ones rotated
+    /// out.
     fn maybe_save(&mut self) -> Result<()> {
-        let due = self.step.is_multiple_of(self.cfg.save_steps) || self.step == self.last;
+        let due = self
+            .cfg
+            .save_every
+            .is_some_and(|every| self.step.is_multiple_of(every) || self.step == self.last);
         if !(due || self.outcome.interrupted) {
             return Ok(());
         }

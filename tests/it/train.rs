@@ -831,3 +831,129 @@ fn ms_swift_2_flags_are_accepted_and_the_irrelevant_ones_noted() {
     assert_eq!(s.revision.as_deref(), Some("master"));
     assert_eq!(s.learning_rate, 0.25);
 }
+
+#[test]
+fn rlhf_takes_ms_swift_3_flags() {
+    let out = lorafold(
+        &[
+            "rlhf",
+            "--rlhf_type",
+            "simpo",
+            "--model",
+            "m",
+            "--dataset",
+            "d.jsonl",
+            "--train_type",
+            "lora",
+            "--target_modules",
+            "all-linear",
+            "--torch_dtype",
+            "float32",
+            "--lora_dropout",
+            "0.1",
+            "--per_device_train_batch_size",
+            "2",
+            "--dataloader_num_workers",
+            "4",
+            "--print_settings",
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("note: --dataloader_num_workers 4 is ignored"), "{err}");
+    let s: Settings = serde_yaml::from_slice(&out.stdout).unwrap();
+    assert_eq!(s.loss_type, ["simpo"]);
+    assert_eq!((s.batch_size, s.lora_dropout_p), (2, 0.1));
+    assert_eq!(s.lora_target_modules, ["all-linear"]);
+}
+
+#[test]
+fn every_unknown_flag_is_reported_at_once() {
+    let out = lorafold(
+        &[
+            "dpo",
+            "--model",
+            "m",
+            "--no_such_flag",
+            "1",
+            "--dataset",
+            "d.jsonl",
+            "--another-one=2",
+            "--max_length",
+            "64",
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("unknown flags for `lorafold dpo`: --no_such_flag, --another-one"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_finished_run_records_an_absolute_base_and_says_what_to_run_next() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let recipe = root().join("recipes/quickstart.yaml");
+    let o = lorafold(
+        &[
+            "dpo",
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--max_steps",
+            "2",
+            "--output_dir",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let base = cfg["base_model_name_or_path"].as_str().unwrap();
+    assert!(Path::new(base).is_absolute(), "{base}");
+    assert_eq!(
+        std::fs::canonicalize(base).unwrap(),
+        std::fs::canonicalize(root().join("tests/fixtures/models/qwen2")).unwrap()
+    );
+    let shown = out.display().to_string();
+    assert!(err.contains("lorafold infer --model"), "{err}");
+    assert!(err.contains(&format!("--adapters {shown}")), "{err}");
+    assert!(err.contains(&format!("{shown}/metrics.jsonl")), "{err}");
+}
+
+#[test]
+fn eval_and_save_strategy_no_write_neither_evaluations_nor_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let recipe = root().join("recipes/quickstart.yaml");
+    let o = lorafold(
+        &[
+            "dpo",
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--max_steps",
+            "3",
+            "--eval_strategy",
+            "no",
+            "--save_strategy",
+            "no",
+            "--logging_steps",
+            "1",
+            "--output_dir",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(out.join("adapter_model.safetensors").is_file(), "{err}");
+    assert!(lorafold::train::checkpoint::list(&out).is_empty(), "{err}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3, "{metrics}");
+    assert!(!metrics.contains("eval_loss"), "{metrics}");
+}
