@@ -12,8 +12,17 @@ pub enum Error {
     #[error("no pairs to evaluate after preprocessing")]
     NoEvalPairs,
 
-    #[error("{dir}: this checkpoint was trained on different data (fingerprint {was} vs {now}); refusing to resume")]
-    ResumeDataMismatch { dir: PathBuf, was: String, now: String },
+    /// `because` names the settings that changed since the checkpoint (the model, the data files,
+    /// the template...), when the checkpoint's recipe.yaml tells.
+    #[error(
+        "{dir}: this checkpoint was trained on different data (fingerprint {was} vs {now}); refusing to resume{because}"
+    )]
+    ResumeDataMismatch {
+        dir: PathBuf,
+        was: String,
+        now: String,
+        because: String,
+    },
 
     #[error("{dir}: loss state: {msg}")]
     LossState { dir: PathBuf, msg: String },

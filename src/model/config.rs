@@ -206,7 +206,10 @@ impl ModelConfig {
         let mut per_layer = 2 * self.hidden_size;
         for m in LINEAR_MODULES {
             let (i, o) = self.linear_shape(m).unwrap_or((0, 0));
-            per_layer += i * o;
+            per_layer += i * o + if self.linear_bias(m) { o } else { 0 };
+        }
+        if self.qk_norm {
+            per_layer += 2 * self.head_dim;
         }
         let emb = self.vocab_size * self.hidden_size;
         let head = if self.tie_word_embeddings { 0 } else { emb };

@@ -454,6 +454,8 @@ pub struct Trainer<'a> {
     metrics_file: Option<MetricsFile>,
     pb: indicatif::ProgressBar,
     nonfinite_run: usize,
+    /// When this call's training began, and at which step (for elapsed time and ETA).
+    started: (Instant, usize),
     outcome: Outcome,
 }
 
@@ -494,6 +496,7 @@ impl<'a> Trainer<'a> {
             metrics_file: None,
             pb: indicatif::ProgressBar::hidden(),
             nonfinite_run: 0,
+            started: (Instant::now(), 0),
             outcome: Outcome {
                 steps: Vec::new(),
                 evals: Vec::new(),
@@ -519,6 +522,7 @@ impl<'a> Trainer<'a> {
         )?);
         self.pb = progress_bar(self.cfg, self.step);
         self.window = Window::new();
+        self.started = (Instant::now(), self.step);
         while self.step < self.last {
             // Accumulate over the micro-batches, clip, update; a non-finite step is skipped.
             let micros = self.next_micros();
@@ -550,12 +554,26 @@ impl<'a> Trainer<'a> {
     /// Restore the adapter, optimizer, data position, loss state and logs of checkpoint `dir`.
     fn resume(&mut self, dir: &Path) -> Result<()> {
         let ck = checkpoint::load(dir)?;
+        let changes = changed_settings(&dir.join(checkpoint::RECIPE_FILE), self.out.recipe_yaml);
         if ck.state.data_fingerprint != self.data_fp {
+            let because = if changes.is_empty() {
+                String::new()
+            } else {
+                format!(" (changed since: {})", changes.join("; "))
+            };
             return Err(Error::ResumeDataMismatch {
                 dir: dir.into(),
                 was: ck.state.data_fingerprint.clone(),
                 now: self.data_fp.clone(),
+                because,
             });
+        }
+        if !changes.is_empty() && !self.cfg.quiet {
+            eprintln!(
+                "note: resuming {} with changed settings: {}",
+                dir.display(),
+                changes.join("; ")
+            );
         }
         for (key, var) in self.updater.params() {
             let t = ck.adapter.get(key).ok_or_else(|| Error::MissingTensor {
@@ -695,15 +713,31 @@ impl<'a> Trainer<'a> {
             "learning_rate",
             "tokens_per_second",
         ];
-        say(
-            &self.pb,
-            self.cfg.quiet,
-            &metrics::format_line(self.step, &record, &keys),
-        );
+        let mut line = metrics::format_line(self.step, &record, &keys);
+        if self.pb.is_hidden() {
+            // No bar is drawn (stderr is a file or a pipe): the line carries the progress.
+            line += &format!(" | {}", self.progress_text());
+        }
+        say(&self.pb, self.cfg.quiet, &line);
         self.pb.set_message(format!("loss {:.4}", w.metrics.dpo.loss));
         self.history.push(record);
         self.window = Window::new();
         Ok(())
+    }
+
+    /// `step/total [elapsed<eta]`, the ETA from this call's pace so far.
+    fn progress_text(&self) -> String {
+        let (t0, first) = self.started;
+        let secs = t0.elapsed().as_secs_f64();
+        let done = self.step.saturating_sub(first).max(1) as f64;
+        let left = self.cfg.total_steps.saturating_sub(self.step) as f64;
+        format!(
+            "{}/{} [{}<{}]",
+            self.step,
+            self.cfg.total_steps,
+            clock(secs),
+            clock(secs / done * left)
+        )
     }
 
     /// Every `eval_every` steps and at the last step: the DPO metrics on the eval pairs.
@@ -782,6 +816,41 @@ impl<'a> Trainer<'a> {
         self.outcome.last_checkpoint = Some(dir);
         Ok(())
     }
+}
+
+/// The settings that differ between a checkpoint's recipe.yaml (`saved`) and this run's
+/// (`now`), as `key old → new`; `resume_from_checkpoint` itself is left out. Empty when either
+/// is not a mapping (a checkpoint without one, or an API caller's empty recipe).
+fn changed_settings(saved: &Path, now: &str) -> Vec<String> {
+    use serde_yaml::Value;
+    let parse = |text: &str| {
+        serde_yaml::from_str::<Value>(text)
+            .ok()
+            .and_then(|v| v.as_mapping().cloned())
+    };
+    let (Some(old), Some(new)) = (
+        std::fs::read_to_string(saved).ok().as_deref().and_then(parse),
+        parse(now),
+    ) else {
+        return Vec::new();
+    };
+    let show = |v: Option<&Value>| v.map_or("(unset)".into(), |v| serde_json::to_string(v).unwrap_or_default());
+    let keys = new.keys().chain(old.keys().filter(|k| !new.contains_key(*k)));
+    let mut out = Vec::new();
+    for key in keys.cloned().collect::<Vec<_>>() {
+        let name = key.as_str().unwrap_or_default();
+        if name == "resume_from_checkpoint" || old.get(&key) == new.get(&key) {
+            continue;
+        }
+        out.push(format!("{name} {} → {}", show(old.get(&key)), show(new.get(&key))));
+    }
+    out
+}
+
+/// Seconds as `HH:MM:SS`.
+fn clock(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
 fn progress_bar(cfg: &LoopConfig, start: usize) -> indicatif::ProgressBar {

@@ -924,6 +924,8 @@ fn a_finished_run_records_an_absolute_base_and_says_what_to_run_next() {
     assert!(err.contains("lorafold infer --model"), "{err}");
     assert!(err.contains(&format!("--adapters {shown}")), "{err}");
     assert!(err.contains(&format!("{shown}/metrics.jsonl")), "{err}");
+    // stderr is a pipe here: the log line carries step/total, elapsed and ETA.
+    assert!(err.contains(" | 2/2 [00:00:"), "{err}");
 }
 
 #[test]
@@ -956,4 +958,65 @@ fn eval_and_save_strategy_no_write_neither_evaluations_nor_checkpoints() {
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 3, "{metrics}");
     assert!(!metrics.contains("eval_loss"), "{metrics}");
+}
+
+#[test]
+fn the_parameter_count_counts_every_tensor_of_the_model() {
+    for arch in ARCHS {
+        let model = load_model(arch);
+        let in_tensors: usize = model.base_tensors().iter().map(|(_, t)| t.elem_count()).sum();
+        assert_eq!(model.cfg.num_params(), in_tensors, "{arch}");
+    }
+}
+
+#[test]
+fn a_resume_names_the_settings_that_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let recipe = root().join("recipes/quickstart.yaml");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "dpo",
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--output_dir",
+            out.to_str().unwrap(),
+            "--save_steps",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        lorafold(&args, &[])
+    };
+    let first = run(&["--max_steps", "2"]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    // A changed hyperparameter is said, and the run goes on.
+    let more = run(&[
+        "--max_steps",
+        "3",
+        "--learning_rate",
+        "1e-4",
+        "--resume_from_checkpoint",
+        "latest",
+    ]);
+    let err = String::from_utf8_lossy(&more.stderr);
+    assert!(more.status.success(), "{err}");
+    assert!(err.contains("note: resuming"), "{err}");
+    assert!(err.contains("learning_rate 0.005 → 0.0001"), "{err}");
+    assert!(err.contains("max_steps 2 → 3"), "{err}");
+    // Another model is named as the reason the data no longer matches.
+    let llama = run(&[
+        "--max_steps",
+        "4",
+        "--model",
+        "tests/fixtures/models/llama",
+        "--resume_from_checkpoint",
+        "latest",
+    ]);
+    let err = String::from_utf8_lossy(&llama.stderr);
+    assert!(!llama.status.success(), "{err}");
+    assert!(err.contains("refusing to resume"), "{err}");
+    assert!(
+        err.contains(r#"model "tests/fixtures/models/qwen2" → "tests/fixtures/models/llama""#),
+        "{err}"
+    );
 }
