@@ -82,10 +82,26 @@ impl Format {
         }
     }
 
+    /// Every key a row of this format may have: the required ones and the optional ones read.
+    /// Any other key is reported as unused (once per file), never dropped silently.
+    pub fn known_keys(self) -> &'static [&'static str] {
+        match self {
+            Format::TrlExplicit => &["prompt", "chosen", "rejected", "system", "history"],
+            Format::TrlImplicit => &["chosen", "rejected"],
+            Format::Xtuner => &["chosen_conversations", "rejected_conversations"],
+            Format::SwiftV2 => &["query", "response", "rejected_response", "history", "system"],
+            Format::SwiftV4 => &["messages", "rejected_response", "rejected_messages", "system"],
+            Format::Sharegpt => &["conversations", "chosen", "rejected", "system"],
+            Format::Alpaca => &["instruction", "input", "chosen", "rejected", "system", "history"],
+            Format::AlignAnything => &["question", "response_1", "response_2", "overall_response"],
+            Format::HhRlhf => &["chosen", "rejected"],
+        }
+    }
+
     /// How the keys of a row of this format look, for "unknown format" messages.
     fn describe(self) -> &'static str {
         match self {
-            Format::TrlExplicit => "prompt, chosen, rejected",
+            Format::TrlExplicit => "prompt, chosen, rejected [, system, history]",
             Format::TrlImplicit => "chosen, rejected as message lists",
             Format::Xtuner => "chosen_conversations, rejected_conversations",
             Format::SwiftV2 => "query, response, rejected_response [, history, system]",
@@ -262,6 +278,7 @@ pub fn normalise_rows(
     let mut skipped = 0;
     // Where the first pair came from, for the "nothing to score" message.
     let mut first_loc: Option<String> = None;
+    let mut unused = std::collections::BTreeSet::new();
     for raw in rows {
         let parsed = match raw.value {
             Err(msg) => Err(msg),
@@ -277,6 +294,7 @@ pub fn normalise_rows(
                         f
                     }
                 };
+                unused.extend(map.keys().filter(|k| !f.known_keys().contains(&k.as_str())).cloned());
                 f.parse_row(&map)
             }
             Ok(other) => Err(format!("a row must be a JSON object, got {}", kind(&other))),
@@ -303,6 +321,11 @@ pub fn normalise_rows(
         rows: pairs.len(),
         skipped_bad_rows: skipped,
         formats: vec![(display.to_string(), format.name().to_string())],
+        unused_keys: if unused.is_empty() {
+            Vec::new()
+        } else {
+            vec![(display.to_string(), unused.into_iter().collect())]
+        },
     };
     Ok((pairs, stats))
 }
@@ -570,9 +593,21 @@ fn pair_with_prompts(
 // Formats
 // ---------------------------------------------------------------------------------------------
 
+/// TRL's explicit-prompt layout. The `system` and `history` ([[query, response], ...]) keys
+/// that ms-swift and LLaMA-Factory exports add to it come before the prompt, as in their
+/// formats (a prompt that opens with its own system message keeps it).
 fn trl_explicit(row: &Row) -> RowResult<PreferencePair> {
+    let mut given = text_or_messages(row, "prompt", "user")?;
+    let mut prompt = Vec::with_capacity(given.len() + 1);
+    if given.first().is_some_and(|m| m.role == "system") {
+        prompt.push(given.remove(0));
+    } else {
+        prompt.extend(system(row)?);
+    }
+    prompt.extend(history(row)?);
+    prompt.append(&mut given);
     Ok(pair(
-        text_or_messages(row, "prompt", "user")?,
+        prompt,
         text_or_messages(row, "chosen", "assistant")?,
         text_or_messages(row, "rejected", "assistant")?,
     ))

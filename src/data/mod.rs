@@ -85,6 +85,8 @@ pub struct LoadStats {
     pub skipped_bad_rows: usize,
     /// (file, format name) for every file read, in order.
     pub formats: Vec<(String, String)>,
+    /// (file, keys) for every file whose rows hold keys its format does not read.
+    pub unused_keys: Vec<(String, Vec<String>)>,
 }
 
 impl LoadStats {
@@ -92,6 +94,7 @@ impl LoadStats {
         self.rows += other.rows;
         self.skipped_bad_rows += other.skipped_bad_rows;
         self.formats.extend(other.formats);
+        self.unused_keys.extend(other.unused_keys);
     }
 }
 

@@ -50,7 +50,11 @@ pub fn prepare_specs(
             },
         )?;
         let (tok, ps) = pre.prepare(&rows, opts)?;
-        let fmts: Vec<String> = stats.formats.iter().map(|(_, f)| f.clone()).collect();
+        // A folder (or a hub dataset) of several files: name each file with its format.
+        let fmts: Vec<String> = match stats.formats.as_slice() {
+            [(_, f)] => vec![f.clone()],
+            many => many.iter().map(|(file, f)| format!("{file}: {f}")).collect(),
+        };
         report.push(format!(
             "{spec}: {} rows ({}), {} pairs kept; dropped {} identical, {} with nothing to score; {} truncated; {} bad rows skipped",
             stats.rows,
@@ -61,9 +65,26 @@ pub fn prepare_specs(
             ps.truncated,
             stats.skipped_bad_rows
         ));
+        for (file, keys) in &stats.unused_keys {
+            report.push(unused_keys_warning(file, keys));
+        }
         out.extend(tok.into_iter().map(to_ids));
     }
     Ok(out)
+}
+
+/// The warning for keys of a data file that its format does not read (at most 8 named).
+fn unused_keys_warning(file: &str, keys: &[String]) -> String {
+    let shown: Vec<&str> = keys.iter().take(8).map(String::as_str).collect();
+    let more = match keys.len().saturating_sub(shown.len()) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    format!(
+        "warning: {file}: key{} {}{more} not used by its format (ignored)",
+        if keys.len() == 1 { "" } else { "s" },
+        shown.join(", ")
+    )
 }
 
 pub fn tokenize_options(s: &Settings) -> TokenizeOptions {

@@ -896,3 +896,34 @@ fn quickstart_data_loads_and_prepares_in_parallel_like_one_by_one() {
         .iter()
         .all(|t| (8..=24).contains(&t.chosen.len()) && (8..=24).contains(&t.rejected.len())));
 }
+
+#[test]
+fn system_and_history_beside_an_explicit_prompt_are_used_and_other_keys_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let row = serde_json::json!({
+        "system": SYSTEM,
+        "history": [[USER1, ASSISTANT1]],
+        "prompt": USER2,
+        "chosen": "Dark.",
+        "rejected": "Green.",
+        "score": 3,
+    });
+    let path = temp_file(&dir, "extra.jsonl", format!("{row}\n").as_bytes());
+    let (pairs, stats) = load(&path);
+    let roles: Vec<(&str, &str)> = pairs[0]
+        .1
+        .prompt
+        .iter()
+        .map(|m| (m.role.as_str(), m.content.as_str()))
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            ("system", SYSTEM),
+            ("user", USER1),
+            ("assistant", ASSISTANT1),
+            ("user", USER2)
+        ]
+    );
+    assert_eq!(stats.unused_keys, [(path, vec!["score".to_string()])]);
+}
