@@ -277,6 +277,11 @@ pub struct DpoOptions {
     /// --skip_bad_rows.
     #[arg(long)]
     pub check_dataset_strategy: Option<String>,
+    /// Where to log besides metrics.jsonl: tensorboard (event files in <output_dir>/runs, with
+    /// transformers' tags), none (the default) or all (= tensorboard). Hosted trackers (wandb,
+    /// swanlab, mlflow, ...) are refused: lorafold makes no network calls while training.
+    #[arg(long, num_args = 1..)]
+    pub report_to: Option<Vec<String>>,
     /// ms-swift's data-loader worker processes; lorafold reads and tokenises data in-process on
     /// all cores (accepted and noted).
     #[arg(long)]

@@ -122,18 +122,21 @@ fn dpo(args: cli::DpoArgs) -> anyhow::Result<ExitCode> {
             e.loss, e.rewards_accuracies, e.rewards_margins
         );
     }
-    print_where(out, &s.model, o.last_checkpoint.as_deref());
+    print_where(out, &s.model, o.last_checkpoint.as_deref(), s.tensorboard);
     Ok(ExitCode::SUCCESS)
 }
 
 /// Where a finished run put everything, and the commands that use it next.
-fn print_where(out: &std::path::Path, model: &str, last_checkpoint: Option<&std::path::Path>) {
+fn print_where(out: &std::path::Path, model: &str, last_checkpoint: Option<&std::path::Path>, tensorboard: bool) {
     let d = out.display();
     eprintln!("  adapter       {d}/adapter_model.safetensors, {d}/adapter_config.json");
     if let Some(c) = last_checkpoint {
         eprintln!("  checkpoints   {d}/checkpoint-* (last: {})", c.display());
     }
     eprintln!("  metrics       {d}/metrics.jsonl, plot {d}/metrics.png");
+    if tensorboard {
+        eprintln!("  tensorboard   {d}/runs (tensorboard --logdir {d}/runs)");
+    }
     eprintln!("next:");
     eprintln!("  lorafold infer --model {model} --adapters {d}");
     eprintln!("  lorafold merge --model {model} --adapters {d} --output {d}-merged");

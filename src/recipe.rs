@@ -183,6 +183,9 @@ impl DpoOptions {
                 v.parse::<Interval>().map_err(|msg| (key.to_string(), msg))?;
             }
         }
+        if let Some(to) = &self.report_to {
+            report_to_tensorboard(to).map_err(|msg| ("report_to".to_string(), msg))?;
+        }
         if let Some(t) = &self.rlhf_type {
             rlhf_loss(t, self.loss_type.as_deref()).map_err(|msg| ("rlhf_type".to_string(), msg))?;
         }
@@ -409,6 +412,10 @@ impl DpoOptions {
             eval_steps: o.eval_steps.unwrap_or(500),
             save_steps: o.save_steps.unwrap_or(500),
             eval_strategy: named(o.eval_strategy.as_deref(), str::parse)?,
+            tensorboard: match &o.report_to {
+                Some(to) => report_to_tensorboard(to).map_err(|msg| bad("report_to", msg))?,
+                None => false,
+            },
             save_strategy: named(o.save_strategy.as_deref(), str::parse)?,
             save_total_limit: Some(o.save_total_limit.unwrap_or(2)).filter(|&n| n > 0),
             logging_steps: o.logging_steps.unwrap_or(5),
@@ -471,6 +478,25 @@ impl DpoOptions {
         }
         Ok((names, losses, weights))
     }
+}
+
+/// Whether `--report_to` asks for TensorBoard event files; trackers lorafold does not have are
+/// refused.
+fn report_to_tensorboard(values: &[String]) -> std::result::Result<bool, String> {
+    let mut on = false;
+    for v in values.iter().flat_map(|v| v.split(',')).map(str::trim) {
+        match v {
+            "tensorboard" | "all" => on = true,
+            "none" | "" => {}
+            other => {
+                return Err(format!(
+                    "{other:?} is not supported: lorafold logs to metrics.jsonl and, with tensorboard, \
+                     TensorBoard event files (it makes no network calls while training)"
+                ))
+            }
+        }
+    }
+    Ok(on)
 }
 
 /// The loss types an ms-swift `--rlhf_type` stands for, given the `--loss_type` values (if any):

@@ -344,6 +344,10 @@ impl Inference<'_> {
         })?;
         if let (Some(w), Some(piece)) = (out.as_mut(), stream.finish()?) {
             w.write_all(piece.as_bytes()).map_err(console)?;
+        }
+        if let Some(w) = out.as_mut() {
+            // End the answer's line before the statistics line (on stderr) is printed.
+            writeln!(w).map_err(console)?;
             w.flush().map_err(console)?;
         }
         let text = generate::decode(self.pre.tokenizer(), answer_tokens(&g, stop))?;
@@ -370,7 +374,6 @@ impl Inference<'_> {
             }
             let mut session = Session::new(self.model, *ctx);
             self.answer(&mut session, &ids, &self.opts, Some(&mut out))?;
-            writeln!(out).map_err(console)?;
             if self.compare {
                 writeln!(out).map_err(console)?;
             }
@@ -484,7 +487,6 @@ impl Inference<'_> {
                     writeln!(out, "=== {label} ===").map_err(console)?;
                 }
                 let (_, text) = self.answer(session, &ids, &opts, Some(&mut out))?;
-                writeln!(out).map_err(console)?;
                 if self.compare {
                     writeln!(out).map_err(console)?;
                 }

@@ -8,4 +8,5 @@ pub mod run;
 pub mod schedule;
 pub mod settings;
 pub mod step;
+pub mod tensorboard;
 pub mod trainer;

@@ -65,6 +65,9 @@ pub struct Settings {
     pub eval_strategy: Interval,
     #[serde(default)]
     pub save_strategy: Interval,
+    /// Also write TensorBoard event files under `<output_dir>/runs` (`--report_to tensorboard`).
+    #[serde(default)]
+    pub tensorboard: bool,
     pub save_total_limit: Option<usize>,
     pub logging_steps: usize,
     pub seed: u64,

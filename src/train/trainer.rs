@@ -20,6 +20,7 @@ use crate::train::optim::AdamWConfig;
 use crate::train::schedule::Schedule;
 use crate::train::settings::Settings;
 use crate::train::step::{Micro, StepOutcome, Updater};
+use crate::train::tensorboard::{self, EventWriter};
 
 /// Everything one DPO forward needs: the model, the trainable adapter, the reference and the loss.
 pub struct DpoRun<'m> {
@@ -239,6 +240,8 @@ pub struct LoopConfig {
     pub save_every: Option<usize>,
     pub save_total_limit: Option<usize>,
     pub precompute_ref: bool,
+    /// Also write TensorBoard event files under `<output dir>/runs`.
+    pub tensorboard: bool,
     /// Stop after this many steps even if `total_steps` is larger (tests interrupt runs with it).
     pub stop_after: Option<usize>,
     /// Consecutive non-finite steps (skipped) tolerated before stopping.
@@ -285,6 +288,7 @@ impl LoopConfig {
             save_every: s.save_strategy.period(s.save_steps, steps_per_epoch),
             save_total_limit: s.save_total_limit,
             precompute_ref: s.precompute_ref_log_probs,
+            tensorboard: s.tensorboard,
             stop_after: None,
             max_nonfinite_steps: s.max_nonfinite_steps,
             stop: None,
@@ -452,6 +456,7 @@ pub struct Trainer<'a> {
     history: Vec<Record>,
     window: Window,
     metrics_file: Option<MetricsFile>,
+    events: Option<EventWriter>,
     pb: indicatif::ProgressBar,
     nonfinite_run: usize,
     /// When this call's training began, and at which step (for elapsed time and ETA).
@@ -494,6 +499,7 @@ impl<'a> Trainer<'a> {
             history: Vec::new(),
             window: Window::new(),
             metrics_file: None,
+            events: None,
             pb: indicatif::ProgressBar::hidden(),
             nonfinite_run: 0,
             started: (Instant::now(), 0),
@@ -520,6 +526,9 @@ impl<'a> Trainer<'a> {
             &self.out.dir.join("metrics.jsonl"),
             self.out.resume_from.is_none(),
         )?);
+        if self.cfg.tensorboard {
+            self.events = Some(EventWriter::create(&self.out.dir.join("runs"))?);
+        }
         self.pb = progress_bar(self.cfg, self.step);
         self.window = Window::new();
         self.started = (Instant::now(), self.step);
@@ -686,7 +695,11 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
+    /// One logged record: to metrics.jsonl and, when asked, to the TensorBoard event file.
     fn write_metrics(&mut self, record: &Record) -> Result<()> {
+        if let Some(ev) = self.events.as_mut() {
+            ev.scalars(self.step, &tensorboard::tags(record))?;
+        }
         match self.metrics_file.as_mut() {
             Some(f) => f.write(self.step, record),
             None => Err(Error::Msg("metrics.jsonl is not open".into())),

@@ -1020,3 +1020,72 @@ fn a_resume_names_the_settings_that_changed() {
         "{err}"
     );
 }
+
+#[test]
+fn report_to_tensorboard_writes_the_logged_metrics_under_transformers_tags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let recipe = root().join("recipes/quickstart.yaml");
+    let o = lorafold(
+        &[
+            "dpo",
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--max_steps",
+            "4",
+            "--logging_steps",
+            "2",
+            "--eval_steps",
+            "2",
+            "--report_to",
+            "tensorboard",
+            "--output_dir",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let files: Vec<_> = std::fs::read_dir(out.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("events.out.tfevents."));
+    let scalars = lorafold::train::tensorboard::read_scalars(&files[0]).unwrap();
+    // Every value of metrics.jsonl is in the event file, at its step, under its tag.
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let mut checked = 0;
+    for line in metrics.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let step = v["step"].as_i64().unwrap();
+        for (k, x) in v.as_object().unwrap() {
+            if k == "step" {
+                continue;
+            }
+            let tag = match k.strip_prefix("eval_") {
+                Some(rest) => format!("eval/{rest}"),
+                None => format!("train/{k}"),
+            };
+            let got = scalars
+                .iter()
+                .find(|s| s.step == step && s.tag == tag)
+                .unwrap_or_else(|| panic!("{tag} at step {step} missing"));
+            assert_eq!(got.value, x.as_f64().unwrap() as f32, "{tag} at step {step}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "only {checked} values");
+    for tag in [
+        "train/loss",
+        "train/rewards/margins",
+        "train/learning_rate",
+        "eval/loss",
+    ] {
+        assert!(scalars.iter().any(|s| s.tag == tag), "{tag}");
+    }
+}
