@@ -439,9 +439,75 @@ pub fn resolve_spec(spec: &str, revision: Option<&str>) -> Result<Vec<DataFile>>
         return Err(Error::MissingFile { path: path.into() });
     }
     match HubSpec::parse(spec) {
-        Some(hs) => resolve_hub_dataset(&hs, revision),
+        Some(hs) => match swift_dataset(&hs.id) {
+            Some(SwiftDataset { hf: Some(hf), .. }) => {
+                let mapped = HubSpec {
+                    id: (*hf).to_string(),
+                    subset: hs.subset.clone(),
+                };
+                resolve_hub_dataset(&mapped, revision)
+            }
+            Some(SwiftDataset { hf: None, source, .. }) => Err(hub_err(
+                &hs.id,
+                format!(
+                    "is ms-swift's name for the {source} dataset, which is not on the Hugging Face hub; \
+                     download it and pass its files with --dataset"
+                ),
+            )),
+            None => resolve_hub_dataset(&hs, revision).map_err(|e| match e {
+                Error::HubDataset { id, msg } if !id.contains('/') => Error::HubDataset {
+                    msg: format!(
+                        "{msg}. A name without an organisation may be an ms-swift dataset name: lorafold \
+                         reads local files and Hugging Face ids (org/name[:subset])"
+                    ),
+                    id,
+                },
+                other => other,
+            }),
+        },
         None => Err(Error::MissingFile { path: path.into() }),
     }
+}
+
+/// A preference dataset of ms-swift's registry (`--dataset hh-rlhf`), and its Hugging Face id
+/// when it has one.
+struct SwiftDataset {
+    name: &'static str,
+    hf: Option<&'static str>,
+    /// Where the data lives, for the message when it is not on the Hugging Face hub.
+    source: &'static str,
+}
+
+const SWIFT_DATASETS: [SwiftDataset; 5] = [
+    SwiftDataset {
+        name: "hh-rlhf",
+        hf: Some("Anthropic/hh-rlhf"),
+        source: "Anthropic/hh-rlhf",
+    },
+    SwiftDataset {
+        name: "stack-exchange-paired",
+        hf: Some("lvwerra/stack-exchange-paired"),
+        source: "lvwerra/stack-exchange-paired",
+    },
+    SwiftDataset {
+        name: "orpo-dpo-mix-40k",
+        hf: Some("mlabonne/orpo-dpo-mix-40k"),
+        source: "mlabonne/orpo-dpo-mix-40k",
+    },
+    SwiftDataset {
+        name: "hh-rlhf-cn",
+        hf: None,
+        source: "ModelScope AI-ModelScope/hh_rlhf_cn",
+    },
+    SwiftDataset {
+        name: "shareai-llama3-dpo-zh-en-emoji",
+        hf: None,
+        source: "shareAI/DPO-zh-en-emoji (question, answer_zh, answer_en columns, which ms-swift renames)",
+    },
+];
+
+fn swift_dataset(name: &str) -> Option<&'static SwiftDataset> {
+    SWIFT_DATASETS.iter().find(|d| d.name == name)
 }
 
 /// Resolve a hub dataset through the environment's hub cache (HF_HUB_CACHE / HF_HOME), offline
