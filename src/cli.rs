@@ -259,6 +259,13 @@ pub struct DpoOptions {
     /// both load; accepted and noted.
     #[arg(long)]
     pub tuner_backend: Option<String>,
+    /// Write into a new `v<N>-<YYYYMMDD>-<HHMMSS>` subfolder of --output_dir, as ms-swift does
+    /// (off by default here, so that --output_dir names the folder itself; a resume never adds one).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub add_version: Option<bool>,
+    /// Train into an --output_dir that already holds a finished adapter, replacing its files.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub overwrite_output_dir: Option<bool>,
     /// When to evaluate: steps (every --eval_steps, and at the end; the default), epoch (at the
     /// end of each epoch) or no (alias: --evaluation_strategy).
     #[arg(long, alias = "evaluation-strategy")]

@@ -33,11 +33,18 @@ pub enum Error {
     )]
     NonFinite { step: usize, in_a_row: usize, keep: String },
 
-    #[error("{dir} already holds a trained adapter; choose another --output_dir or pass --resume_from_checkpoint")]
+    #[error(
+        "{dir} already holds a trained adapter; choose another --output_dir, pass --resume_from_checkpoint, \
+         --add_version (a new v<N>-<time> subfolder) or --overwrite_output_dir"
+    )]
     OutputHoldsAdapter { dir: PathBuf },
 
     #[error("--output_dir {dir}: {msg}")]
     OutputDir { dir: PathBuf, msg: String },
+
+    /// Ctrl-C during a phase that has nothing to save (nothing was trained yet).
+    #[error("interrupted while {what}; nothing was trained yet")]
+    Interrupted { what: String },
 
     #[error("--output {dir} {msg}")]
     MergeOutput { dir: PathBuf, msg: String },
@@ -70,8 +77,13 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    /// A file that must be inside a folder the user named (config.json in a model folder).
     #[error("{path}: required file is missing")]
     MissingFile { path: PathBuf },
+
+    /// A path the user named that does not exist (`--dataset`, `--prompts`).
+    #[error("{path}: no such file or folder")]
+    NotFound { path: PathBuf },
 
     #[error(
         "{path}: unsupported architecture {name:?} (supported: LlamaForCausalLM, \

@@ -436,7 +436,7 @@ pub fn resolve_spec(spec: &str, revision: Option<&str>) -> Result<Vec<DataFile>>
             .collect());
     }
     if FileKind::of(path).is_some() || path.exists() {
-        return Err(Error::MissingFile { path: path.into() });
+        return Err(Error::NotFound { path: path.into() });
     }
     match HubSpec::parse(spec) {
         Some(hs) => match swift_dataset(&hs.id) {
@@ -465,7 +465,7 @@ pub fn resolve_spec(spec: &str, revision: Option<&str>) -> Result<Vec<DataFile>>
                 other => other,
             }),
         },
-        None => Err(Error::MissingFile { path: path.into() }),
+        None => Err(Error::NotFound { path: path.into() }),
     }
 }
 

@@ -192,7 +192,7 @@ pub struct PromptItem {
 pub fn read_prompts(path: &Path) -> Result<Vec<PromptItem>> {
     let bytes = std::fs::read(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            Error::MissingFile { path: path.into() }
+            Error::NotFound { path: path.into() }
         } else {
             Error::io(path, e)
         }

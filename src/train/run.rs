@@ -226,12 +226,16 @@ fn recorded_base(files: &ModelFiles) -> String {
 /// and whether this call created the folder. Unfinished checkpoints of an interrupted run are
 /// removed.
 fn open_output(s: &Settings, quiet: bool) -> Result<(PathBuf, Option<PathBuf>, bool)> {
-    let out_dir = s.output_dir.clone();
+    let mut out_dir = s.output_dir.clone();
     let resume_from = match &s.resume_from_checkpoint {
         Some(spec) => Some(crate::train::checkpoint::resolve(spec, &out_dir)?),
         None => None,
     };
-    if resume_from.is_none() && out_dir.join(crate::lora::io::WEIGHTS_FILE).exists() {
+    if s.add_version && resume_from.is_none() {
+        out_dir = out_dir.join(next_version(&out_dir));
+    }
+    let finished = out_dir.join(crate::lora::io::WEIGHTS_FILE).exists();
+    if resume_from.is_none() && finished && !s.overwrite_output_dir {
         return Err(Error::OutputHoldsAdapter { dir: out_dir });
     }
     let created = !out_dir.exists();
@@ -242,6 +246,25 @@ fn open_output(s: &Settings, quiet: bool) -> Result<(PathBuf, Option<PathBuf>, b
         }
     }
     Ok((out_dir, resume_from, created))
+}
+
+/// ms-swift's version folder name for a new run under `dir`: `v<N>-<YYYYMMDD>-<HHMMSS>`, N one
+/// more than the largest `v<N>-` already there (from 0).
+fn next_version(dir: &Path) -> String {
+    let taken = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix('v')?.split('-').next()?.parse::<u64>().ok()
+        })
+        .max();
+    let n = taken.map_or(0, |m| m + 1);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("v{n}-{}", crate::recipe::utc_stamp(secs))
 }
 
 /// The trained adapter (new, or `--adapters` to continue from) and the frozen reference

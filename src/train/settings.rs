@@ -19,6 +19,12 @@ pub struct Settings {
     pub val_dataset: Vec<String>,
     pub split_dataset_ratio: f64,
     pub output_dir: PathBuf,
+    /// Train into a new `v<N>-<time>` subfolder of `output_dir` (ms-swift's `--add_version`).
+    #[serde(default)]
+    pub add_version: bool,
+    /// Train into an `output_dir` that holds a finished adapter, replacing it.
+    #[serde(default)]
+    pub overwrite_output_dir: bool,
     pub num_train_epochs: f64,
     pub max_steps: Option<usize>,
     pub max_length: Option<usize>,

@@ -76,6 +76,17 @@ impl<'m> DpoRun<'m> {
 
     /// Reference log-probs of `pairs`, computed in batches without a gradient graph.
     pub fn reference_logps(&self, pairs: &[PairIds], batch_size: usize) -> Result<RefLogps> {
+        self.reference_logps_with(pairs, batch_size, |_| true)
+    }
+
+    /// Like [`DpoRun::reference_logps`], calling `each` with the pairs done after every batch;
+    /// `each` returning false stops early with [`Error::Interrupted`].
+    pub fn reference_logps_with(
+        &self,
+        pairs: &[PairIds],
+        batch_size: usize,
+        mut each: impl FnMut(usize) -> bool,
+    ) -> Result<RefLogps> {
         let mut out = Vec::with_capacity(pairs.len());
         for chunk in pairs.chunks(batch_size.max(1)) {
             let refs: Vec<&PairIds> = chunk.iter().collect();
@@ -86,6 +97,11 @@ impl<'m> DpoRun<'m> {
                 .to_vec1::<f32>()?;
             let b = chunk.len();
             out.extend((0..b).map(|i| [lp[i], lp[b + i]]));
+            if !each(out.len()) {
+                return Err(Error::Interrupted {
+                    what: "computing the reference log-probs".into(),
+                });
+            }
         }
         Ok(out)
     }
@@ -390,8 +406,23 @@ fn cached_reference(
         }
     }
     let t0 = Instant::now();
-    let tr = run.reference_logps(train, cfg.eval_batch_size)?;
-    let ev = run.reference_logps(eval, cfg.eval_batch_size)?;
+    let total = train.len() + eval.len();
+    let template = "reference log-probs {bar:30} {pos}/{len} pairs [{elapsed_precise}<{eta_precise}]";
+    let pb = crate::util::progress_bar(total, template, !cfg.quiet);
+    let stopped = || {
+        cfg.stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst))
+    };
+    let tr = run.reference_logps_with(train, cfg.eval_batch_size, |n| {
+        pb.set_position(n as u64);
+        !stopped()
+    })?;
+    let ev = run.reference_logps_with(eval, cfg.eval_batch_size, |n| {
+        pb.set_position((train.len() + n) as u64);
+        !stopped()
+    })?;
+    pb.finish_and_clear();
     let json = serde_json::to_vec(&RefCache {
         key: key.into(),
         train: tr.clone(),

@@ -1089,3 +1089,66 @@ fn report_to_tensorboard_writes_the_logged_metrics_under_transformers_tags() {
         assert!(scalars.iter().any(|s| s.tag == tag), "{tag}");
     }
 }
+
+#[test]
+fn reruns_into_one_output_dir_add_a_version_or_overwrite_or_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let recipe = root().join("recipes/quickstart.yaml");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "dpo",
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--max_steps",
+            "1",
+            "--output_dir",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        lorafold(&args, &[])
+    };
+    for _ in 0..2 {
+        let o = run(&["--add_version"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let mut versions: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    versions.sort();
+    assert_eq!(versions.len(), 2, "{versions:?}");
+    assert!(
+        versions[0].starts_with("v0-") && versions[1].starts_with("v1-"),
+        "{versions:?}"
+    );
+    for v in &versions {
+        assert!(out.join(v).join("adapter_model.safetensors").is_file(), "{v}");
+    }
+    // Without a version folder: the first run writes into out itself, a second is refused,
+    // and --overwrite_output_dir replaces it.
+    let plain = tmp.path().join("plain");
+    let into = |extra: &[&str]| {
+        let mut args = vec![
+            "dpo",
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--max_steps",
+            "1",
+            "--output_dir",
+            plain.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        lorafold(&args, &[])
+    };
+    assert!(into(&[]).status.success());
+    let again = into(&[]);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success());
+    assert!(
+        err.contains("--add_version") && err.contains("--overwrite_output_dir"),
+        "{err}"
+    );
+    let over = into(&["--overwrite_output_dir"]);
+    assert!(over.status.success(), "{}", String::from_utf8_lossy(&over.stderr));
+}
