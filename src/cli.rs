@@ -557,7 +557,14 @@ impl MergeArgs {
             }
         }
         let into_base = combine.is_none() || self.merge;
-        if into_base && self.model.is_none() {
+        // Without --model, merging uses the base the first adapter records (PEFT's
+        // base_model_name_or_path), as AutoPeftModelForCausalLM does.
+        let model = match &self.model {
+            Some(m) => Some(m.clone()),
+            None if into_base => crate::lora::io::recorded_base(&self.adapters[0]),
+            None => None,
+        };
+        if into_base && model.is_none() {
             return Err(setting(
                 "--model",
                 "is required to merge into the base model (only combining adapters with \
@@ -572,7 +579,7 @@ impl MergeArgs {
             },
         };
         Ok(MergePlan {
-            model: self.model.clone(),
+            model,
             revision: self.revision.clone(),
             adapters: self.adapters.clone(),
             weights,
@@ -629,10 +636,26 @@ impl MergeArgs {
         Ok(())
     }
 
-    /// Flags that the chosen mode does not use (PEFT ignores them too), as notes for the user.
+    /// Notes for the user: flags that the chosen mode does not use (PEFT ignores them too), the
+    /// base taken from the adapter when --model is not given, adapters trained on another base.
     pub fn unused_flags(&self) -> Vec<String> {
         let comb = self.combination;
         let mut notes = Vec::new();
+        match &self.model {
+            Some(m) => notes.extend(
+                self.adapters
+                    .iter()
+                    .filter_map(|a| crate::lora::io::base_mismatch_note(a, m)),
+            ),
+            None if comb.is_none() || self.merge => {
+                if let Some(base) = self.adapters.first().and_then(|a| crate::lora::io::recorded_base(a)) {
+                    notes.push(format!(
+                        "note: no --model given: merging into {base:?}, the base the adapter records"
+                    ));
+                }
+            }
+            None => {}
+        }
         let mut unused =
             |flag: &str, used_by: &str| notes.push(format!("note: {flag} is ignored; it is used by {used_by}"));
         if self.density.is_some() && !comb.is_some_and(Combination::needs_density) {

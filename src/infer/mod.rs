@@ -56,6 +56,13 @@ pub fn run(args: &InferArgs) -> Result<()> {
         what: format!("loading model {}", files.dir.display()),
         inner: Box::new(e),
     })?;
+    if let Some(note) = args
+        .adapters
+        .as_deref()
+        .and_then(|dir| crate::lora::io::base_mismatch_note(dir, &args.model))
+    {
+        eprintln!("{note}");
+    }
     let adapter_slot = match &args.adapters {
         Some(dir) => Some(crate::lora::io::load_adapter(&mut m, dir, false)?.slot),
         None => None,

@@ -167,6 +167,35 @@ fn check_pair_shapes(ws: &WeightSource, weights_path: &Path, ka: &str, kb: &str)
     }
     Ok(())
 }
+/// The base model an adapter folder's adapter_config.json records (`base_model_name_or_path`),
+/// if it names one.
+pub fn recorded_base(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(CONFIG_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("base_model_name_or_path")?
+        .as_str()
+        .map(str::to_string)
+        .filter(|s| !s.is_empty())
+}
+
+/// A note when the adapter in `dir` was trained on another base than `model` (a path or hub
+/// id; local folders are compared by their absolute paths). `None` when they agree or the
+/// adapter records no base.
+pub fn base_mismatch_note(dir: &Path, model: &str) -> Option<String> {
+    let recorded = recorded_base(dir)?;
+    let same = |a: &str, b: &str| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a.trim_end_matches('/') == b.trim_end_matches('/'),
+    };
+    (!same(&recorded, model)).then(|| {
+        format!(
+            "note: adapter {} was trained on {recorded:?}, not on --model {model:?}; its shapes are checked, \
+             its results may not carry over",
+            dir.display()
+        )
+    })
+}
+
 /// Load a PEFT adapter folder into a new slot of `model`. Strict: every tensor must be half of an
 /// A/B pair of a linear layer of this model, with shapes that fit it. With `trainable`, A and B
 /// become `Var`s (to continue training); otherwise they are frozen tensors.

@@ -329,6 +329,11 @@ pub fn run_eval(s: &Settings, per_pair: Option<&Path>) -> Result<(DpoMetrics, us
     if pairs.is_empty() {
         return Err(Error::NoEvalPairs);
     }
+    for dir in s.adapters.iter().chain(&s.ref_adapters) {
+        if let Some(note) = crate::lora::io::base_mismatch_note(dir, &s.model) {
+            report.push(note);
+        }
+    }
     let adapter = match &s.adapters {
         Some(dir) => Some(load_adapter(&mut model, dir, false)?),
         None => None,

@@ -859,7 +859,22 @@ fn errors_name_the_problem() {
         s(&tmp.path().join("o5")),
     ]);
     assert!(e.contains("--density"), "{e}");
-    let e = merge_err(&["--adapters", two[0], "--output", s(&tmp.path().join("o6"))]);
+    // Without --model, the base the adapter records is used (as AutoPeftModelForCausalLM does);
+    // an adapter that records none needs --model.
+    let out = merge(&["--adapters", two[0], "--output", s(&tmp.path().join("o6"))]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{e}");
+    assert!(
+        e.contains("no --model given: merging into \"tests/fixtures/models/llama\""),
+        "{e}"
+    );
+    let bare = tmp.path().join("no_base");
+    copy_dir(&pa, &bare);
+    let cfg_path = bare.join("adapter_config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("base_model_name_or_path");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let e = merge_err(&["--adapters", s(&bare), "--output", s(&tmp.path().join("o6b"))]);
     assert!(e.contains("--model is required"), "{e}");
     let e = merge_err(&[
         "--model",

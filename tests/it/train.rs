@@ -1152,3 +1152,39 @@ fn reruns_into_one_output_dir_add_a_version_or_overwrite_or_are_refused() {
     let over = into(&["--overwrite_output_dir"]);
     assert!(over.status.success(), "{}", String::from_utf8_lossy(&over.stderr));
 }
+
+#[test]
+fn eval_notes_an_adapter_trained_on_another_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("qwen2_copy");
+    copy_dir(&root().join("tests/fixtures/models/qwen2"), &copy);
+    let data = root().join("tests/fixtures/data/quickstart/eval.jsonl");
+    let adapter = root().join("tests/fixtures/adapters/qwen2_peft");
+    let eval = |model: &Path| {
+        lorafold(
+            &[
+                "eval",
+                "--model",
+                model.to_str().unwrap(),
+                "--adapters",
+                adapter.to_str().unwrap(),
+                "--dataset",
+                data.to_str().unwrap(),
+                "--max_eval_pairs",
+                "4",
+            ],
+            &[],
+        )
+    };
+    let same = eval(&root().join("tests/fixtures/models/qwen2"));
+    let err = String::from_utf8_lossy(&same.stderr);
+    assert!(same.status.success(), "{err}");
+    assert!(!err.contains("was trained on"), "{err}");
+    let other = eval(&copy);
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(other.status.success(), "{err}");
+    assert!(
+        err.contains(r#"was trained on "tests/fixtures/models/qwen2", not on --model"#),
+        "{err}"
+    );
+}
