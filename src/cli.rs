@@ -123,6 +123,7 @@ pub struct DpoOptions {
     /// Output folder (default: adapters/<model>-dpo-<time>).
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
+    /// Passes over the training pairs [default: 1]; --max_steps overrides it.
     #[arg(long)]
     pub num_train_epochs: Option<f64>,
     /// Total optimizer steps; overrides --num_train_epochs.
@@ -131,13 +132,16 @@ pub struct DpoOptions {
     /// Longest prompt + response in tokens.
     #[arg(long)]
     pub max_length: Option<usize>,
+    /// Longest prompt in tokens, cut per --truncation_mode [default: 512].
     #[arg(long)]
     pub max_prompt_length: Option<usize>,
     /// keep_end (default: keep the end of a long prompt) or keep_start.
     #[arg(long)]
     pub truncation_mode: Option<String>,
+    /// LoRA rank r [default: 8].
     #[arg(long)]
     pub lora_rank: Option<usize>,
+    /// LoRA alpha; the update is scaled by alpha / r (alpha / √r with --use_rslora) [default: 32].
     #[arg(long)]
     pub lora_alpha: Option<f64>,
     /// LoRA dropout (alias: --lora_dropout).
@@ -149,6 +153,7 @@ pub struct DpoOptions {
     #[arg(long, alias = "target-modules", num_args = 1..)]
     #[serde(alias = "target_modules")]
     pub lora_target_modules: Option<Vec<String>>,
+    /// Rank-stabilised LoRA: scale by alpha / √r [default: false].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub use_rslora: Option<bool>,
     /// Start from an existing adapter folder (trained further).
@@ -161,9 +166,11 @@ pub struct DpoOptions {
     #[arg(long, alias = "per-device-train-batch-size")]
     #[serde(alias = "per_device_train_batch_size")]
     pub batch_size: Option<usize>,
+    /// Pairs per evaluation batch [default: --batch_size] (alias: --per_device_eval_batch_size).
     #[arg(long, alias = "per-device-eval-batch-size")]
     #[serde(alias = "per_device_eval_batch_size")]
     pub eval_batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [default: 1].
     #[arg(long)]
     pub gradient_accumulation_steps: Option<usize>,
     /// Shuffle the training pairs each epoch (default true; false keeps file order).
@@ -173,21 +180,28 @@ pub struct DpoOptions {
     #[arg(long, alias = "lr")]
     #[serde(alias = "lr")]
     pub learning_rate: Option<f64>,
+    /// AdamW weight decay [default: 0.1].
     #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// AdamW β1 [default: 0.9].
     #[arg(long)]
     pub adam_beta1: Option<f64>,
+    /// AdamW β2 [default: 0.999].
     #[arg(long)]
     pub adam_beta2: Option<f64>,
+    /// AdamW ε [default: 1e-8].
     #[arg(long)]
     pub adam_epsilon: Option<f64>,
+    /// Clip the global gradient norm to this [default: 1].
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
     /// cosine, linear, constant or constant_with_warmup.
     #[arg(long)]
     pub lr_scheduler_type: Option<String>,
+    /// Fraction of the steps spent warming the learning rate up [default: 0.05].
     #[arg(long)]
     pub warmup_ratio: Option<f64>,
+    /// Warm-up steps; overrides --warmup_ratio when above 0 [default: 0].
     #[arg(long)]
     pub warmup_steps: Option<usize>,
     /// DPO temperature β.
@@ -200,13 +214,16 @@ pub struct DpoOptions {
     /// Weights of the loss types, one per --loss_type.
     #[arg(long, num_args = 1.., value_delimiter = ',')]
     pub loss_weights: Option<Vec<f64>>,
+    /// Label smoothing of the sigmoid loss (cDPO) and exo_pair's ε [default: 0].
     #[arg(long)]
     pub label_smoothing: Option<f64>,
     /// Weight of an SFT (NLL) term on the chosen response.
     #[arg(long)]
     pub rpo_alpha: Option<f64>,
+    /// SimPO's target reward margin γ [default: 0.5].
     #[arg(long)]
     pub simpo_gamma: Option<f64>,
+    /// DiscoPOP's temperature τ [default: 0.05].
     #[arg(long)]
     pub discopop_tau: Option<f64>,
     /// Compute reference log-probs once before training and cache them next to the run.
@@ -220,15 +237,19 @@ pub struct DpoOptions {
     /// shuffled. As transformers' `group_by_length`.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub group_by_length: Option<bool>,
+    /// Evaluate every this many steps, and at the end [default: 500].
     #[arg(long)]
     pub eval_steps: Option<usize>,
+    /// Save a checkpoint every this many steps, and at the end [default: 500].
     #[arg(long)]
     pub save_steps: Option<usize>,
     /// Keep at most this many checkpoints (oldest removed).
     #[arg(long)]
     pub save_total_limit: Option<usize>,
+    /// Log the window's mean metrics every this many steps [default: 5].
     #[arg(long)]
     pub logging_steps: Option<usize>,
+    /// Seed of the adapter initialisation, shuffling and dropout [default: 42].
     #[arg(long)]
     pub seed: Option<u64>,
     /// AUTO, fp32, bf16 or fp16 for the base weights (LoRA, optimizer and loss stay f32; alias:
@@ -484,13 +505,16 @@ pub struct BenchArgs {
     /// Measured steps (after warm-up).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    /// Warm-up steps, not measured.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
     /// Pairs in the batch.
     #[arg(long, default_value_t = 4)]
     pub pairs: usize,
+    /// Prompt tokens per pair (±10%).
     #[arg(long, default_value_t = 150)]
     pub prompt_len: usize,
+    /// Tokens per chosen and per rejected response (±10%).
     #[arg(long, default_value_t = 100)]
     pub response_len: usize,
     /// Also measure with precomputed reference log-probs (one forward + backward per step).
@@ -727,4 +751,96 @@ pub fn unknown_flags(args: &[String]) -> Vec<String> {
         }
     }
     unknown
+}
+
+/// Keys of [`DpoOptions`] that only training uses: given to `lorafold eval` as flags, they are
+/// errors (a recipe's training keys are ignored there).
+const TRAINING_ONLY: [&str; 36] = [
+    "output_dir",
+    "num_train_epochs",
+    "max_steps",
+    "split_dataset_ratio",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout_p",
+    "lora_target_modules",
+    "use_rslora",
+    "gradient_accumulation_steps",
+    "shuffle",
+    "learning_rate",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "warmup_steps",
+    "precompute_ref_log_probs",
+    "group_by_length",
+    "eval_steps",
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+    "gradient_checkpointing",
+    "resume_from_checkpoint",
+    "max_nonfinite_steps",
+    "eval_strategy",
+    "save_strategy",
+    "report_to",
+    "add_version",
+    "overwrite_output_dir",
+    "dataloader_num_workers",
+    "dataset_num_proc",
+];
+
+impl DpoOptions {
+    /// The training-only flags set in these options, as `--name`.
+    pub fn training_only_flags(&self) -> Vec<String> {
+        let Ok(serde_json::Value::Object(set)) = serde_json::to_value(self) else {
+            return Vec::new();
+        };
+        TRAINING_ONLY
+            .iter()
+            .filter(|k| set.get(**k).is_some_and(|v| !v.is_null()))
+            .map(|k| format!("--{k}"))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_of_every_command_has_a_description() {
+        let cli = super::Cli::command();
+        let mut bare = Vec::new();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.get_long().is_some() && arg.get_help().is_none() && !matches!(id, "help" | "version") {
+                    bare.push(format!("{} --{}", sub.get_name(), arg.get_long().unwrap_or(id)));
+                }
+            }
+        }
+        assert!(bare.is_empty(), "flags without a description: {bare:?}");
+    }
+
+    #[test]
+    fn training_only_keys_are_keys_of_the_options() {
+        let all = match serde_json::to_value(super::DpoOptions::default()) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => panic!("DpoOptions serialises to an object"),
+        };
+        for k in super::TRAINING_ONLY {
+            assert!(all.contains_key(k), "{k} is not a DpoOptions key");
+        }
+        let o = super::DpoOptions {
+            learning_rate: Some(1e-4),
+            beta: Some(0.2),
+            ..Default::default()
+        };
+        assert_eq!(o.training_only_flags(), ["--learning_rate"]);
+    }
 }

@@ -146,6 +146,15 @@ fn print_where(out: &std::path::Path, model: &str, last_checkpoint: Option<&std:
 }
 
 fn eval(args: cli::EvalArgs) -> anyhow::Result<()> {
+    let training = args.options.training_only_flags();
+    if !training.is_empty() {
+        anyhow::bail!(
+            "{} {} for training; lorafold eval does not use {} (see lorafold eval --help)",
+            training.join(", "),
+            if training.len() == 1 { "is a flag" } else { "are flags" },
+            if training.len() == 1 { "it" } else { "them" }
+        );
+    }
     let s = settings(args.recipe.as_deref(), &args.options)?;
     let (rec, n, report) = lorafold::train::run::run_eval(&s, args.per_pair.as_deref())?;
     let rec = rec.record("");
