@@ -1,4 +1,5 @@
-//! Small helpers shared by several modules: environment switches and progress bars.
+//! Small helpers shared by several modules: environment switches, progress bars, byte counts and
+//! the Ctrl-C flag.
 
 /// An environment variable read as a switch: `1`, `true`, `yes` or `on` (any case) turn it on.
 pub fn env_flag(name: &str) -> bool {
@@ -34,4 +35,29 @@ pub fn human_bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
+}
+
+/// The process's Ctrl-C flag. The first Ctrl-C sets it and prints `message` (the first caller's:
+/// the handler is installed once); a second one while it is still set exits at once with 130.
+/// Whoever handles the interrupt clears the flag to re-arm it.
+pub fn install_ctrlc(message: &'static str) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, OnceLock};
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let f = flag.clone();
+        let installed = ctrlc::set_handler(move || {
+            if f.swap(true, Ordering::SeqCst) {
+                eprintln!("\nsecond interrupt: exiting now");
+                std::process::exit(130);
+            }
+            eprintln!("\n{message}");
+        });
+        if let Err(e) = installed {
+            eprintln!("warning: cannot install the Ctrl-C handler: {e}");
+        }
+        flag
+    })
+    .clone()
 }

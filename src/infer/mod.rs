@@ -92,11 +92,19 @@ pub fn run(args: &InferArgs) -> Result<()> {
         system: args.system.clone(),
         sides,
         compare: args.compare,
+        stop: None,
     };
     match (&args.prompt, batch) {
         (Some(p), _) => inf.one_prompt(p),
         (None, Some(items)) => inf.prompt_file(&items, args.output.as_deref()),
-        (None, None) => inf.chat(std::io::stdin().lock()),
+        (None, None) => {
+            // In a chat, Ctrl-C stops the answer being written, not the session.
+            let mut inf = inf;
+            inf.stop = Some(crate::util::install_ctrlc(
+                "interrupt: answer stopped (Ctrl-C again to exit; /exit quits)",
+            ));
+            inf.chat(std::io::stdin().lock())
+        }
     }
 }
 
@@ -303,6 +311,8 @@ struct Inference<'a> {
     /// (label, adapter choice) of each answer: one, or base and adapter with --compare.
     sides: Vec<(&'static str, Fwd)>,
     compare: bool,
+    /// Set by Ctrl-C during a chat: the answer being generated stops.
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Inference<'_> {
@@ -340,7 +350,17 @@ impl Inference<'_> {
         let mut stream = TextStream::new(self.pre.tokenizer());
         let t0 = Instant::now();
         let stop = &opts.stop_tokens;
+        let interrupted = || {
+            self.stop
+                .as_ref()
+                .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+        };
         let g = session.generate(ids, opts, |tok| {
+            if interrupted() {
+                return Err(Error::Interrupted {
+                    what: "answering".into(),
+                });
+            }
             if stop.contains(&tok) {
                 return Ok(());
             }
@@ -459,6 +479,10 @@ impl Inference<'_> {
             }
             let Some(line) = lines.next() else { break };
             let line = line.map_err(|e| Error::io("<stdin>", e))?;
+            // A Ctrl-C at the prompt stopped nothing; it must not stop the next answer.
+            if let Some(f) = &self.stop {
+                f.store(false, std::sync::atomic::Ordering::SeqCst);
+            }
             let text = line.trim();
             match text {
                 "" => continue,
@@ -493,7 +517,20 @@ impl Inference<'_> {
                 if self.compare {
                     writeln!(out, "=== {label} ===").map_err(console)?;
                 }
-                let (_, text) = self.answer(session, &ids, &opts, Some(&mut out))?;
+                let text = match self.answer(session, &ids, &opts, Some(&mut out)) {
+                    Ok((_, text)) => text,
+                    Err(Error::Interrupted { .. }) => {
+                        // Drop the turn and its half-written cache; the chat goes on.
+                        history.pop();
+                        session.reset();
+                        if let Some(f) = &self.stop {
+                            f.store(false, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        writeln!(out).map_err(console)?;
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                };
                 if self.compare {
                     writeln!(out).map_err(console)?;
                 }

@@ -186,7 +186,9 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
     let run = DpoRun::new(&model, Some(adapter), ref_slot, s)?;
     let mut cfg = LoopConfig::from_settings(s, data.train.len())?;
     cfg.quiet = quiet;
-    cfg.stop = Some(install_ctrlc());
+    cfg.stop = Some(crate::util::install_ctrlc(
+        "interrupt: finishing this step and saving a checkpoint (Ctrl-C again to exit now)",
+    ));
     let base_model = recorded_base(&files);
     let output = RunOutput {
         dir: &out_dir,
@@ -366,27 +368,4 @@ pub fn run_eval(s: &Settings, per_pair: Option<&Path>) -> Result<(DpoMetrics, us
         std::fs::write(p, text).map_err(|e| Error::io(p, e))?;
     }
     Ok((rec, pairs.len(), report))
-}
-
-/// First Ctrl-C: finish the current step, save a checkpoint, stop. Second: exit at once.
-fn install_ctrlc() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, OnceLock};
-    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
-    FLAG.get_or_init(|| {
-        let flag = Arc::new(AtomicBool::new(false));
-        let f = flag.clone();
-        let installed = ctrlc::set_handler(move || {
-            if f.swap(true, Ordering::SeqCst) {
-                eprintln!("\nsecond interrupt: exiting now");
-                std::process::exit(130);
-            }
-            eprintln!("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to exit now)");
-        });
-        if let Err(e) = installed {
-            eprintln!("warning: cannot install the Ctrl-C handler: {e}");
-        }
-        flag
-    })
-    .clone()
 }
