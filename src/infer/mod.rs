@@ -42,13 +42,7 @@ pub fn run(args: &InferArgs) -> Result<()> {
     let sampling = sampling_params(args, &gen_cfg);
     sampling.validate()?;
     if let Some(dir) = &args.adapters {
-        let cfg = dir.join(crate::lora::io::CONFIG_FILE);
-        if !cfg.is_file() {
-            return Err(Error::Adapter {
-                path: cfg,
-                msg: "required file is missing (--adapters must be a PEFT adapter folder)".into(),
-            });
-        }
+        check_adapter_folder(dir, &args.model)?;
     }
     // Everything cheap is checked; now the weights.
     let dtype = crate::model::load::parse_dtype_flag(&args.dtype)?;
@@ -56,13 +50,6 @@ pub fn run(args: &InferArgs) -> Result<()> {
         what: format!("loading model {}", files.dir.display()),
         inner: Box::new(e),
     })?;
-    if let Some(note) = args
-        .adapters
-        .as_deref()
-        .and_then(|dir| crate::lora::io::base_mismatch_note(dir, &args.model))
-    {
-        eprintln!("{note}");
-    }
     let adapter_slot = match &args.adapters {
         Some(dir) => Some(crate::lora::io::load_adapter(&mut m, dir, false)?.slot),
         None => None,
@@ -106,6 +93,21 @@ pub fn run(args: &InferArgs) -> Result<()> {
             inf.chat(std::io::stdin().lock())
         }
     }
+}
+
+/// `--adapters` must be a PEFT adapter folder; one trained on another base gets a note.
+fn check_adapter_folder(dir: &Path, model: &str) -> Result<()> {
+    let cfg = dir.join(crate::lora::io::CONFIG_FILE);
+    if !cfg.is_file() {
+        return Err(Error::Adapter {
+            path: cfg,
+            msg: "required file is missing (--adapters must be a PEFT adapter folder)".into(),
+        });
+    }
+    if let Some(note) = crate::lora::io::base_mismatch_note(dir, model) {
+        eprintln!("{note}");
+    }
+    Ok(())
 }
 
 /// Sampling settings: the flags, else generation_config.json's, else transformers' defaults
@@ -456,6 +458,13 @@ impl Inference<'_> {
         Ok(())
     }
 
+    /// Re-arm Ctrl-C after an interrupt was handled.
+    fn clear_stop(&self) {
+        if let Some(f) = &self.stop {
+            f.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
     /// Interactive chat over `input` (stdin): one user turn per line.
     fn chat(&self, input: impl BufRead) -> Result<()> {
         let tty = std::io::stdin().is_terminal();
@@ -480,9 +489,7 @@ impl Inference<'_> {
             let Some(line) = lines.next() else { break };
             let line = line.map_err(|e| Error::io("<stdin>", e))?;
             // A Ctrl-C at the prompt stopped nothing; it must not stop the next answer.
-            if let Some(f) = &self.stop {
-                f.store(false, std::sync::atomic::Ordering::SeqCst);
-            }
+            self.clear_stop();
             let text = line.trim();
             match text {
                 "" => continue,
@@ -523,9 +530,7 @@ impl Inference<'_> {
                         // Drop the turn and its half-written cache; the chat goes on.
                         history.pop();
                         session.reset();
-                        if let Some(f) = &self.stop {
-                            f.store(false, std::sync::atomic::Ordering::SeqCst);
-                        }
+                        self.clear_stop();
                         writeln!(out).map_err(console)?;
                         break;
                     }

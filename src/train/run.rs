@@ -266,7 +266,7 @@ fn next_version(dir: &Path) -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    format!("v{n}-{}", crate::recipe::utc_stamp(secs))
+    format!("v{n}-{}", crate::data::template::strftime("%Y%m%d-%H%M%S", secs as i64))
 }
 
 /// The trained adapter (new, or `--adapters` to continue from) and the frozen reference
