@@ -6,11 +6,19 @@ use std::path::Path;
 use crate::error::{Error, Result};
 
 const W: usize = 900;
-const PANEL_H: usize = 220;
+const PANEL_H: usize = 230;
+/// The band above the panels: the run's name and the legend.
+const HEADER_H: usize = 36;
+const TRAIN: [u8; 3] = [31, 119, 180];
+const EVAL: [u8; 3] = [214, 39, 40];
+const GREY: [u8; 3] = [80, 80, 80];
 const PANELS: [(&str, &str); 3] = [
     ("LOSS", "loss"),
-    ("REWARD ACCURACY", "rewards/accuracies"),
-    ("REWARD MARGIN", "rewards/margins"),
+    (
+        "REWARD ACCURACY (FRACTION OF PAIRS, CHOSEN > REJECTED)",
+        "rewards/accuracies",
+    ),
+    ("REWARD MARGIN (CHOSEN - REJECTED REWARD)", "rewards/margins"),
 ];
 
 struct Canvas {
@@ -103,11 +111,97 @@ fn glyph(c: char) -> [u8; 5] {
         'K' => [5, 5, 6, 5, 5],
         'X' => [5, 5, 2, 5, 5],
         ':' => [0, 2, 0, 2, 0],
+        'J' => [1, 1, 1, 5, 7],
+        'Q' => [7, 5, 5, 7, 1],
+        'Z' => [7, 1, 2, 4, 7],
+        '_' => [0, 0, 0, 0, 7],
+        '/' => [1, 1, 2, 4, 4],
+        '(' => [1, 2, 2, 2, 1],
+        ')' => [4, 2, 2, 2, 4],
+        '=' => [0, 7, 0, 7, 0],
+        '+' => [0, 2, 7, 2, 0],
+        ',' => [0, 0, 0, 2, 4],
+        '>' => [4, 2, 1, 2, 4],
+        '<' => [1, 2, 4, 2, 1],
         _ => [0, 0, 0, 0, 0],
     }
 }
 
 type Series = Vec<(f64, f64)>;
+
+/// What the colours mean: a line sample and a name for each series.
+fn legend(c: &mut Canvas, x: i64, y: i64, with_eval: bool) {
+    let mut at = x as f64;
+    let items: &[(&str, [u8; 3])] = if with_eval {
+        &[("TRAIN (WINDOW MEAN)", TRAIN), ("EVAL", EVAL)]
+    } else {
+        &[("TRAIN (WINDOW MEAN)", TRAIN)]
+    };
+    for (name, colour) in items {
+        c.line((at, y as f64 + 5.0), (at + 24.0, y as f64 + 5.0), *colour, 3);
+        c.text(at as i64 + 30, y, 2, name, *colour);
+        at += 30.0 + 8.0 * name.len() as f64 + 24.0;
+    }
+}
+
+/// A short label for a tick value.
+fn tick_label(v: f64) -> String {
+    if v.abs() >= 100.0 || v == v.round() {
+        format!("{v:.0}")
+    } else if v.abs() >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// One panel: axes, ticks with values and grid lines, the "STEP" axis label, the curves.
+fn panel(c: &mut Canvas, top: f64, title: &str, train: &Series, eval: &Series, max_step: f64) {
+    let (l, r, t, b) = (80.0, W as f64 - 20.0, top + 30.0, top + PANEL_H as f64 - 40.0);
+    let ys: Vec<f64> = train
+        .iter()
+        .chain(eval)
+        .map(|p| p.1)
+        .filter(|y| y.is_finite())
+        .collect();
+    let (mut lo, mut hi) = ys
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| (a.min(y), b.max(y)));
+    if !lo.is_finite() {
+        (lo, hi) = (0.0, 1.0);
+    }
+    if hi - lo < 1e-9 {
+        (lo, hi) = (lo - 0.5, hi + 0.5);
+    }
+    let grid = [225, 225, 225];
+    c.text(l as i64, top as i64 + 8, 3, title, [0, 0, 0]);
+    for k in 0..=4 {
+        let f = k as f64 / 4.0;
+        // y ticks: value labels left of the axis, grid lines across
+        let y = b - f * (b - t);
+        c.line((l, y), (r, y), grid, 1);
+        c.line((l - 5.0, y), (l, y), [0, 0, 0], 1);
+        c.text(6, y as i64 - 5, 2, &tick_label(lo + f * (hi - lo)), GREY);
+        // x ticks: steps below the axis
+        let x = l + f * (r - l);
+        c.line((x, b), (x, b + 5.0), [0, 0, 0], 1);
+        let label = format!("{:.0}", f * max_step);
+        c.text(x as i64 - 4 * label.len() as i64, b as i64 + 9, 2, &label, GREY);
+    }
+    c.line((l, t), (l, b), [0, 0, 0], 1);
+    c.line((l, b), (r, b), [0, 0, 0], 1);
+    c.text(((l + r) / 2.0) as i64 - 16, b as i64 + 24, 2, "STEP", [0, 0, 0]);
+    let map = |(x, y): (f64, f64)| (l + (x / max_step) * (r - l), b - (y - lo) / (hi - lo) * (b - t));
+    for (series, colour) in [(train, TRAIN), (eval, EVAL)] {
+        for w in series.windows(2) {
+            c.line(map(w[0]), map(w[1]), colour, 2);
+        }
+        if series.len() == 1 {
+            let (x, y) = map(series[0]);
+            c.line((x - 2.0, y), (x + 2.0, y), colour, 3);
+        }
+    }
+}
 
 fn plot_error(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Plot {
@@ -135,55 +229,67 @@ pub fn write_plot(jsonl: &Path, png_path: &Path) -> Result<()> {
             }
         }
     }
-    let mut c = Canvas::new(W, PANEL_H * 3);
+    let run = png_path
+        .parent()
+        .and_then(|d| d.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut c = Canvas::new(W, HEADER_H + PANEL_H * 3);
+    c.text(12, 10, 3, &format!("LORAFOLD DPO: {run}"), [0, 0, 0]);
+    legend(&mut c, W as i64 - 330, 12, !eval.iter().all(Vec::is_empty));
     let max_step = train.iter().chain(&eval).flatten().map(|p| p.0).fold(1.0, f64::max);
     for (i, (title, _)) in PANELS.iter().enumerate() {
-        let top = (i * PANEL_H) as f64;
-        let (l, r, t, b) = (70.0, W as f64 - 20.0, top + 30.0, top + PANEL_H as f64 - 25.0);
-        let ys: Vec<f64> = train[i]
-            .iter()
-            .chain(&eval[i])
-            .map(|p| p.1)
-            .filter(|y| y.is_finite())
-            .collect();
-        let (mut lo, mut hi) = ys
-            .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| (a.min(y), b.max(y)));
-        if !lo.is_finite() {
-            (lo, hi) = (0.0, 1.0);
-        }
-        if hi - lo < 1e-9 {
-            (lo, hi) = (lo - 0.5, hi + 0.5);
-        }
-        let grey = [200, 200, 200];
-        c.line((l, t), (l, b), [0, 0, 0], 1);
-        c.line((l, b), (r, b), [0, 0, 0], 1);
-        c.line((l, t), (r, t), grey, 1);
-        c.text(l as i64, top as i64 + 8, 3, title, [0, 0, 0]);
-        c.text(4, t as i64, 2, &format!("{hi:.3}"), [80, 80, 80]);
-        c.text(4, b as i64 - 10, 2, &format!("{lo:.3}"), [80, 80, 80]);
-        c.text(r as i64 - 60, b as i64 + 8, 2, &format!("{max_step:.0}"), [80, 80, 80]);
-        let map = |(x, y): (f64, f64)| (l + (x / max_step) * (r - l), b - (y - lo) / (hi - lo) * (b - t));
-        for (series, colour) in [(&train[i], [31, 119, 180]), (&eval[i], [214, 39, 40])] {
-            for w in series.windows(2) {
-                c.line(map(w[0]), map(w[1]), colour, 2);
-            }
-            if series.len() == 1 {
-                let (x, y) = map(series[0]);
-                c.line((x - 2.0, y), (x + 2.0, y), colour, 3);
-            }
-        }
-        if !eval[i].is_empty() {
-            c.text(r as i64 - 200, top as i64 + 8, 2, "TRAIN", [31, 119, 180]);
-            c.text(r as i64 - 120, top as i64 + 8, 2, "EVAL", [214, 39, 40]);
-        }
+        let top = (HEADER_H + i * PANEL_H) as f64;
+        panel(&mut c, top, title, &train[i], &eval[i], max_step);
     }
     let file = std::fs::File::create(png_path).map_err(|e| Error::io(png_path, e))?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), W as u32, (PANEL_H * 3) as u32);
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), W as u32, (HEADER_H + PANEL_H * 3) as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     let mut w = enc.write_header().map_err(|e| plot_error(png_path, e))?;
     let bytes: Vec<u8> = c.px.iter().flatten().copied().collect();
     w.write_image_data(&bytes).map_err(|e| plot_error(png_path, e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_character_the_plot_writes_has_a_glyph() {
+        let mut texts: Vec<&str> = PANELS.iter().map(|(t, _)| *t).collect();
+        texts.extend([
+            "LORAFOLD DPO: QWEN2-DPO-20261202-141549_V0",
+            "TRAIN (WINDOW MEAN)",
+            "EVAL",
+            "STEP",
+        ]);
+        texts.push("0123456789.-");
+        for t in texts {
+            for ch in t.chars().filter(|c| *c != ' ') {
+                assert_ne!(glyph(ch), [0; 5], "no glyph for {ch:?} in {t:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_plot_is_a_png_of_the_stated_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let jsonl = dir.path().join("metrics.jsonl");
+        let mut text = String::new();
+        for step in 1..=6 {
+            let l = 0.7 / step as f64;
+            text +=
+                &format!("{{\"step\":{step},\"loss\":{l},\"rewards/accuracies\":0.5,\"rewards/margins\":{step}}}\n");
+            text += &format!("{{\"step\":{step},\"eval_loss\":{l},\"eval_rewards/margins\":1.0}}\n");
+        }
+        std::fs::write(&jsonl, text).unwrap();
+        let png_path = dir.path().join("metrics.png");
+        write_plot(&jsonl, &png_path).unwrap();
+        let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png_path).unwrap()));
+        let reader = decoder.read_info().unwrap();
+        let info = reader.info();
+        assert_eq!((info.width as usize, info.height as usize), (W, HEADER_H + 3 * PANEL_H));
+    }
 }
