@@ -794,6 +794,25 @@ const TRAINING_ONLY: [&str; 36] = [
     "dataset_num_proc",
 ];
 
+/// The command-line definition, with `eval --help` listing only what eval uses (the training
+/// flags stay parseable, so that giving one is refused with a message naming it).
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command().mut_subcommand("eval", |eval| {
+        TRAINING_ONLY
+            .iter()
+            .fold(eval, |cmd, id| cmd.mut_arg(*id, |a| a.hide(true)))
+    })
+}
+
+/// Parse a command line (already through [`normalize_flag_spelling`]) with [`command`]; clap
+/// prints help, version and usage errors and exits, as `Cli::parse_from` does.
+pub fn parse(args: Vec<String>) -> Cli {
+    use clap::FromArgMatches;
+    let matches = command().get_matches_from(args);
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 impl DpoOptions {
     /// The training-only flags set in these options, as `--name`.
     pub fn training_only_flags(&self) -> Vec<String> {
@@ -825,6 +844,21 @@ mod tests {
             }
         }
         assert!(bare.is_empty(), "flags without a description: {bare:?}");
+    }
+
+    #[test]
+    fn eval_help_lists_only_what_eval_uses() {
+        let mut cmd = super::command();
+        let help = cmd
+            .find_subcommand_mut("eval")
+            .map(|e| e.render_long_help().to_string())
+            .unwrap_or_default();
+        for used in ["--beta", "--adapters", "--max-length", "--per-pair"] {
+            assert!(help.contains(used), "{used} missing from eval --help");
+        }
+        for training in ["--learning-rate", "--max-steps", "--save-steps", "--output-dir"] {
+            assert!(!help.contains(training), "{training} listed in eval --help");
+        }
     }
 
     #[test]

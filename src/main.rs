@@ -20,8 +20,6 @@ fn tune_malloc() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_malloc() {}
 
-use clap::Parser;
-
 use lorafold::cli::{self as cli, Cli, Command};
 use lorafold::model::{LoadOptions, Model};
 use lorafold::recipe::{normalize_flag_spelling, DpoOptions, Settings};
@@ -40,7 +38,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let cli = Cli::parse_from(normalize_flag_spelling(raw));
+    let cli = cli::parse(normalize_flag_spelling(raw));
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
