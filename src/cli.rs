@@ -723,8 +723,7 @@ fn sibling(dir: &Path, suffix: &str) -> PathBuf {
 /// (`--max_length`, `--max-length`) are known. Empty when the subcommand itself is unknown:
 /// clap reports that.
 pub fn unknown_flags(args: &[String]) -> Vec<String> {
-    use clap::CommandFactory;
-    let cli = Cli::command();
+    let cli = command();
     let Some(sub) = args.get(1).and_then(|name| cli.find_subcommand(name)) else {
         return Vec::new();
     };

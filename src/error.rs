@@ -49,6 +49,9 @@ pub enum Error {
     #[error("--output {dir} {msg}")]
     MergeOutput { dir: PathBuf, msg: String },
 
+    #[error("{path}: not a TensorBoard event file: {msg}")]
+    EventFile { path: PathBuf, msg: String },
+
     // inference
     #[error("{path}:{line}: {msg}")]
     PromptLine { path: PathBuf, line: usize, msg: String },

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 pub use crate::cli::{normalize_flag_spelling, DpoOptions};
+pub use crate::data::template::utc_stamp;
 use crate::data::tokenize::TruncationMode;
 use crate::dpo::loss::{LossKind, LossParams};
 use crate::error::{Error, Result};
@@ -537,11 +538,6 @@ fn default_output_dir(model: &str) -> PathBuf {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     PathBuf::from("adapters").join(format!("{base}-dpo-{}", utc_stamp(secs)))
-}
-
-/// `YYYYmmdd-HHMMSS` in UTC.
-pub fn utc_stamp(secs: u64) -> String {
-    crate::data::template::strftime("%Y%m%d-%H%M%S", secs as i64)
 }
 
 #[cfg(test)]

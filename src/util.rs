@@ -61,3 +61,15 @@ pub fn install_ctrlc(message: &'static str) -> std::sync::Arc<std::sync::atomic:
     })
     .clone()
 }
+
+/// Whether a Ctrl-C flag (from [`install_ctrlc`]) is set; no flag is never set.
+pub fn is_set(flag: Option<&std::sync::Arc<std::sync::atomic::AtomicBool>>) -> bool {
+    flag.is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+/// Clear a Ctrl-C flag once its interrupt was handled, re-arming it.
+pub fn clear(flag: Option<&std::sync::Arc<std::sync::atomic::AtomicBool>>) {
+    if let Some(f) = flag {
+        f.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}

@@ -352,11 +352,7 @@ impl Inference<'_> {
         let mut stream = TextStream::new(self.pre.tokenizer());
         let t0 = Instant::now();
         let stop = &opts.stop_tokens;
-        let interrupted = || {
-            self.stop
-                .as_ref()
-                .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
-        };
+        let interrupted = || crate::util::is_set(self.stop.as_ref());
         let g = session.generate(ids, opts, |tok| {
             if interrupted() {
                 return Err(Error::Interrupted {
@@ -367,7 +363,7 @@ impl Inference<'_> {
                 return Ok(());
             }
             if let (Some(w), Some(piece)) = (out.as_mut(), stream.push(tok)?) {
-                w.write_all(piece.as_bytes()).and_then(|_| w.flush()).map_err(io_err)?;
+                w.write_all(piece.as_bytes()).and_then(|_| w.flush()).map_err(console)?;
             }
             Ok(())
         })?;
@@ -460,9 +456,7 @@ impl Inference<'_> {
 
     /// Re-arm Ctrl-C after an interrupt was handled.
     fn clear_stop(&self) {
-        if let Some(f) = &self.stop {
-            f.store(false, std::sync::atomic::Ordering::SeqCst);
-        }
+        crate::util::clear(self.stop.as_ref());
     }
 
     /// Interactive chat over `input` (stdin): one user turn per line.
@@ -554,11 +548,7 @@ fn answer_tokens<'g>(g: &'g Generation, stop: &[u32]) -> &'g [u32] {
     }
 }
 
-fn io_err(e: std::io::Error) -> crate::Error {
-    crate::Error::Msg(format!("writing output: {e}"))
-}
-
 /// A failed write to the terminal or the answers file.
 fn console(e: std::io::Error) -> Error {
-    Error::io("<output>", e)
+    Error::Msg(format!("writing output: {e}"))
 }

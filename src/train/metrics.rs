@@ -82,14 +82,7 @@ impl DpoMetrics {
 
     /// Plain mean of `items`.
     pub fn mean(items: &[DpoMetrics]) -> DpoMetrics {
-        let mut sums = [0f64; 9];
-        for m in items {
-            for (s, v) in sums.iter_mut().zip(m.values()) {
-                *s += v;
-            }
-        }
-        let n = items.len().max(1) as f64;
-        DpoMetrics::from_values(sums.map(|s| s / n))
+        DpoMetrics::weighted_mean(items, &vec![1.0; items.len()])
     }
 
     /// The metrics under TRL's names, each prefixed (`eval_` for an evaluation).

@@ -189,7 +189,7 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
     cfg.stop = Some(crate::util::install_ctrlc(
         "interrupt: finishing this step and saving a checkpoint (Ctrl-C again to exit now)",
     ));
-    let base_model = recorded_base(&files);
+    let base_model = base_to_record(&files);
     let output = RunOutput {
         dir: &out_dir,
         base_model: &base_model,
@@ -216,7 +216,7 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
 /// The base model as adapter_config.json records it: the hub id, or a local folder's absolute
 /// path, so that PEFT's `AutoPeftModelForCausalLM.from_pretrained(adapter)` finds it from any
 /// working directory.
-fn recorded_base(files: &ModelFiles) -> String {
+fn base_to_record(files: &ModelFiles) -> String {
     let named = Path::new(&files.name);
     if !named.is_dir() {
         return files.name.clone();
@@ -266,7 +266,7 @@ fn next_version(dir: &Path) -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    format!("v{n}-{}", crate::data::template::strftime("%Y%m%d-%H%M%S", secs as i64))
+    format!("v{n}-{}", crate::data::template::utc_stamp(secs))
 }
 
 /// The trained adapter (new, or `--adapters` to continue from) and the frozen reference

@@ -104,10 +104,7 @@ pub struct Scalar {
 /// Every scalar of the event file at `path`, checking each record's CRCs.
 pub fn read_scalars(path: &Path) -> Result<Vec<Scalar>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let bad = |msg: String| Error::Adapter {
-        path: path.into(),
-        msg: format!("not a TensorBoard event file: {msg}"),
-    };
+    let bad = |msg: String| Error::EventFile { path: path.into(), msg };
     let mut out = Vec::new();
     let mut at = 0;
     while at < bytes.len() {

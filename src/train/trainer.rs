@@ -409,11 +409,7 @@ fn cached_reference(
     let total = train.len() + eval.len();
     let template = "reference log-probs {bar:30} {pos}/{len} pairs [{elapsed_precise}<{eta_precise}]";
     let pb = crate::util::progress_bar(total, template, !cfg.quiet);
-    let stopped = || {
-        cfg.stop
-            .as_ref()
-            .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst))
-    };
+    let stopped = || crate::util::is_set(cfg.stop.as_ref());
     let tr = run.reference_logps_with(train, cfg.eval_batch_size, |n| {
         pb.set_position(n as u64);
         !stopped()
@@ -659,10 +655,15 @@ impl<'a> Trainer<'a> {
         cached_reference(self.run, self.train, self.eval, self.cfg, &path, &key).map(Some)
     }
 
+    /// Micro-batches in one pass over the training pairs.
+    fn micro_per_epoch(&self) -> usize {
+        self.train.len().div_ceil(self.cfg.batch_size)
+    }
+
     /// The next `accumulation` micro-batches in epoch order, advancing the data position.
     fn next_micros(&mut self) -> Vec<Micro<'a>> {
         let (cfg, n) = (self.cfg, self.train.len());
-        let micro_per_epoch = n.div_ceil(cfg.batch_size);
+        let micro_per_epoch = self.micro_per_epoch();
         let mut micros = Vec::with_capacity(cfg.accumulation);
         for _ in 0..cfg.accumulation {
             let (epoch, k) = (self.consumed / micro_per_epoch, self.consumed % micro_per_epoch);
@@ -689,12 +690,11 @@ impl<'a> Trainer<'a> {
 
     fn record_step(&mut self, dpo: DpoMetrics, grad_norm: f64, lr: f64, tokens: usize) {
         self.nonfinite_run = 0;
-        let micro_per_epoch = self.train.len().div_ceil(self.cfg.batch_size);
         let m = StepMetrics {
             dpo,
             grad_norm,
             learning_rate: lr,
-            epoch: self.consumed as f64 / micro_per_epoch as f64,
+            epoch: self.consumed as f64 / self.micro_per_epoch() as f64,
         };
         self.outcome.steps.push(m);
         self.window.steps.push(m);
@@ -812,11 +812,7 @@ impl<'a> Trainer<'a> {
 
     /// Has a Ctrl-C asked the run to stop before its last step?
     fn check_interrupt(&mut self) -> bool {
-        let stop = self
-            .cfg
-            .stop
-            .as_ref()
-            .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+        let stop = crate::util::is_set(self.cfg.stop.as_ref());
         if stop && self.step < self.last {
             self.outcome.interrupted = true;
             let line = format!("interrupted: saving a checkpoint at step {} and stopping", self.step);

@@ -897,19 +897,7 @@ fn every_unknown_flag_is_reported_at_once() {
 fn a_finished_run_records_an_absolute_base_and_says_what_to_run_next() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let recipe = root().join("recipes/quickstart.yaml");
-    let o = lorafold(
-        &[
-            "dpo",
-            "--recipe",
-            recipe.to_str().unwrap(),
-            "--max_steps",
-            "2",
-            "--output_dir",
-            out.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let o = quickstart(&out, &["--max_steps", "2"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     let cfg: serde_json::Value =
@@ -932,12 +920,9 @@ fn a_finished_run_records_an_absolute_base_and_says_what_to_run_next() {
 fn eval_and_save_strategy_no_write_neither_evaluations_nor_checkpoints() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let recipe = root().join("recipes/quickstart.yaml");
-    let o = lorafold(
+    let o = quickstart(
+        &out,
         &[
-            "dpo",
-            "--recipe",
-            recipe.to_str().unwrap(),
             "--max_steps",
             "3",
             "--eval_strategy",
@@ -946,10 +931,7 @@ fn eval_and_save_strategy_no_write_neither_evaluations_nor_checkpoints() {
             "no",
             "--logging_steps",
             "1",
-            "--output_dir",
-            out.to_str().unwrap(),
         ],
-        &[],
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
@@ -973,20 +955,7 @@ fn the_parameter_count_counts_every_tensor_of_the_model() {
 fn a_resume_names_the_settings_that_changed() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let recipe = root().join("recipes/quickstart.yaml");
-    let run = |extra: &[&str]| {
-        let mut args = vec![
-            "dpo",
-            "--recipe",
-            recipe.to_str().unwrap(),
-            "--output_dir",
-            out.to_str().unwrap(),
-            "--save_steps",
-            "1",
-        ];
-        args.extend_from_slice(extra);
-        lorafold(&args, &[])
-    };
+    let run = |extra: &[&str]| quickstart(&out, &[&["--save_steps", "1"], extra].concat());
     let first = run(&["--max_steps", "2"]);
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
     // A changed hyperparameter is said, and the run goes on.
@@ -1025,12 +994,9 @@ fn a_resume_names_the_settings_that_changed() {
 fn report_to_tensorboard_writes_the_logged_metrics_under_transformers_tags() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let recipe = root().join("recipes/quickstart.yaml");
-    let o = lorafold(
+    let o = quickstart(
+        &out,
         &[
-            "dpo",
-            "--recipe",
-            recipe.to_str().unwrap(),
             "--max_steps",
             "4",
             "--logging_steps",
@@ -1039,10 +1005,7 @@ fn report_to_tensorboard_writes_the_logged_metrics_under_transformers_tags() {
             "2",
             "--report_to",
             "tensorboard",
-            "--output_dir",
-            out.to_str().unwrap(),
         ],
-        &[],
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
@@ -1094,20 +1057,7 @@ fn report_to_tensorboard_writes_the_logged_metrics_under_transformers_tags() {
 fn reruns_into_one_output_dir_add_a_version_or_overwrite_or_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let recipe = root().join("recipes/quickstart.yaml");
-    let run = |extra: &[&str]| {
-        let mut args = vec![
-            "dpo",
-            "--recipe",
-            recipe.to_str().unwrap(),
-            "--max_steps",
-            "1",
-            "--output_dir",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        lorafold(&args, &[])
-    };
+    let run = |extra: &[&str]| quickstart(&out, &[&["--max_steps", "1"], extra].concat());
     for _ in 0..2 {
         let o = run(&["--add_version"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -1128,19 +1078,7 @@ fn reruns_into_one_output_dir_add_a_version_or_overwrite_or_are_refused() {
     // Without a version folder: the first run writes into out itself, a second is refused,
     // and --overwrite_output_dir replaces it.
     let plain = tmp.path().join("plain");
-    let into = |extra: &[&str]| {
-        let mut args = vec![
-            "dpo",
-            "--recipe",
-            recipe.to_str().unwrap(),
-            "--max_steps",
-            "1",
-            "--output_dir",
-            plain.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        lorafold(&args, &[])
-    };
+    let into = |extra: &[&str]| quickstart(&plain, &[&["--max_steps", "1"], extra].concat());
     assert!(into(&[]).status.success());
     let again = into(&[]);
     let err = String::from_utf8_lossy(&again.stderr);
@@ -1187,4 +1125,18 @@ fn eval_notes_an_adapter_trained_on_another_base() {
         err.contains(r#"was trained on "tests/fixtures/models/qwen2", not on --model"#),
         "{err}"
     );
+}
+
+/// `lorafold dpo` on the quickstart recipe, writing to `out`, with `extra` flags.
+fn quickstart(out: &Path, extra: &[&str]) -> std::process::Output {
+    let recipe = root().join("recipes/quickstart.yaml");
+    let mut args = vec![
+        "dpo",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--output_dir",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    lorafold(&args, &[])
 }

@@ -22,8 +22,8 @@ pub use guard::inject_guards;
 use guard::*;
 pub use json::py_json;
 use json::*;
-pub use time::strftime;
 use time::*;
+pub use time::{strftime, utc_stamp};
 
 use super::Message;
 use crate::error::{Error, Result};

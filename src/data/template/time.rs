@@ -33,6 +33,11 @@ pub(super) fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// `YYYYmmdd-HHMMSS` in UTC: the time stamp of output and version folder names.
+pub fn utc_stamp(secs: u64) -> String {
+    strftime("%Y%m%d-%H%M%S", secs as i64)
+}
+
 /// A UTC subset of C's strftime: %Y %y %m %d %e %H %I %M %S %p %b %B %h %a %A %j %F %T %%, and
 /// glibc's `%-d`-style unpadded forms.
 pub fn strftime(format: &str, unix_secs: i64) -> String {
