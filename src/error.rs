@@ -89,8 +89,8 @@ pub enum Error {
     NotFound { path: PathBuf },
 
     #[error(
-        "{path}: unsupported architecture {name:?} (supported: LlamaForCausalLM, \
-         MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)"
+        "{path}: unsupported architecture {name:?} (supported: {})",
+        crate::model::config::SUPPORTED_ARCHITECTURES
     )]
     UnsupportedArchitecture { path: PathBuf, name: String },
 

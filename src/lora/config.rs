@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::model::config::LINEAR_MODULES;
+use crate::model::config::is_linear_module;
 
 /// `target_modules`: one string (a regex matched against the whole module path, or the keywords
 /// `all-linear` / `ALL`), or a list of module names matched as path suffixes.
@@ -37,7 +37,7 @@ impl TargetModules {
             if is_all_keyword(p) {
                 return Self::all_linear();
             }
-            if LINEAR_MODULES.contains(&p.as_str()) {
+            if is_linear_module(p) {
                 return TargetModules::Modules(parts);
             }
             return TargetModules::Pattern(p.clone());
@@ -69,10 +69,11 @@ impl TargetModules {
         })
     }
 
-    /// The short module names (q_proj, ...) that this selection hits in a decoder.
-    pub fn resolved_names(&self, num_layers: usize) -> Result<Vec<String>> {
+    /// The short module names (q_proj, ...) that this selection hits in a decoder whose blocks
+    /// have the linear layers `modules`.
+    pub fn resolved_names(&self, modules: &[&str], num_layers: usize) -> Result<Vec<String>> {
         let m = self.matcher()?;
-        Ok(LINEAR_MODULES
+        Ok(modules
             .iter()
             .filter(|name| (0..num_layers).any(|l| m.matches(&crate::model::config::module_path(l, name))))
             .map(|s| s.to_string())

@@ -118,7 +118,7 @@ pub fn attach_new(model: &mut Model, config: &LoraConfig, init: LoraInit) -> Res
     }
     let mut config = config.clone();
     config.target_modules = Some(config::TargetModules::Modules(
-        target.resolved_names(model.cfg.num_layers)?,
+        target.resolved_names(model.cfg.linear_modules(), model.cfg.num_layers)?,
     ));
     if let config::TargetModules::Pattern(p) = &target {
         if !p.eq_ignore_ascii_case("all-linear") && p != "ALL" {

@@ -1,49 +1,108 @@
-//! One generic pre-norm decoder for the Llama, Mistral, Qwen2 and Qwen3 families. Every linear
-//! layer is a [`LoraLinear`]; the adapter slot selected in [`Fwd`] is applied, or none (the
-//! frozen reference). The base weights exist once.
+//! One generic pre-norm decoder for the Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3
+//! families; their differences are fields of [`ModelConfig`]. Every linear layer is a
+//! [`LoraLinear`]; the adapter slot selected in [`Fwd`] is applied, or none (the frozen
+//! reference). The base weights exist once.
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 
 use super::cache::KvCache;
-use super::config::{module_path, ModelConfig, LINEAR_MODULES};
+use super::config::{module_path, Activation, ModelConfig};
 use super::ops::frozen::{into_cpu_storage, matmul_frozen_t, to_cpu_tensor};
-use super::ops::{apply_rope, attention_probs, rms_norm, silu_mul, Rope, MASK_VALUE};
+use super::ops::{apply_rope, attention_probs, rms_norm, rms_norm_f32_scale, silu_mul, soft_cap, Rope, MASK_VALUE};
 use super::weights::WeightSource;
 use crate::error::{Error, Result};
 use crate::model::linear::{Fwd, LoraLinear};
 
+/// The query, key and value projections: three layers, or one whose output rows are q, then k,
+/// then v (Phi-3's `qkv_proj`).
+#[derive(Debug, Clone)]
+enum Qkv {
+    Split { q: LoraLinear, k: LoraLinear, v: LoraLinear },
+    Fused(LoraLinear),
+}
+
 #[derive(Debug, Clone)]
 struct Attention {
-    q: LoraLinear,
-    k: LoraLinear,
-    v: LoraLinear,
+    qkv: Qkv,
     o: LoraLinear,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
     sliding_window: Option<usize>,
+    /// Uses the local rope tables (Gemma 3's sliding layers).
+    local_rope: bool,
+}
+
+/// The gate and up projections: two layers, or one whose output rows are gate, then up
+/// (Phi-3's `gate_up_proj`).
+#[derive(Debug, Clone)]
+enum GateUp {
+    Split { gate: LoraLinear, up: LoraLinear },
+    Fused(LoraLinear),
 }
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate: LoraLinear,
-    up: LoraLinear,
+    gate_up: GateUp,
     down: LoraLinear,
+}
+
+/// An RMSNorm weight as the checkpoint holds it, and the tensor that multiplies the normalised
+/// input: the weight itself, or Gemma's 1 + w in f32 (whose product is then taken in f32).
+#[derive(Debug, Clone)]
+struct Norm {
+    weight: Tensor,
+    scale: Tensor,
+    gemma: bool,
+}
+
+impl Norm {
+    fn new(weight: Tensor, gemma: bool) -> Result<Norm> {
+        let scale = if gemma {
+            (weight.to_dtype(DType::F32)? + 1.0)?
+        } else {
+            weight.clone()
+        };
+        Ok(Norm { weight, scale, gemma })
+    }
+
+    fn apply(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
+        Ok(if self.gemma {
+            rms_norm_f32_scale(x, &self.scale, eps)?
+        } else {
+            rms_norm(x, &self.scale, eps)?
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
 struct Block {
-    input_norm: Tensor,
+    input_norm: Norm,
     attn: Attention,
-    post_norm: Tensor,
+    /// `post_attention_layernorm`: the norm before the MLP, or (with `ff_norms`, Gemma) the norm
+    /// of the attention output.
+    post_norm: Norm,
+    /// Gemma's `pre_feedforward_layernorm` and `post_feedforward_layernorm`.
+    ff_norms: Option<(Norm, Norm)>,
     mlp: Mlp,
 }
 
 impl Block {
-    fn linears(&self) -> [&LoraLinear; 7] {
+    /// The linear layers in PEFT's module order.
+    fn linears(&self) -> Vec<&LoraLinear> {
         let (a, m) = (&self.attn, &self.mlp);
-        [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
+        let mut out: Vec<&LoraLinear> = match &a.qkv {
+            Qkv::Split { q, k, v } => vec![q, k, v],
+            Qkv::Fused(qkv) => vec![qkv],
+        };
+        out.push(&a.o);
+        match &m.gate_up {
+            GateUp::Split { gate, up } => out.extend([gate, up]),
+            GateUp::Fused(gu) => out.push(gu),
+        }
+        out.push(&m.down);
+        out
     }
 
     /// Whether the adapter `ctx` selects has trainable tensors in this block.
@@ -54,17 +113,54 @@ impl Block {
             .any(|l| l.adapter(slot).is_some_and(|a| a.a.is_variable() || a.b.is_variable()))
     }
 
-    fn linears_mut(&mut self) -> [&mut LoraLinear; 7] {
+    fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
         let (a, m) = (&mut self.attn, &mut self.mlp);
-        [
-            &mut a.q,
-            &mut a.k,
-            &mut a.v,
-            &mut a.o,
-            &mut m.gate,
-            &mut m.up,
-            &mut m.down,
-        ]
+        let mut out: Vec<&mut LoraLinear> = match &mut a.qkv {
+            Qkv::Split { q, k, v } => vec![q, k, v],
+            Qkv::Fused(qkv) => vec![qkv],
+        };
+        out.push(&mut a.o);
+        match &mut m.gate_up {
+            GateUp::Split { gate, up } => out.extend([gate, up]),
+            GateUp::Fused(gu) => out.push(gu),
+        }
+        out.push(&mut m.down);
+        out
+    }
+
+    /// Every norm weight, by its name within the block.
+    fn norms(&self) -> Vec<(&'static str, &Norm)> {
+        let mut out = vec![
+            ("input_layernorm", &self.input_norm),
+            ("post_attention_layernorm", &self.post_norm),
+        ];
+        if let Some((pre, post)) = &self.ff_norms {
+            out.push(("pre_feedforward_layernorm", pre));
+            out.push(("post_feedforward_layernorm", post));
+        }
+        if let Some(n) = &self.attn.q_norm {
+            out.push(("self_attn.q_norm", n));
+        }
+        if let Some(n) = &self.attn.k_norm {
+            out.push(("self_attn.k_norm", n));
+        }
+        out
+    }
+}
+
+/// The cos and sin tables of one forward call: of every layer, and of the local layers where
+/// their rope differs.
+struct RopeTables {
+    global: (Tensor, Tensor),
+    local: Option<(Tensor, Tensor)>,
+}
+
+impl RopeTables {
+    fn of(&self, attn: &Attention) -> (&Tensor, &Tensor) {
+        match (&self.local, attn.local_rope) {
+            (Some((c, s)), true) => (c, s),
+            _ => (&self.global.0, &self.global.1),
+        }
     }
 }
 
@@ -73,9 +169,10 @@ pub struct Model {
     pub cfg: ModelConfig,
     embed: Tensor,
     blocks: Vec<Block>,
-    norm: Tensor,
+    norm: Norm,
     lm_head: Tensor,
     rope: Rope,
+    rope_local: Option<Rope>,
     geo: Geometry,
     /// Set when gradient checkpointing is on (CPU): recompute each block in the backward pass.
     checkpointing: Option<std::sync::Arc<GradSink>>,
@@ -115,19 +212,23 @@ impl Model {
         let blocks = (0..cfg.num_layers)
             .map(|l| load_block(&cfg, ws, l, opts))
             .collect::<Result<Vec<_>>>()?;
-        let norm = ws.load("model.norm.weight", &[h], dt, dev)?;
+        let norm = Norm::new(ws.load("model.norm.weight", &[h], dt, dev)?, cfg.arch.is_gemma())?;
         let lm_head = if cfg.tie_word_embeddings {
             embed.clone()
         } else {
             ws.load("lm_head.weight", &[cfg.vocab_size, h], dt, dev)?
         };
         let rope = Rope::new(&cfg);
+        let rope_local = Rope::local(&cfg);
         let geo = Geometry {
             heads: cfg.num_heads,
             kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
             eps: cfg.rms_norm_eps,
             dtype: dt,
+            attn_scale: cfg.attn_scale,
+            attn_softcap: cfg.attn_softcap,
+            activation: cfg.activation,
         };
         Ok(Model {
             cfg,
@@ -136,6 +237,7 @@ impl Model {
             norm,
             lm_head,
             rope,
+            rope_local,
             geo,
             checkpointing: None,
             dtype: dt,
@@ -188,13 +290,8 @@ impl Model {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
         for (l, b) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{l}");
-            out.push((format!("{p}.input_layernorm.weight"), b.input_norm.clone()));
-            out.push((format!("{p}.post_attention_layernorm.weight"), b.post_norm.clone()));
-            if let Some(n) = &b.attn.q_norm {
-                out.push((format!("{p}.self_attn.q_norm.weight"), n.clone()));
-            }
-            if let Some(n) = &b.attn.k_norm {
-                out.push((format!("{p}.self_attn.k_norm.weight"), n.clone()));
+            for (name, n) in b.norms() {
+                out.push((format!("{p}.{name}.weight"), n.weight.clone()));
             }
             for lin in b.linears() {
                 out.push((format!("{}.weight", lin.path), lin.weight.clone()));
@@ -203,7 +300,7 @@ impl Model {
                 }
             }
         }
-        out.push(("model.norm.weight".into(), self.norm.clone()));
+        out.push(("model.norm.weight".into(), self.norm.weight.clone()));
         if !self.cfg.tie_word_embeddings {
             out.push(("lm_head.weight".into(), self.lm_head.clone()));
         }
@@ -216,12 +313,12 @@ impl Model {
     /// (any numeric dtype), or `None` when no row is padded. Positions are 0..T for every row.
     pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, ctx: &Fwd) -> Result<Tensor> {
         let (_, t) = input_ids.dims2()?;
-        let (cos, sin) = self.rope.tables(0..t, &[t], self.dtype, &self.device)?;
+        let tables = self.rope_tables(0..t, &[t])?;
         let pad = match attention_mask {
             Some(m) => Some(padding_mask(m)?),
             None => None,
         };
-        self.forward_layers(input_ids, &cos, &sin, ctx, |w| {
+        self.forward_layers(input_ids, &tables, ctx, |w| {
             let causal = causal_mask(t, w, &self.device)?;
             Ok(match &pad {
                 Some(p) => causal.broadcast_add(p)?,
@@ -241,9 +338,36 @@ impl Model {
                 packing.positions.len()
             )));
         }
-        let positions = packing.positions.iter().map(|&p| p as usize);
-        let (cos, sin) = self.rope.tables(positions, &[b, t], self.dtype, &self.device)?;
-        self.forward_layers(input_ids, &cos, &sin, ctx, |w| packing.mask(b, t, w, &self.device))
+        let positions: Vec<usize> = packing.positions.iter().map(|&p| p as usize).collect();
+        let tables = self.rope_tables(positions, &[b, t])?;
+        self.forward_layers(input_ids, &tables, ctx, |w| packing.mask(b, t, w, &self.device))
+    }
+
+    /// The rope tables of one forward call at `positions` (see [`Rope::tables`]).
+    fn rope_tables(&self, positions: impl IntoIterator<Item = usize> + Clone, lead: &[usize]) -> Result<RopeTables> {
+        let (dt, dev) = (self.dtype, &self.device);
+        let global = self.rope.tables(positions.clone(), lead, dt, dev)?;
+        let local = match &self.rope_local {
+            Some(r) => Some(r.tables(positions, lead, dt, dev)?),
+            None => None,
+        };
+        Ok(RopeTables { global, local })
+    }
+
+    /// Token embeddings [B, T, H] of `input_ids` [B, T], scaled by √hidden_size (rounded to
+    /// the model's dtype first, as transformers does) for Gemma.
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let x = self
+            .embed
+            .index_select(&ids, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        Ok(if self.cfg.arch.is_gemma() {
+            (x * (self.cfg.hidden_size as f64).sqrt())?
+        } else {
+            x
+        })
     }
 
     /// Embedding, decoder blocks and final norm; `mask_for(window)` gives the additive
@@ -251,17 +375,12 @@ impl Model {
     fn forward_layers(
         &self,
         input_ids: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        tables: &RopeTables,
         ctx: &Fwd,
         mask_for: impl Fn(Option<usize>) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2()?;
-        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let mut x = self
-            .embed
-            .index_select(&ids, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
+        let t = input_ids.dim(1)?;
+        let mut x = self.embed(input_ids)?;
         let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
         for block in &self.blocks {
             let w = block.attn.sliding_window.filter(|&w| w < t);
@@ -273,6 +392,7 @@ impl Model {
                     m
                 }
             };
+            let (cos, sin) = tables.of(&block.attn);
             x = match &self.checkpointing {
                 Some(sink) if x.device().is_cpu() && block.has_trainable(ctx) => {
                     if !x.track_op() {
@@ -292,7 +412,15 @@ impl Model {
                 _ => self.geo.block_forward(block, &x, (cos, sin), Some(&mask), None, ctx)?,
             };
         }
-        Ok(rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?)
+        self.norm.apply(&x, self.cfg.rms_norm_eps)
+    }
+
+    /// Gemma 2's soft cap of the final logits, where the config sets one.
+    fn cap_logits(&self, logits: Tensor) -> Result<Tensor> {
+        Ok(match self.cfg.final_softcap {
+            Some(c) => soft_cap(&logits, c)?,
+            None => logits,
+        })
     }
 
     /// Logits for every position: hidden [B, T, H] -> [B, T, V] (model dtype).
@@ -301,7 +429,7 @@ impl Model {
         // matmul against `lm_head.t()` would copy the whole vocabulary matrix on every call.
         let (b, t, h) = hidden.dims3()?;
         let rows = hidden.reshape((b * t, h))?;
-        let out = matmul_frozen_t(&rows, &self.lm_head)?;
+        let out = self.cap_logits(matmul_frozen_t(&rows, &self.lm_head)?)?;
         Ok(out.reshape((b, t, self.cfg.vocab_size))?)
     }
 
@@ -311,7 +439,7 @@ impl Model {
     pub fn logits_at(&self, hidden: &Tensor, positions: &Tensor) -> Result<Tensor> {
         let (b, t, h) = hidden.dims3()?;
         let rows = hidden.reshape((b * t, h))?.index_select(positions, 0)?;
-        Ok(matmul_frozen_t(&rows, &self.lm_head)?)
+        self.cap_logits(matmul_frozen_t(&rows, &self.lm_head)?)
     }
 
     /// Full forward to logits [B, T, V] in f32.
@@ -348,17 +476,13 @@ impl Model {
     }
 
     fn forward_cached_inner(&self, input_ids: &Tensor, cache: &mut KvCache, ctx: &Fwd) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2()?;
+        let t = input_ids.dim(1)?;
         if t == 0 {
             return Err(Error::Msg("forward_cached: no new tokens".into()));
         }
         let start = cache.len();
-        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let mut x = self
-            .embed
-            .index_select(&ids, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
-        let (cos, sin) = self.rope.tables(start..start + t, &[t], self.dtype, &self.device)?;
+        let mut x = self.embed(input_ids)?;
+        let tables = self.rope_tables(start..start + t, &[t])?;
         let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
         for (l, block) in self.blocks.iter().enumerate() {
             let w = block.attn.sliding_window;
@@ -372,11 +496,11 @@ impl Model {
             };
             x = self
                 .geo
-                .block_forward(block, &x, (&cos, &sin), mask.as_ref(), Some((&mut *cache, l)), ctx)?;
+                .block_forward(block, &x, tables.of(&block.attn), mask.as_ref(), Some((&mut *cache, l)), ctx)?;
         }
         cache.advance(t);
         let last = x.narrow(1, t - 1, 1)?;
-        let h = rms_norm(&last, &self.norm, self.cfg.rms_norm_eps)?;
+        let h = self.norm.apply(&last, self.cfg.rms_norm_eps)?;
         Ok(self.logits(&h)?.squeeze(1)?.to_dtype(DType::F32)?)
     }
 }
@@ -461,9 +585,11 @@ fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<Tenso
 fn load_block(cfg: &ModelConfig, ws: &WeightSource, l: usize, opts: &LoadOptions) -> Result<Block> {
     let (dt, dev) = (opts.dtype, &opts.device);
     let p = format!("model.layers.{l}");
-    // Module `j` of LINEAR_MODULES: its index in the model follows from `j`, never from a search.
+    let modules = cfg.linear_modules();
+    // Module `j` of the family's module list: its index in the model follows from `j`, never
+    // from a search.
     let linear = |j: usize| -> Result<LoraLinear> {
-        let m = LINEAR_MODULES[j];
+        let m = modules[j];
         let path = module_path(l, m);
         let (i, o) = cfg
             .linear_shape(m)
@@ -474,31 +600,43 @@ fn load_block(cfg: &ModelConfig, ws: &WeightSource, l: usize, opts: &LoadOptions
         } else {
             None
         };
-        Ok(LoraLinear::new(path, l * LINEAR_MODULES.len() + j, w, b))
+        Ok(LoraLinear::new(path, l * modules.len() + j, w, b))
     };
-    // One entry per module of LINEAR_MODULES, in its order (the array lengths must agree).
-    let [q, k, v, o, gate, up, down]: [Result<LoraLinear>; LINEAR_MODULES.len()] = std::array::from_fn(linear);
-    let norm_w = |name: &str, size: usize| ws.load(&format!("{p}.{name}.weight"), &[size], dt, dev);
-    let qk_norm = |name: &str| cfg.qk_norm.then(|| norm_w(name, cfg.head_dim)).transpose();
+    let mut lin = (0..modules.len()).map(linear).collect::<Result<Vec<_>>>()?.into_iter();
+    let mut next = || lin.next().ok_or_else(|| Error::Msg("module list too short".into()));
+    let (qkv, o, gate_up, down) = if cfg.fused_projections {
+        (Qkv::Fused(next()?), next()?, GateUp::Fused(next()?), next()?)
+    } else {
+        let (q, k, v, o) = (next()?, next()?, next()?, next()?);
+        let (gate, up, down) = (next()?, next()?, next()?);
+        (Qkv::Split { q, k, v }, o, GateUp::Split { gate, up }, down)
+    };
+    let gemma = cfg.arch.is_gemma();
+    let norm = |name: &str, size: usize| -> Result<Norm> {
+        Norm::new(ws.load(&format!("{p}.{name}.weight"), &[size], dt, dev)?, gemma)
+    };
+    let qk_norm = |name: &str| cfg.qk_norm.then(|| norm(name, cfg.head_dim)).transpose();
+    let sliding_window = cfg.sliding_window.get(l).copied().flatten();
     let attn = Attention {
-        q: q?,
-        k: k?,
-        v: v?,
-        o: o?,
+        qkv,
+        o,
         q_norm: qk_norm("self_attn.q_norm")?,
         k_norm: qk_norm("self_attn.k_norm")?,
-        sliding_window: cfg.sliding_window.get(l).copied().flatten(),
+        sliding_window,
+        local_rope: sliding_window.is_some() && cfg.rope_local.is_some(),
     };
-    let mlp = Mlp {
-        gate: gate?,
-        up: up?,
-        down: down?,
+    let h = cfg.hidden_size;
+    let ff_norms = if gemma {
+        Some((norm("pre_feedforward_layernorm", h)?, norm("post_feedforward_layernorm", h)?))
+    } else {
+        None
     };
     Ok(Block {
-        input_norm: norm_w("input_layernorm", cfg.hidden_size)?,
+        input_norm: norm("input_layernorm", h)?,
         attn,
-        post_norm: norm_w("post_attention_layernorm", cfg.hidden_size)?,
-        mlp,
+        post_norm: norm("post_attention_layernorm", h)?,
+        ff_norms,
+        mlp: Mlp { gate_up, down },
     })
 }
 
@@ -518,6 +656,9 @@ struct Geometry {
     head_dim: usize,
     eps: f64,
     dtype: DType,
+    attn_scale: f64,
+    attn_softcap: Option<f64>,
+    activation: Activation,
 }
 
 impl Geometry {
@@ -532,23 +673,41 @@ impl Geometry {
         cache: Option<(&mut KvCache, usize)>,
         ctx: &Fwd,
     ) -> Result<Tensor> {
-        let h = rms_norm(x, &block.input_norm, self.eps)?;
-        let a = self.attention(&block.attn, &h, rope, mask, cache, ctx)?;
+        let h = block.input_norm.apply(x, self.eps)?;
+        let mut a = self.attention(&block.attn, &h, rope, mask, cache, ctx)?;
+        if block.ff_norms.is_some() {
+            a = block.post_norm.apply(&a, self.eps)?;
+        }
         self.mlp_residual(block, &(x + a)?, ctx)
     }
 
-    /// The second half of a block: x + down(silu(gate(h)) · up(h)), h = post-attention norm of x.
+    /// The second half of a block: x + down(act(gate(h)) · up(h)), h = the pre-MLP norm of x
+    /// (Gemma also normalises the MLP's output).
     fn mlp_residual(&self, block: &Block, x: &Tensor, ctx: &Fwd) -> Result<Tensor> {
-        let h = rms_norm(x, &block.post_norm, self.eps)?;
+        let pre = block.ff_norms.as_ref().map_or(&block.post_norm, |(pre, _)| pre);
+        let h = pre.apply(x, self.eps)?;
         let m = &block.mlp;
-        let g = m.gate.forward(&h, ctx)?;
-        let u = m.up.forward(&h, ctx)?;
-        let d = m.down.forward(&silu_mul(&g, &u)?, ctx)?;
+        let (g, u) = match &m.gate_up {
+            GateUp::Split { gate, up } => (gate.forward(&h, ctx)?, up.forward(&h, ctx)?),
+            GateUp::Fused(gu) => {
+                let y = gu.forward(&h, ctx)?;
+                let i = y.dim(D::Minus1)? / 2;
+                (y.narrow(D::Minus1, 0, i)?, y.narrow(D::Minus1, i, i)?)
+            }
+        };
+        let inner = match self.activation {
+            Activation::Silu => silu_mul(&g, &u)?,
+            Activation::GeluTanh => (g.gelu()? * u)?,
+        };
+        let mut d = m.down.forward(&inner, ctx)?;
+        if let Some((_, post)) = &block.ff_norms {
+            d = post.apply(&d, self.eps)?;
+        }
         Ok((x + d)?)
     }
 
     /// Project x [B, T, H] to per-head q [B, nh, T, hd] and k, v [B, nkv, T, hd], with the q/k
-    /// norms (Qwen3) and RoPE applied; v is contiguous.
+    /// norms (Qwen3, Gemma 3) and RoPE applied; v is contiguous.
     fn qkv(
         &self,
         attn: &Attention,
@@ -560,16 +719,24 @@ impl Geometry {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let eps = self.eps;
-        let heads = |y: Tensor, n: usize, norm: &Option<Tensor>| -> Result<Tensor> {
+        let heads = |y: Tensor, n: usize, norm: &Option<Norm>| -> Result<Tensor> {
             let mut y = y.reshape((b, t, n, hd))?;
             if let Some(w) = norm {
-                y = rms_norm(&y, w, eps)?;
+                y = w.apply(&y, eps)?;
             }
             Ok(y.transpose(1, 2)?)
         };
-        let q = heads(attn.q.forward(x, ctx)?, nh, &attn.q_norm)?;
-        let k = heads(attn.k.forward(x, ctx)?, nkv, &attn.k_norm)?;
-        let v = heads(attn.v.forward(x, ctx)?, nkv, &None)?.contiguous()?;
+        let (q, k, v) = match &attn.qkv {
+            Qkv::Split { q, k, v } => (q.forward(x, ctx)?, k.forward(x, ctx)?, v.forward(x, ctx)?),
+            Qkv::Fused(qkv) => {
+                let y = qkv.forward(x, ctx)?;
+                let (qd, kd) = (nh * hd, nkv * hd);
+                (y.narrow(2, 0, qd)?, y.narrow(2, qd, kd)?, y.narrow(2, qd + kd, kd)?)
+            }
+        };
+        let q = heads(q, nh, &attn.q_norm)?;
+        let k = heads(k, nkv, &attn.k_norm)?;
+        let v = heads(v, nkv, &None)?.contiguous()?;
         Ok((apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?, v))
     }
 
@@ -605,8 +772,16 @@ impl Geometry {
             .reshape((b, nkv, rep * t, hd))?
             .matmul(&k_t)?
             .reshape((b, nh, t, len))?;
-        // Scaled after the product, as transformers' eager attention does.
-        let probs = attention_probs(&scores, mask, 1.0 / (hd as f64).sqrt())?.to_dtype(self.dtype)?;
+        // Scaled after the product, as transformers' eager attention does; Gemma 2 soft-caps the
+        // scaled scores before the mask.
+        let probs = match self.attn_softcap {
+            None => attention_probs(&scores, mask, self.attn_scale)?,
+            Some(c) => {
+                let capped = soft_cap(&(scores.to_dtype(DType::F32)? * self.attn_scale)?, c)?;
+                attention_probs(&capped, mask, 1.0)?
+            }
+        };
+        let probs = probs.to_dtype(self.dtype)?;
         let probs = probs.reshape((b, nkv, rep * t, len))?;
         let out = probs.matmul(&v)?.reshape((b, nh, t, hd))?;
         let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;

@@ -62,6 +62,23 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     diff.broadcast_sub(&lse)
 }
 
+/// Gemma's RMSNorm: like [`rms_norm`], but the product with `scale` (f32, already 1 + w) is
+/// taken in f32 before the cast back (transformers: `(x̂ · (1 + w.float())).type_as(x)`).
+pub fn rms_norm_f32_scale(x: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        return rms_norm(x, scale, eps);
+    }
+    let x32 = x.to_dtype(DType::F32)?;
+    let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x32.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    mul_frozen(&normed, scale)?.to_dtype(x.dtype())
+}
+
+/// c · tanh(x / c): Gemma 2's soft cap of attention scores and final logits.
+pub fn soft_cap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    (x / cap)?.tanh()? * cap
+}
+
 /// silu(g) · u (the gated MLP activation).
 pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if let Some(y) = fused::silu_mul(g, u)? {
@@ -74,16 +91,37 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 pub struct Rope {
     inv_freq: Vec<f32>,
+    /// Phi-3's longrope: the frequencies of calls whose largest position is at or beyond the
+    /// original context, and that context length.
+    long: Option<(Vec<f32>, usize)>,
+    /// Multiplier of cos and sin (longrope's attention factor; 1 otherwise).
+    attention_factor: f32,
 }
 
 impl Rope {
+    /// The rope of every layer (of the full-attention layers, where local layers differ).
     pub fn new(cfg: &ModelConfig) -> Rope {
-        let dim = cfg.head_dim;
-        let base = cfg.rope_theta;
-        let mut inv_freq: Vec<f64> = (0..dim / 2)
+        Rope::with(cfg.rotary_dim, cfg.rope_theta, &cfg.rope_scaling)
+    }
+
+    /// The rope of sliding-window layers, where it differs from [`Rope::new`] (Gemma 3).
+    pub fn local(cfg: &ModelConfig) -> Option<Rope> {
+        let (theta, scaling) = cfg.rope_local.as_ref()?;
+        Some(Rope::with(cfg.rotary_dim, *theta, scaling))
+    }
+
+    fn with(dim: usize, base: f64, scaling: &RopeScaling) -> Rope {
+        let plain: Vec<f64> = (0..dim / 2)
             .map(|i| 1.0 / base.powf((2 * i) as f64 / dim as f64))
             .collect();
-        match &cfg.rope_scaling {
+        let f32s = |v: Vec<f64>| v.into_iter().map(|f| f as f32).collect::<Vec<f32>>();
+        let mut rope = Rope {
+            inv_freq: vec![],
+            long: None,
+            attention_factor: 1.0,
+        };
+        let mut inv_freq = plain.clone();
+        match scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
             RopeScaling::Llama3 {
@@ -104,14 +142,26 @@ impl Rope {
                     }
                 }
             }
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            } => {
+                let scaled = |ext: &[f64]| plain.iter().zip(ext).map(|(f, e)| f / e).collect::<Vec<f64>>();
+                inv_freq = scaled(short_factor);
+                rope.long = Some((f32s(scaled(long_factor)), *original_max_position_embeddings));
+                rope.attention_factor = *attention_factor as f32;
+            }
         }
-        Rope {
-            inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(),
-        }
+        rope.inv_freq = f32s(inv_freq);
+        rope
     }
 
-    /// cos and sin tables of shape `lead` + [head_dim/2], one row per position of `positions`
-    /// in order: [T] for a range shared by every row, [B, T] for per-row positions.
+    /// cos and sin tables of shape `lead` + [rotary_dim/2], one row per position of `positions`
+    /// in order: [T] for a range shared by every row, [B, T] for per-row positions. With
+    /// longrope, the long frequencies apply to the whole call when its largest position is at or
+    /// beyond the original context (as transformers chooses them per forward call).
     pub fn tables(
         &self,
         positions: impl IntoIterator<Item = usize>,
@@ -119,15 +169,22 @@ impl Rope {
         dtype: DType,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
+        let positions: Vec<usize> = positions.into_iter().collect();
+        let longest = positions.iter().max().map_or(0, |p| p + 1);
+        let inv_freq = match &self.long {
+            Some((long, original)) if longest > *original => long,
+            _ => &self.inv_freq,
+        };
+        let half = inv_freq.len();
         let n: usize = lead.iter().product();
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
+        let scale = self.attention_factor;
         for p in positions {
-            for &f in &self.inv_freq {
+            for &f in inv_freq {
                 let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(angle.cos() * scale);
+                sin.push(angle.sin() * scale);
             }
         }
         let shape: Vec<usize> = lead.iter().copied().chain([half]).collect();
@@ -138,12 +195,19 @@ impl Rope {
 }
 
 /// Apply rotary embeddings (the "rotate half" layout of Llama/Qwen checkpoints) to
-/// x [B, H, T, D] with cos/sin [T, D/2], or [B, T, D/2] for per-row positions.
+/// x [B, H, T, D] with cos/sin [T, R/2], or [B, T, R/2] for per-row positions. Only the first
+/// R dimensions of each head rotate (R < D with Phi's `partial_rotary_factor`).
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let rotary = 2 * cos.dim(D::Minus1)?;
+    if rotary < d {
+        let turned = apply_rope(&x.narrow(D::Minus1, 0, rotary)?, cos, sin)?;
+        let kept = x.narrow(D::Minus1, rotary, d - rotary)?;
+        return Tensor::cat(&[&turned, &kept], D::Minus1);
+    }
     if let Some(y) = fused::rope(x, cos, sin)? {
         return Ok(y);
     }
-    let d = x.dim(D::Minus1)?;
     let half = d / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
