@@ -2,11 +2,14 @@
 
 What it makes (all deterministic: fixed seeds, CPU, float32, eager attention):
 
-* ``tests/fixtures/models/{llama,mistral,qwen2,qwen3}/`` -- four tiny causal LMs
-  laid out like Hugging Face hub snapshots (config.json, generation_config.json,
+* ``tests/fixtures/models/{llama,mistral,qwen2,qwen3,gemma2,gemma3,phi3}/`` -- seven tiny
+  causal LMs laid out like Hugging Face hub snapshots (config.json, generation_config.json,
   tokenizer.json, tokenizer_config.json, safetensors weights written by
   ``save_pretrained``; llama is sharded with ``model.safetensors.index.json``).
-  All four share one byte-level BPE tokenizer trained here on a synthetic corpus.
+  The first four share one byte-level BPE tokenizer trained here on a synthetic corpus; the
+  Gemma and Phi models share a second one, trained on the same corpus with their chat tokens
+  added. Every family feature of the three (soft caps, sliding layers, local rope, q/k norms,
+  fused projections, partial rotary, longrope) is set, and shown to change the logits.
 * ``tests/fixtures/adapters/<arch>_peft/`` and ``<arch>_peft_rslora/`` -- LoRA
   adapters written by PEFT (random non-zero A and B).
 * ``tests/golden/<arch>.safetensors`` -- inputs, base / adapter logits, TRL-style
@@ -49,7 +52,9 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
+# Families added later get their own tokenizer, so the goldens of the first four stay as they were.
+NEW_ARCHS = {"gemma2", "gemma3", "phi3"}
 MODELS_REL = "tests/fixtures/models"
 ADAPTERS_REL = "tests/fixtures/adapters"
 LORAFOLD_REL = "tests/fixtures/lorafold_adapters"
@@ -62,6 +67,9 @@ T = 16
 RESPONSE_RANGES = [(8, 16), (6, 11)]
 ROW1_LEN = 11
 VERIFY_TOL = 1e-4
+# Phi-3 fixture: longrope switches to its long factors once a call reaches this many positions
+# (the golden batch has 16, so the full forward uses them; decoding crosses it).
+PHI3_ORIGINAL_MAX_POS = 12
 # 64 rather than 32: with head_dim 16 and theta 5e5 the rotary wavelengths are 6.3, 32.4, 167, ...;
 # with 32 the smooth-interpolation band [orig/4, orig] = [8, 32] would contain none of them, with 64
 # ([16, 64]) the three llama3 branches (keep / interpolate / divide by factor) are all exercised.
@@ -80,8 +88,18 @@ SPECIAL_TOKENS = [
     "[INST]",
     "[/INST]",
 ]
+EXTRA_SPECIAL_TOKENS = [
+    "<bos>",
+    "<eos>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+]
 
-SEEDS = {"llama": 101, "mistral": 202, "qwen2": 303, "qwen3": 404}
+SEEDS = {"llama": 101, "mistral": 202, "qwen2": 303, "qwen3": 404, "gemma2": 505, "gemma3": 606, "phi3": 707}
 
 # ----------------------------------------------------------------------------
 # Chat templates
@@ -150,6 +168,62 @@ def chatml_template(default_system):
     )
 
 
+# Gemma 2: no system role (the template raises), the assistant is "model".
+GEMMA2_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- raise_exception('System role not supported') }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif %}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{- '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<start_of_turn>model\\n' }}"
+    "{%- endif %}"
+)
+
+# Gemma 3: a system turn is folded into the first user turn.
+GEMMA3_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' %}"
+    "{%- set loop_messages = messages[1:] %}"
+    "{%- else %}"
+    "{%- set first_user_prefix = '' %}"
+    "{%- set loop_messages = messages %}"
+    "{%- endif %}"
+    "{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif %}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{- '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+    "{{- message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<start_of_turn>model\\n' }}"
+    "{%- endif %}"
+)
+
+# Phi-3 / Phi-3.5: <|role|> turns closed by <|end|>, and <|endoftext|> after the last one when
+# no generation prompt follows.
+PHI3_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] in ['system', 'user', 'assistant'] %}"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|assistant|>\\n' }}"
+    "{%- else %}"
+    "{{- eos_token }}"
+    "{%- endif %}"
+)
+
 # Per-arch tokenizer/special-token settings.
 TOKEN_SPEC = {
     "llama": dict(bos="<|begin_of_text|>", eos="<|eot_id|>", template=LLAMA3_TEMPLATE),
@@ -160,7 +234,14 @@ TOKEN_SPEC = {
         template=chatml_template("You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
     ),
     "qwen3": dict(bos=None, eos="<|im_end|>", template=chatml_template(None)),
+    "gemma2": dict(bos="<bos>", eos="<eos>", template=GEMMA2_TEMPLATE),
+    "gemma3": dict(bos="<bos>", eos="<end_of_turn>", template=GEMMA3_TEMPLATE),
+    "phi3": dict(bos=None, eos="<|endoftext|>", template=PHI3_TEMPLATE),
 }
+
+# Extra end-of-turn tokens of generation_config.json.
+GEN_EOS = {"llama": ["<|eot_id|>", "<|endoftext|>"], "gemma2": ["<eos>", "<end_of_turn>"],
+           "gemma3": ["<eos>", "<end_of_turn>"], "phi3": ["<|end|>", "<|endoftext|>"]}
 
 # ----------------------------------------------------------------------------
 # Helpers
@@ -227,9 +308,10 @@ def make_corpus(n_sentences=3000, seed=1234):
     return lines
 
 
-def build_tokenizer():
+def build_tokenizer(specials=SPECIAL_TOKENS):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+    SPECIAL_TOKENS = specials  # noqa: N806 (the list this tokenizer is built with)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -296,12 +378,14 @@ def check_tokenizer(model_dir, arch, tok):
         {"role": "assistant", "content": "Yes. The cat is happy!"},
         {"role": "user", "content": "Thanks."},
     ]
+    if arch == "gemma2":
+        msgs = msgs[1:]
     if arch == "mistral":
         text = ht.apply_chat_template(msgs, tokenize=False)
     else:
         text = ht.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     ids = ht(text, add_special_tokens=False)["input_ids"]
-    for s in SPECIAL_TOKENS:
+    for s in SPECIAL_TOKENS + EXTRA_SPECIAL_TOKENS:
         if s in text:
             assert tok.token_to_id(s) in ids, (arch, s)
     assert ht.decode(ids) == text, (arch, text)
@@ -314,7 +398,15 @@ def check_tokenizer(model_dir, arch, tok):
 
 
 def make_config(arch, pad_id, bos_id, eos_id):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     common = dict(
         vocab_size=MODEL_VOCAB,
@@ -373,7 +465,93 @@ def make_config(arch, pad_id, bos_id, eos_id):
             tie_word_embeddings=True,
             use_sliding_window=False,
         )
+    if arch == "gemma2":
+        gemma = {k: v for k, v in common.items() if k != "hidden_act"}
+        return Gemma2Config(
+            **gemma,
+            head_dim=24,
+            query_pre_attn_scalar=20,
+            hidden_act="gelu_pytorch_tanh",
+            hidden_activation="gelu_pytorch_tanh",
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            sliding_window=6,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=2.5,
+            tie_word_embeddings=True,
+        )
+    if arch == "gemma3":
+        gemma = {k: v for k, v in common.items() if k not in ("hidden_act", "num_hidden_layers")}
+        return Gemma3TextConfig(
+            **gemma,
+            num_hidden_layers=3,
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            hidden_activation="gelu_pytorch_tanh",
+            rms_norm_eps=1e-6,
+            sliding_window=5,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+            },
+            tie_word_embeddings=True,
+        )
+    if arch == "phi3":
+        return Phi3Config(
+            **common,
+            rms_norm_eps=1e-5,
+            original_max_position_embeddings=PHI3_ORIGINAL_MAX_POS,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+                "short_factor": [1.0, 1.2, 1.5, 2.5],
+                "long_factor": [1.5, 3.0, 6.0, 12.0],
+            },
+            tie_word_embeddings=False,
+        )
     raise ValueError(arch)
+
+
+# Each family feature of the new fixtures, turned off or changed through a config override: the
+# logits must change, or matching them would prove nothing about the feature.
+FEATURE_CHECKS = {
+    "gemma2": {
+        "attn_logit_softcapping": {"attn_logit_softcapping": None},
+        "final_logit_softcapping": {"final_logit_softcapping": None},
+        "sliding_window": {"layer_types": ["full_attention", "full_attention"]},
+        "query_pre_attn_scalar": {"query_pre_attn_scalar": 24},
+    },
+    "gemma3": {
+        "local_rope": {
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+            }
+        },
+        "rope_scaling": {
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            }
+        },
+        "sliding_window": {"layer_types": ["full_attention"] * 3},
+    },
+    "phi3": {
+        "longrope_long_factors": {"original_max_position_embeddings": 64},
+        "partial_rotary_factor": {
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 1.0,
+                "short_factor": [1.0, 1.2, 1.5, 2.5, 1.0, 1.0, 1.0, 1.0],
+                "long_factor": [1.5, 3.0, 6.0, 12.0, 1.0, 1.0, 1.0, 1.0],
+                "original_max_position_embeddings": PHI3_ORIGINAL_MAX_POS,
+            }
+        },
+    },
+}
 
 
 @torch.no_grad()
@@ -453,7 +631,7 @@ def build_model(arch, tok, inputs_for_check):
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     reinit_weights(model, SEEDS[arch])
     model.eval()
-    gen_eos = [eos_id, pad_id] if arch == "llama" else eos_id
+    gen_eos = [tok.token_to_id(t) for t in GEN_EOS[arch]] if arch in GEN_EOS else eos_id
     model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=gen_eos, pad_token_id=pad_id)
 
     out = REPO / MODELS_REL / arch
@@ -522,6 +700,12 @@ def build_model(arch, tok, inputs_for_check):
         assert sd["model.layers.0.self_attn.q_norm.weight"].shape == (32,)
     if arch == "qwen2":
         assert "model.layers.0.self_attn.q_proj.bias" in reloaded.state_dict()
+    for key, overrides in FEATURE_CHECKS.get(arch, {}).items():
+        changed = load_base(arch, **overrides)
+        d = float((run_logits(changed, inputs_for_check) - disk_logits).abs().max())
+        log(f"[{arch}] max |logits - logits with {key} changed ({overrides})| = {d:.4f}")
+        assert d > 1e-3, (arch, key, d)
+        info[f"{key}_effect"] = d
 
     rendered = check_tokenizer(str(out), arch, tok)
     log(f"[{arch}] chat template renders: {rendered!r}")
@@ -533,9 +717,12 @@ def build_model(arch, tok, inputs_for_check):
 # ----------------------------------------------------------------------------
 
 
-def lora_configs():
+def lora_configs(arch):
     from peft import LoraConfig
 
+    rslora_targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
+    if arch == "phi3":
+        rslora_targets = ["qkv_proj", "o_proj", "down_proj"]
     return {
         "peft": LoraConfig(
             r=4,
@@ -550,7 +737,7 @@ def lora_configs():
             r=8,
             lora_alpha=16,
             lora_dropout=0.0,
-            target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+            target_modules=rslora_targets,
             use_rslora=True,
             task_type="CAUSAL_LM",
         ),
@@ -617,7 +804,7 @@ def check_loaded_weights(pm, folder):
 
 def build_golden(arch, inputs, model_info):
     adapters = {}
-    for i, (kind, cfg) in enumerate(lora_configs().items()):
+    for i, (kind, cfg) in enumerate(lora_configs(arch).items()):
         adapters[kind] = build_adapter(arch, kind, cfg, SEEDS[arch] * 10 + i)
 
     base = load_base(arch)
@@ -683,20 +870,22 @@ def build_golden(arch, inputs, model_info):
         "max_abs_logits_peft_minus_base": effect["peft"],
         "max_abs_logits_peft_rslora_minus_base": effect["peft_rslora"],
         "lm_head_saved": model_info["lm_head_saved"],
-        **{k: model_info[k] for k in ("sliding_window_effect", "rope_scaling_effect") if k in model_info},
+        **{k: v for k, v in model_info.items() if k.endswith("_effect")},
     }
 
 
 def cmd_build():
     tok = build_tokenizer()
+    tok_new = build_tokenizer(SPECIAL_TOKENS + EXTRA_SPECIAL_TOKENS)
     pad_id = tok.token_to_id("<|endoftext|>")
+    assert tok_new.token_to_id("<|endoftext|>") == pad_id
     inputs = make_inputs(pad_id)
     (REPO / GOLDEN_REL).mkdir(parents=True, exist_ok=True)
     meta = {"versions": versions(), "archs": {}}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for arch in ARCHS:
-            info = build_model(arch, tok, inputs)
+            info = build_model(arch, tok_new if arch in NEW_ARCHS else tok, inputs)
             meta["archs"][arch] = build_golden(arch, inputs, info)
     seen = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
     for w in seen:

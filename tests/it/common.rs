@@ -5,7 +5,7 @@ use std::process::Command;
 use candle_core::{DType, Device, Tensor};
 use lorafold::model::{LoadOptions, Model};
 
-pub const ARCHS: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
+pub const ARCHS: [&str; 7] = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"];
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
