@@ -36,6 +36,10 @@ pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     /// Positions cached (the same in every layer once a forward pass has completed).
     len: usize,
+    /// The token ids fed so far, [B, len] (u32), kept so the cache can be rebuilt.
+    ids: Option<Tensor>,
+    /// The keys were rotated with longrope's long factors (Phi-3).
+    long_rope: bool,
 }
 
 impl KvCache {
@@ -44,6 +48,8 @@ impl KvCache {
         KvCache {
             layers: (0..num_layers).map(|_| None).collect(),
             len: 0,
+            ids: None,
+            long_rope: false,
         }
     }
 
@@ -64,6 +70,8 @@ impl KvCache {
     pub fn reset(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);
         self.len = 0;
+        self.ids = None;
+        self.long_rope = false;
     }
 
     /// Keep only the first `len` positions (no-op when `len` is not shorter), so a new prompt
@@ -78,6 +86,9 @@ impl KvCache {
         }
         // Positions past `len` are simply overwritten by the next append.
         self.len = len;
+        if let Some(ids) = &self.ids {
+            self.ids = Some(ids.narrow(1, 0, len)?);
+        }
         Ok(())
     }
 
@@ -127,6 +138,23 @@ impl KvCache {
     /// Record that a forward pass appended `t_new` positions to every layer.
     pub(crate) fn advance(&mut self, t_new: usize) {
         self.len += t_new;
+    }
+
+    /// Record the ids [B, T_new] of the positions a forward pass is appending, and whether their
+    /// keys use longrope's long factors.
+    pub(crate) fn record_ids(&mut self, ids: &Tensor, long_rope: bool) -> Result<()> {
+        let ids = ids.to_dtype(candle_core::DType::U32)?;
+        self.ids = Some(match &self.ids {
+            Some(old) => Tensor::cat(&[old, &ids], 1)?,
+            None => ids,
+        });
+        self.long_rope = long_rope;
+        Ok(())
+    }
+
+    /// The ids fed so far, [B, len], and whether their keys use longrope's long factors.
+    pub(crate) fn fed(&self) -> Option<(&Tensor, bool)> {
+        self.ids.as_ref().map(|ids| (ids, self.long_rope))
     }
 }
 

@@ -470,7 +470,7 @@ fn rotary_dim(raw: &RawConfig, head_dim: usize, path: &Path) -> Result<usize> {
         .and_then(|v| v.as_f64());
     let factor = raw.partial_rotary_factor.or(in_params).unwrap_or(1.0);
     let dim = (head_dim as f64 * factor) as usize;
-    if !(factor > 0.0 && factor <= 1.0) || dim == 0 || dim % 2 != 0 {
+    if !(factor > 0.0 && factor <= 1.0) || dim == 0 || !dim.is_multiple_of(2) {
         return Err(cfg_err(
             path,
             "partial_rotary_factor",
@@ -492,15 +492,15 @@ fn rope(
 ) -> Result<(f64, RopeScaling, Option<(f64, RopeScaling)>)> {
     let params = raw.rope_parameters.as_ref().and_then(|v| v.as_object());
     let per_type = params.filter(|p| p.contains_key("full_attention") || p.contains_key("sliding_attention"));
-    let ctx = RopeContext {
-        raw,
-        rotary_dim,
-        path,
-    };
+    let ctx = RopeContext { raw, rotary_dim, path };
     if let Some(p) = per_type {
         let of = |key: &str, default_theta: f64| -> Result<(f64, RopeScaling)> {
             match p.get(key).and_then(|v| v.as_object()) {
-                Some(obj) => ctx.resolve(raw.rope_theta.filter(|_| key == "full_attention"), Some(obj), default_theta),
+                Some(obj) => ctx.resolve(
+                    raw.rope_theta.filter(|_| key == "full_attention"),
+                    Some(obj),
+                    default_theta,
+                ),
                 None => Ok((default_theta, RopeScaling::None)),
             }
         };
@@ -585,7 +585,10 @@ fn rope_scaling(obj: &serde_json::Map<String, Value>, ctx: &RopeContext) -> Resu
 fn long_rope(obj: &serde_json::Map<String, Value>, ctx: &RopeContext) -> Result<RopeScaling> {
     let err = |msg: String| cfg_err(ctx.path, "rope_scaling", msg);
     let factors = |key: &str| -> Result<Vec<f64>> {
-        let list = obj.get(key).and_then(|v| v.as_array()).ok_or_else(|| err(format!("longrope needs a list {key:?}")))?;
+        let list = obj
+            .get(key)
+            .and_then(|v| v.as_array())
+            .ok_or_else(|| err(format!("longrope needs a list {key:?}")))?;
         let v: Vec<f64> = list.iter().filter_map(|x| x.as_f64()).collect();
         if v.len() != list.len() || v.len() != ctx.rotary_dim / 2 || v.iter().any(|&f| f <= 0.0) {
             return Err(err(format!(
@@ -631,7 +634,13 @@ fn sliding_windows(raw: &RawConfig, arch: Arch, path: &Path) -> Result<Vec<Optio
             _ => raw.sliding_window_pattern.unwrap_or(6).max(1),
         };
         return Ok((0..n_layers)
-            .map(|i| if (i + 1) % pattern != 0 { raw.sliding_window } else { None })
+            .map(|i| {
+                if (i + 1) % pattern != 0 {
+                    raw.sliding_window
+                } else {
+                    None
+                }
+            })
             .collect());
     }
     Ok(match arch {

@@ -19,7 +19,11 @@ use crate::model::linear::{Fwd, LoraLinear};
 /// then v (Phi-3's `qkv_proj`).
 #[derive(Debug, Clone)]
 enum Qkv {
-    Split { q: LoraLinear, k: LoraLinear, v: LoraLinear },
+    Split {
+        q: LoraLinear,
+        k: LoraLinear,
+        v: LoraLinear,
+    },
     Fused(LoraLinear),
 }
 
@@ -481,6 +485,18 @@ impl Model {
             return Err(Error::Msg("forward_cached: no new tokens".into()));
         }
         let start = cache.len();
+        let long = self.rope.uses_long(start + t) || self.rope_local.as_ref().is_some_and(|r| r.uses_long(start + t));
+        if let Some((fed, cached_long)) = cache.fed() {
+            if start > 0 && cached_long != long {
+                // Longrope changes factors once the sequence passes the original context: the
+                // cached keys were rotated with the other set, so everything is fed again (as
+                // transformers' Phi-3 drops its cache at that point).
+                let all = Tensor::cat(&[fed, &input_ids.to_dtype(DType::U32)?], 1)?;
+                cache.reset();
+                return self.forward_cached_inner(&all, cache, ctx);
+            }
+        }
+        cache.record_ids(input_ids, long)?;
         let mut x = self.embed(input_ids)?;
         let tables = self.rope_tables(start..start + t, &[t])?;
         let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
@@ -494,9 +510,14 @@ impl Model {
                     m
                 }
             };
-            x = self
-                .geo
-                .block_forward(block, &x, tables.of(&block.attn), mask.as_ref(), Some((&mut *cache, l)), ctx)?;
+            x = self.geo.block_forward(
+                block,
+                &x,
+                tables.of(&block.attn),
+                mask.as_ref(),
+                Some((&mut *cache, l)),
+                ctx,
+            )?;
         }
         cache.advance(t);
         let last = x.narrow(1, t - 1, 1)?;
@@ -627,7 +648,10 @@ fn load_block(cfg: &ModelConfig, ws: &WeightSource, l: usize, opts: &LoadOptions
     };
     let h = cfg.hidden_size;
     let ff_norms = if gemma {
-        Some((norm("pre_feedforward_layernorm", h)?, norm("post_feedforward_layernorm", h)?))
+        Some((
+            norm("pre_feedforward_layernorm", h)?,
+            norm("post_feedforward_layernorm", h)?,
+        ))
     } else {
         None
     };

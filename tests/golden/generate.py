@@ -498,8 +498,10 @@ def make_config(arch, pad_id, bos_id, eos_id):
             tie_word_embeddings=True,
         )
     if arch == "phi3":
+        # max_position_embeddings 128 over an original 12: longrope's attention factor
+        # sqrt(1 + ln(128/12) / ln 12) = 1.40.
         return Phi3Config(
-            **common,
+            **{**common, "max_position_embeddings": 128},
             rms_norm_eps=1e-5,
             original_max_position_embeddings=PHI3_ORIGINAL_MAX_POS,
             rope_parameters={
@@ -563,10 +565,19 @@ def reinit_weights(model, seed):
     touched = set()
     for name, mod in model.named_modules():
         if type(mod).__name__.endswith("RMSNorm"):
-            mod.weight.copy_(1.0 + 0.2 * torch.randn_like(mod.weight))
+            # Gemma's norms scale by (1 + w), so their weights sit around 0.
+            # Gemma's final norm at about 8 keeps its logits (through the smaller tied
+            # embeddings, below) at the spread of the other fixtures.
+            centre = 0.0 if type(mod).__name__.startswith("Gemma") else 1.0
+            if type(mod).__name__.startswith("Gemma") and name == "model.norm":
+                centre = 7.0
+            mod.weight.copy_(centre + 0.2 * torch.randn_like(mod.weight))
             touched.add(id(mod.weight))
         elif isinstance(mod, nn.Embedding):
-            mod.weight.copy_(torch.randn_like(mod.weight) / math.sqrt(hidden))
+            # Gemma multiplies embeddings by sqrt(hidden): smaller rows keep the tiny model from
+            # only copying its input token through the tied head.
+            std = 0.125 if "Gemma" in type(mod).__name__ else 1.0
+            mod.weight.copy_(std * torch.randn_like(mod.weight) / math.sqrt(hidden))
             touched.add(id(mod.weight))
         elif isinstance(mod, nn.Linear):
             if id(mod.weight) in touched:  # tied lm_head shares the embedding matrix

@@ -15,7 +15,11 @@ writes ``tests/golden/infer.json``:
     (generation_config.json), as ``lorafold infer`` does by default (the tiny models never emit
     them, so this equals ``greedy_base``);
   - ``stop_base``: generation that stops: ``stop_token`` (a token greedy decoding first emits at
-    step ``STOP_STEP`` or later) is made the only EOS; the tokens up to and including it.
+    step ``STOP_STEP`` or later) is made the only EOS; the tokens up to and including it;
+  - ``short_prompt_ids`` / ``greedy_base_short``: the first ``SHORT_PROMPT`` prompt tokens and 32
+    greedy tokens after them. For phi3 the decode crosses longrope's original context (12
+    positions), where transformers switches from the short to the long factors.
+  Gemma 2's template has no system role, so its prompt is the user turn alone.
 * ``processors``: one logits vector, a context of token ids, and what transformers'
   RepetitionPenalty / Temperature / TopK / TopP processors (alone and chained in generate's
   order) make of it; ``null`` stands for -inf.
@@ -33,7 +37,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
+SHORT_PROMPT = 5
 NEW_TOKENS = 32
 REP_PENALTY = 1.5
 STOP_STEP = 5
@@ -93,7 +98,7 @@ def arch_golden(arch):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(REPO / "tests/fixtures/models" / arch)
-    msgs = MESSAGES
+    msgs = MESSAGES[1:] if arch == "gemma2" else MESSAGES
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     base = load_base(arch)
@@ -109,9 +114,14 @@ def arch_golden(arch):
         "chat_base": greedy(base, ids, stop=True),
     }
     g = out["greedy_base"]
-    k = next(i for i in range(STOP_STEP, NEW_TOKENS) if g[i] not in g[:i])
+    # The first new token at STOP_STEP or later (earlier when decoding repeats itself from there).
+    k = next((i for i in range(STOP_STEP, NEW_TOKENS) if g[i] not in g[:i]), None)
+    if k is None:
+        k = max(i for i in range(1, NEW_TOKENS) if g[i] not in g[:i])
     out["stop_base"] = {"stop_token": g[k], "tokens": greedy(base, ids, stop=True, eos=[g[k]])}
     assert out["stop_base"]["tokens"] == g[: k + 1], (arch, out["stop_base"])
+    out["short_prompt_ids"] = ids[:SHORT_PROMPT]
+    out["greedy_base_short"] = greedy(base, ids[:SHORT_PROMPT], stop=False)
     out["chat_base_text"] = tok.decode(out["chat_base"], skip_special_tokens=True)
     assert out["greedy_base"] != out["greedy_peft"], arch
     assert out["greedy_base"] != out["greedy_base_rep"], arch

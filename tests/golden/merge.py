@@ -44,14 +44,14 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
 COMBO_ARCHS = ["qwen2"]
 MODELS = "tests/fixtures/models"
 ADAPTERS = "tests/fixtures/adapters"
 MERGE_ADAPTERS = "tests/fixtures/merge_adapters"
 MERGED = "tests/fixtures/merged"
 GOLDEN = "tests/golden"
-SEEDS = {"llama": 111, "mistral": 222, "qwen2": 333, "qwen3": 444}
+SEEDS = {"llama": 111, "mistral": 222, "qwen2": 333, "qwen3": 444, "gemma2": 555, "gemma3": 666, "phi3": 777}
 MERGE_TOL = 1e-6
 LOGIT_TOL = 1e-4
 

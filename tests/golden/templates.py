@@ -4,7 +4,8 @@ For each fixture model (tests/fixtures/models/*) this renders a few conversation
 transformers' ``apply_chat_template`` (with and without ``add_generation_prompt``) and records
 the text and its token ids (``add_special_tokens=False``), using
 
-* the model's own template (from tokenizer_config.json), for all four models;
+* the model's own template (from tokenizer_config.json), for all seven models (a template that
+  raises, as Gemma 2's does for a system turn, is recorded with its message as `"error"`);
 * lorafold's named fallback templates (src/data/templates/*.jinja) and a template exercising
   Jinja features (tests/fixtures/data/templates/features.jinja), with the llama tokenizer (which
   has a BOS token) and the qwen3 one (which has none).
@@ -37,7 +38,7 @@ from tokenizers import Tokenizer  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-MODELS = ["llama", "mistral", "qwen2", "qwen3"]
+MODELS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
 NAMED = ["chatml", "llama3", "mistral", "raw"]
 
 
@@ -73,16 +74,19 @@ def cases_for(tok, fast, model, template_name, source):
     for conv_name, conv in CONVERSATIONS.items():
         for gen in (True, False):
             kwargs = {} if source is None else {"chat_template": source}
-            text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen, **kwargs)
-            ids = fast.encode(text, add_special_tokens=False).ids
             case = {
                 "model": model,
                 "template": template_name,
                 "conversation": conv_name,
                 "add_generation_prompt": gen,
-                "text": text,
-                "ids": ids,
             }
+            try:
+                text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen, **kwargs)
+            except jinja2.exceptions.TemplateError as e:
+                out.append({**case, "error": str(e)})
+                continue
+            ids = fast.encode(text, add_special_tokens=False).ids
+            case.update(text=text, ids=ids)
             hf_ids = tok(text, add_special_tokens=False)["input_ids"]
             if hf_ids != ids:
                 case["transformers_ids"] = hf_ids

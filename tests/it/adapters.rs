@@ -55,10 +55,7 @@ fn saved_adapter_has_peft_layout_and_round_trips() {
         assert_eq!(cfg["base_model_name_or_path"], format!("tests/fixtures/models/{arch}"));
         let mut targets: Vec<String> = serde_json::from_value(cfg["target_modules"].clone()).unwrap();
         targets.sort();
-        let mut all: Vec<String> = lorafold::model::config::LINEAR_MODULES
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut all: Vec<String> = model.cfg.linear_modules().iter().map(|s| s.to_string()).collect();
         all.sort();
         assert_eq!(targets, all);
 

@@ -79,7 +79,18 @@ fn greedy_matches_transformers_generate() {
         let gen = generate(&model, &Fwd::base(), &prompt, &o, |_| Ok(())).unwrap();
         assert_eq!(gen.tokens, ids(&stop["tokens"]), "{arch}: stop");
         assert_eq!(gen.finish, FinishReason::Stop);
-        println!("{arch}: {n} greedy tokens match transformers (base, adapter, repetition penalty, stop)");
+
+        // From a 5-token prompt (phi3: the decode crosses longrope's original context of 12
+        // positions, where the long factors take over for the later tokens).
+        let short = ids(&a["short_prompt_ids"]);
+        assert_eq!(
+            run(&model, Fwd::base(), &short, &greedy_opts(n)),
+            ids(&a["greedy_base_short"]),
+            "{arch}: short prompt"
+        );
+        println!(
+            "{arch}: {n} greedy tokens match transformers (base, adapter, repetition penalty, stop, short prompt)"
+        );
     }
 }
 
@@ -210,22 +221,23 @@ fn merged_folder_generates_like_the_unmerged_adapter() {
         let unmerged = run(&model, adapter, &prompt, &greedy_opts(32));
         assert_eq!(run(&merged, Fwd::base(), &prompt, &greedy_opts(32)), unmerged, "{arch}");
         assert_eq!(unmerged, ids(&g["archs"][arch]["greedy_peft"]), "{arch}");
-        // And through the command, on the merged folder.
-        let out = lorafold(
-            &[
-                "infer",
-                "--model",
-                dir.path().to_str().unwrap(),
-                "--prompt",
-                "Hello world, is the cat happy?",
-                "--system",
-                "You are a small model.",
-                "--max_new_tokens",
-                "32",
-                "--ignore_eos",
-            ],
-            &[],
-        );
+        // And through the command, on the merged folder (with the golden's system turn, which
+        // Gemma 2's template has no room for).
+        let mut args = vec![
+            "infer",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--prompt",
+            "Hello world, is the cat happy?",
+            "--max_new_tokens",
+            "32",
+            "--ignore_eos",
+        ];
+        let messages = &g["archs"][arch]["messages"];
+        if messages[0]["role"] == "system" {
+            args.extend(["--system", messages[0]["content"].as_str().unwrap()]);
+        }
+        let out = lorafold(&args, &[]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let text = decode_text(arch, &unmerged);
         assert_eq!(

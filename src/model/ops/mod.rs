@@ -158,6 +158,11 @@ impl Rope {
         rope
     }
 
+    /// Whether a call whose largest position is `longest - 1` uses longrope's long factors.
+    pub fn uses_long(&self, longest: usize) -> bool {
+        self.long.as_ref().is_some_and(|(_, original)| longest > *original)
+    }
+
     /// cos and sin tables of shape `lead` + [rotary_dim/2], one row per position of `positions`
     /// in order: [T] for a range shared by every row, [B, T] for per-row positions. With
     /// longrope, the long frequencies apply to the whole call when its largest position is at or
@@ -172,7 +177,7 @@ impl Rope {
         let positions: Vec<usize> = positions.into_iter().collect();
         let longest = positions.iter().max().map_or(0, |p| p + 1);
         let inv_freq = match &self.long {
-            Some((long, original)) if longest > *original => long,
+            Some((long, _)) if self.uses_long(longest) => long,
             _ => &self.inv_freq,
         };
         let half = inv_freq.len();
