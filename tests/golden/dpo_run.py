@@ -22,7 +22,12 @@ Every model forward is hooked and the input_ids / attention_mask TRL builds are 
 expected layout; an independent re-implementation (plain full-logits log-softmax, own clip, own
 AdamW, own cosine schedule) replays the run and must agree with TRL's logs and final weights.
 
-    /work/venv/bin/python tests/golden/dpo_run.py
+    /work/venv/bin/python tests/golden/dpo_run.py              # qwen2: the files above
+    /work/venv/bin/python tests/golden/dpo_run.py --arch phi3  # dpo_run_phi3.json, ...
+
+With ``--arch A`` (gemma2, gemma3, phi3) the same run is made on that fixture, writing
+``tests/fixtures/adapters/A_dpo_init/`` and ``tests/golden/dpo_run_A{.json,_final_adapter.safetensors,
+_logps.safetensors}``. The requirement that some steps clip holds for qwen2 only.
 """
 
 import json
@@ -49,9 +54,21 @@ import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
+ARCH = "qwen2"
 MODEL_REL = "tests/fixtures/models/qwen2"
 INIT_ADAPTER_REL = "tests/fixtures/adapters/qwen2_dpo_init"
 PEFT_ADAPTER_REL = "tests/fixtures/adapters/qwen2_peft"
+# Output file stem: dpo_run (qwen2) or dpo_run_<arch>.
+STEM = "dpo_run"
+
+
+def set_arch(arch):
+    global ARCH, MODEL_REL, INIT_ADAPTER_REL, PEFT_ADAPTER_REL, STEM
+    ARCH = arch
+    MODEL_REL = f"tests/fixtures/models/{arch}"
+    INIT_ADAPTER_REL = f"tests/fixtures/adapters/{arch}_dpo_init"
+    PEFT_ADAPTER_REL = f"tests/fixtures/adapters/{arch}_peft"
+    STEM = "dpo_run" if arch == "qwen2" else f"dpo_run_{arch}"
 GOLDEN_REL = "tests/golden"
 
 PAD_ID = 0  # "<|endoftext|>", the tokenizer's pad token (and config.pad_token_id)
@@ -320,7 +337,9 @@ class Recorder:
 
         trainer.data_collator = collate
         self.lora_layers = [m for m in trainer.model.modules() if hasattr(m, "lora_A") and hasattr(m, "disable_adapters")]
-        assert len(self.lora_layers) == 14, len(self.lora_layers)
+        # all-linear: 7 per layer (Phi-3's fused projections: 4), 2 layers (Gemma 3: 3).
+        expected = {"qwen2": 14, "gemma2": 14, "gemma3": 21, "phi3": 8}[ARCH]
+        assert len(self.lora_layers) == expected, len(self.lora_layers)
         backbone = trainer.model.get_base_model().model  # Qwen2Model, called by TRL's fused-LM-head forward
 
         def pre_hook(module, args, kwargs):
@@ -648,7 +667,7 @@ def logps_check(pairs, workdir):
         "completion_mask": batch["completion_mask"],
     }
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(REPO / GOLDEN_REL / "dpo_run_logps.safetensors"))
+    save_file(tensors, str(REPO / GOLDEN_REL / f"{STEM}_logps.safetensors"))
     log(f"logps: policy chosen {pol_c.tolist()}, ref chosen {ref_c.tolist()}, loss {float(loss):.6f}")
     return {
         "adapter": PEFT_ADAPTER_REL,
@@ -763,6 +782,11 @@ NOTES = {
 
 
 def main():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", default="qwen2")
+    set_arch(parser.parse_args().arch)
     os.chdir(REPO)
     from transformers.utils import logging as hf_logging
 
@@ -790,12 +814,13 @@ def main():
 
     save_file(
         {k: v for k, v in sorted(run["final"].items())},
-        str(REPO / GOLDEN_REL / "dpo_run_final_adapter.safetensors"),
+        str(REPO / GOLDEN_REL / f"{STEM}_final_adapter.safetensors"),
         metadata={"format": "pt"},
     )
     steps = run["steps"]
     clipped = [s["step"] for s in steps if s["clipped"]]
-    assert clipped and len(clipped) < len(steps), f"clipping must happen on some steps but not all: {clipped}"
+    if ARCH == "qwen2":
+        assert clipped and len(clipped) < len(steps), f"clipping must happen on some steps but not all: {clipped}"
     settings = {
         "lora": dict(LORA),
         "init": {
@@ -820,7 +845,7 @@ def main():
     out = {
         "model": MODEL_REL,
         "init_adapter": INIT_ADAPTER_REL,
-        "final_adapter": f"{GOLDEN_REL}/dpo_run_final_adapter.safetensors",
+        "final_adapter": f"{GOLDEN_REL}/{STEM}_final_adapter.safetensors",
         "settings": settings,
         "pairs": pairs,
         "order": run["order"],
@@ -834,10 +859,10 @@ def main():
             "tolerances": REPLAY_TOL,
             **rep,
         },
-        "logps_check": {"file": f"{GOLDEN_REL}/dpo_run_logps.safetensors", **logps_info},
+        "logps_check": {"file": f"{GOLDEN_REL}/{STEM}_logps.safetensors", **logps_info},
         "versions": versions(),
     }
-    write_json(REPO / GOLDEN_REL / "dpo_run.json", out)
+    write_json(REPO / GOLDEN_REL / f"{STEM}.json", out)
     log(f"clipped steps: {clipped}")
     log("step  loss       grad_norm  lr          acc   margin")
     for s in steps:

@@ -17,7 +17,17 @@ use serde_json::Value;
 use crate::common::*;
 
 fn golden_run() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(root().join("tests/golden/dpo_run.json")).unwrap()).unwrap()
+    golden_run_of("qwen2")
+}
+
+/// tests/golden/dpo_run.json (qwen2) or dpo_run_<arch>.json: TRL's 20-step run on that fixture.
+fn golden_run_of(arch: &str) -> Value {
+    let name = if arch == "qwen2" {
+        "dpo_run.json".to_string()
+    } else {
+        format!("dpo_run_{arch}.json")
+    };
+    serde_json::from_str(&std::fs::read_to_string(root().join("tests/golden").join(name)).unwrap()).unwrap()
 }
 
 fn golden_pairs(g: &Value) -> Vec<PairIds> {
@@ -47,7 +57,7 @@ fn golden_settings(g: &Value) -> Settings {
     let f = |k: &str| st[k].as_f64().unwrap_or_else(|| panic!("settings.{k}"));
     let u = |k: &str| st[k].as_u64().unwrap_or_else(|| panic!("settings.{k}")) as usize;
     DpoOptions {
-        model: Some("tests/fixtures/models/qwen2".into()),
+        model: Some(g["model"].as_str().unwrap().into()),
         dataset: Some(vec!["unused".into()]),
         beta: Some(f("beta")),
         learning_rate: Some(f("learning_rate")),
@@ -77,14 +87,21 @@ fn quiet_loop(s: &Settings, n: usize) -> LoopConfig {
     c
 }
 
+/// TRL's per-sequence log-probs of 4 pairs, padded and packed, on every fixture with a TRL run.
 #[test]
 fn sequence_logps_match_trl() {
-    let g = golden_run();
+    for arch in ["qwen2", "gemma2", "gemma3", "phi3"] {
+        sequence_logps_match_trl_on(arch);
+    }
+}
+
+fn sequence_logps_match_trl_on(arch: &str) {
+    let g = golden_run_of(arch);
     let pairs = golden_pairs(&g);
-    let want =
-        candle_core::safetensors::load(root().join("tests/golden/dpo_run_logps.safetensors"), &Device::Cpu).unwrap();
-    let mut model = load_model("qwen2");
-    let ad = load_adapter(&mut model, &adapter_dir("qwen2_peft"), false).unwrap();
+    let file = g["logps_check"]["file"].as_str().unwrap();
+    let want = candle_core::safetensors::load(root().join(file), &Device::Cpu).unwrap();
+    let mut model = load_model(arch);
+    let ad = load_adapter(&mut model, &adapter_dir(&format!("{arch}_peft")), false).unwrap();
     let four: Vec<&PairIds> = pairs[..4].iter().collect();
     // Both layouts: 2B padded sequences, and B packed rows with the prompt computed once.
     for batch in [
@@ -101,9 +118,9 @@ fn sequence_logps_match_trl() {
         ] {
             let err = max_abs_diff(&got, &want[key]);
             let rel = err / max_abs(&want[key]);
-            println!("{key}: max abs error {err:.3e} (relative {rel:.3e})");
+            println!("{arch} {key}: max abs error {err:.3e} (relative {rel:.3e})");
             // Sums of up to ten f32 log-probs of magnitude ~6: 1e-5 relative to the sum.
-            assert!(rel <= 1e-5, "{key}: {err}");
+            assert!(rel <= 1e-5, "{arch} {key}: {err}");
         }
     }
 }
@@ -169,10 +186,22 @@ fn packed_batches_match_padded_ones() {
 
 #[test]
 fn twenty_steps_match_trl_step_for_step() {
-    let g = golden_run();
+    twenty_steps_match_trl("qwen2");
+}
+
+/// The same 20-step TRL run on the Gemma 2, Gemma 3 and Phi-3 fixtures.
+#[test]
+fn twenty_steps_match_trl_on_gemma_and_phi() {
+    for arch in ["gemma2", "gemma3", "phi3"] {
+        twenty_steps_match_trl(arch);
+    }
+}
+
+fn twenty_steps_match_trl(arch: &str) {
+    let g = golden_run_of(arch);
     let pairs = golden_pairs(&g);
     let s = golden_settings(&g);
-    let mut model = load_model("qwen2");
+    let mut model = load_model(arch);
     let ad = load_adapter(&mut model, &root().join(g["init_adapter"].as_str().unwrap()), true).unwrap();
     let run = DpoRun::new(&model, Some(ad), None, &s).unwrap();
     let out_dir = tempfile::tempdir().unwrap();
@@ -184,7 +213,7 @@ fn twenty_steps_match_trl_step_for_step() {
         &cfg,
         &RunOutput {
             dir: out_dir.path(),
-            base_model: "qwen2",
+            base_model: arch,
             recipe_yaml: "",
             resume_from: None,
         },
@@ -198,7 +227,7 @@ fn twenty_steps_match_trl_step_for_step() {
         let err = (ours["loss"] - l).abs();
         worst = worst.max(err);
         println!(
-            "step {:2}: loss {:.6} vs TRL {:.6} | grad_norm {:.5} vs {:.5} | lr {:.3e}",
+            "{arch} step {:2}: loss {:.6} vs TRL {:.6} | grad_norm {:.5} vs {:.5} | lr {:.3e}",
             i + 1,
             ours["loss"],
             l,
@@ -206,11 +235,11 @@ fn twenty_steps_match_trl_step_for_step() {
             theirs["grad_norm"].as_f64().unwrap(),
             ours["learning_rate"]
         );
-        assert!(err <= 1e-4, "step {}: loss {} vs TRL {l}", i + 1, ours["loss"]);
+        assert!(err <= 1e-4, "{arch} step {}: loss {} vs TRL {l}", i + 1, ours["loss"]);
         let gn = theirs["grad_norm"].as_f64().unwrap();
         assert!(
             (ours["grad_norm"] - gn).abs() <= 1e-3 * gn.max(1e-3),
-            "step {}: grad_norm {} vs {gn}",
+            "{arch} step {}: grad_norm {} vs {gn}",
             i + 1,
             ours["grad_norm"]
         );
@@ -224,24 +253,20 @@ fn twenty_steps_match_trl_step_for_step() {
             if let Some(t) = theirs[key].as_f64() {
                 assert!(
                     (ours[key] - t).abs() <= 1e-3 * t.abs().max(1.0),
-                    "step {} {key}: {} vs {t}",
+                    "{arch} step {} {key}: {} vs {t}",
                     i + 1,
                     ours[key]
                 );
             }
         }
     }
-    println!("worst per-step loss error {worst:.3e}");
+    println!("{arch}: worst per-step loss error {worst:.3e}");
     // The final adapter agrees with TRL's.
-    let want = candle_core::safetensors::load(
-        root().join("tests/golden/dpo_run_final_adapter.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let want = candle_core::safetensors::load(root().join(g["final_adapter"].as_str().unwrap()), &Device::Cpu).unwrap();
     for p in &run.adapter.as_ref().unwrap().params {
         let w = &want[&p.key];
         let rel = max_abs_diff(&p.tensor, w) / max_abs(w);
-        assert!(rel <= 1e-3, "{}: relative error {rel}", p.key);
+        assert!(rel <= 1e-3, "{arch} {}: relative error {rel}", p.key);
     }
 }
 
