@@ -270,6 +270,11 @@ pub struct DpoOptions {
     /// Chat template override: chatml, llama3, mistral, raw, or a Jinja file.
     #[arg(long)]
     pub template: Option<String>,
+    /// Put a row's system message at the start of its first user message (joined by a blank
+    /// line), for chat templates without a system role such as Gemma 2's, which otherwise refuse
+    /// the row.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub fold_system: Option<bool>,
     /// Evaluate on at most this many held-out pairs.
     #[arg(long)]
     pub max_eval_pairs: Option<usize>,

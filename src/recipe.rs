@@ -428,6 +428,7 @@ impl DpoOptions {
             resume_from_checkpoint: o.resume_from_checkpoint,
             skip_bad_rows: o.skip_bad_rows.unwrap_or(false),
             template: o.template,
+            fold_system: o.fold_system.unwrap_or(false),
             max_eval_pairs: o.max_eval_pairs,
             max_nonfinite_steps: o.max_nonfinite_steps.unwrap_or(5),
         })

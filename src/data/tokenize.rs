@@ -52,6 +52,21 @@ pub struct TokenizeOptions {
     /// Longest prompt, in tokens (cut first, by `truncation_mode`).
     pub max_prompt_length: Option<usize>,
     pub truncation_mode: TruncationMode,
+    /// Put a leading system message at the start of the first user message.
+    pub fold_system: bool,
+}
+
+/// `msgs` with a leading system message moved to the start of the first user message (joined
+/// by a blank line, as Gemma 3's template joins them); unchanged when there is none.
+pub fn fold_system(msgs: &[Message]) -> std::borrow::Cow<'_, [Message]> {
+    match msgs {
+        [sys, user, rest @ ..] if sys.role == "system" && user.role == "user" => {
+            let mut first = user.clone();
+            first.content = format!("{}\n\n{}", sys.content, user.content);
+            std::borrow::Cow::Owned(std::iter::once(first).chain(rest.iter().cloned()).collect())
+        }
+        _ => std::borrow::Cow::Borrowed(msgs),
+    }
 }
 
 /// A tokenised pair: the response ids are the tokens that are scored.
@@ -252,21 +267,38 @@ impl Preprocessor {
             stats.dropped_empty += 1;
             return Ok(None);
         }
-        let at_row = |e: Error| Error::DataRow {
-            row: row.to_string(),
-            msg: e.to_string(),
+        let has_system = pair.prompt.first().is_some_and(|m| m.role == "system");
+        let at_row = |e: Error| {
+            let mut msg = e.to_string();
+            if has_system && !opts.fold_system && msg.contains("the template raised an exception") {
+                msg.push_str("; --fold_system puts the system message into the first user message");
+            }
+            Error::DataRow {
+                row: row.to_string(),
+                msg,
+            }
         };
+        let fold = opts.fold_system;
+        let prompt_msgs = if fold {
+            fold_system(&pair.prompt)
+        } else {
+            (&pair.prompt[..]).into()
+        };
+        let rejected_prompt_msgs = pair
+            .rejected_prompt
+            .as_deref()
+            .map(|rp| if fold { fold_system(rp) } else { rp.into() });
         let inner = || -> Result<_> {
-            let prompt = self.prompt_ids(&pair.prompt)?;
-            let (chosen, fb_c) = self.response_ids(&pair.prompt, &prompt, &pair.chosen)?;
-            let (rejected_prompt, rejected, fb_r) = match &pair.rejected_prompt {
+            let prompt = self.prompt_ids(&prompt_msgs)?;
+            let (chosen, fb_c) = self.response_ids(&prompt_msgs, &prompt, &pair.chosen)?;
+            let (rejected_prompt, rejected, fb_r) = match &rejected_prompt_msgs {
                 Some(rp) => {
                     let rp_ids = self.prompt_ids(rp)?;
                     let (r, fb) = self.response_ids(rp, &rp_ids, &pair.rejected)?;
                     (Some(rp_ids).filter(|ids| *ids != prompt), r, fb)
                 }
                 None => {
-                    let (r, fb) = self.response_ids(&pair.prompt, &prompt, &pair.rejected)?;
+                    let (r, fb) = self.response_ids(&prompt_msgs, &prompt, &pair.rejected)?;
                     (None, r, fb)
                 }
             };

@@ -92,6 +92,7 @@ pub fn tokenize_options(s: &Settings) -> TokenizeOptions {
         max_length: s.max_length,
         max_prompt_length: s.max_prompt_length,
         truncation_mode: s.truncation_mode,
+        fold_system: s.fold_system,
     }
 }
 

@@ -82,6 +82,8 @@ pub struct Settings {
     pub resume_from_checkpoint: Option<String>,
     pub skip_bad_rows: bool,
     pub template: Option<String>,
+    /// Fold a system message into the first user message (`--fold_system`).
+    pub fold_system: bool,
     pub max_eval_pairs: Option<usize>,
     pub max_nonfinite_steps: usize,
 }

@@ -61,6 +61,19 @@ CONVERSATIONS = {
         m("user", "And at night?"),
         m("assistant", "At night the sky is dark."),
     ],
+    # "multi" and "multi_chosen" with the system message folded into the first user message, as
+    # lorafold's --fold_system does (for Gemma 2, whose template refuses a system turn).
+    "multi_folded": [
+        m("user", "You are a helpful assistant.\n\nWhat color is the sky?"),
+        m("assistant", "The sky is blue."),
+        m("user", "And at night?"),
+    ],
+    "multi_chosen_folded": [
+        m("user", "You are a helpful assistant.\n\nWhat color is the sky?"),
+        m("assistant", "The sky is blue."),
+        m("user", "And at night?"),
+        m("assistant", "At night the sky is dark."),
+    ],
     "single": [m("user", "Hello world, 42 cats?")],
     "spaces_unicode": [
         m("user", "  Hi there, caf\u00e9 \u65e5\u672c?  "),

@@ -566,11 +566,25 @@ fn responses_are_what_the_full_conversation_adds_to_the_prompt() {
                 .tokenize_pair(&row, &expected_pair(), &TokenizeOptions::default(), &mut stats)
                 .expect_err("a system turn with Gemma 2's template");
             let msg = e.to_string();
-            println!("gemma2: {msg}");
             assert!(
                 msg.contains("x.jsonl") && msg.contains("System role not supported"),
                 "{msg}"
             );
+            assert!(msg.contains("--fold_system"), "{msg}");
+            // With --fold_system the system message opens the first user turn: the ids are
+            // what transformers renders for the folded conversation.
+            let fold = TokenizeOptions {
+                fold_system: true,
+                ..Default::default()
+            };
+            let t = pre
+                .tokenize_pair(&row, &expected_pair(), &fold, &mut stats)
+                .unwrap()
+                .unwrap();
+            let prompt = ids(model, "multi_folded", true);
+            let full = ids(model, "multi_chosen_folded", false);
+            assert_eq!(t.prompt, prompt, "{model} folded");
+            assert_eq!(t.chosen, full[prompt.len()..], "{model} folded");
             continue;
         }
         let t = pre
@@ -792,6 +806,7 @@ fn truncation_keeps_the_chosen_end_of_the_prompt_and_the_start_of_responses() {
             max_length: Some(7),
             max_prompt_length: Some(4),
             truncation_mode: mode,
+            ..Default::default()
         };
         let mut stats = PrepareStats::default();
         let t = pre.tokenize_pair(&row(1), &pair, &opts, &mut stats).unwrap().unwrap();
@@ -807,6 +822,7 @@ fn truncation_keeps_the_chosen_end_of_the_prompt_and_the_start_of_responses() {
         max_length: Some(1000),
         max_prompt_length: Some(1000),
         truncation_mode: TruncationMode::KeepEnd,
+        ..Default::default()
     };
     let mut stats = PrepareStats::default();
     assert_eq!(
@@ -839,6 +855,7 @@ fn identical_and_empty_pairs_are_dropped_and_counted() {
         max_length: Some(max_length),
         max_prompt_length: None,
         truncation_mode: TruncationMode::KeepEnd,
+        ..Default::default()
     };
     let r6 = pre
         .tokenize_pair(
