@@ -56,6 +56,16 @@ pub struct TokenizeOptions {
     pub fold_system: bool,
 }
 
+/// A row's error message, with a pointer to `--fold_system` when a template refused a row that
+/// has a system turn.
+fn fold_hint(mut msg: String, pair: &PreferencePair, opts: &TokenizeOptions) -> String {
+    let has_system = pair.prompt.first().is_some_and(|m| m.role == "system");
+    if has_system && !opts.fold_system && msg.contains("the template raised an exception") {
+        msg.push_str("; --fold_system puts the system message into the first user message");
+    }
+    msg
+}
+
 /// `msgs` with a leading system message moved to the start of the first user message (joined
 /// by a blank line, as Gemma 3's template joins them); unchanged when there is none.
 pub fn fold_system(msgs: &[Message]) -> std::borrow::Cow<'_, [Message]> {
@@ -252,6 +262,38 @@ impl Preprocessor {
         Ok((ids, true))
     }
 
+    /// Prompt, chosen, rejected prompt (when it differs) and rejected ids of a pair, untruncated,
+    /// and whether a response boundary fell back to the response text alone.
+    #[allow(clippy::type_complexity)]
+    fn tokenize_sides(
+        &self,
+        pair: &PreferencePair,
+        fold: bool,
+    ) -> Result<(Vec<u32>, Vec<u32>, Option<Vec<u32>>, Vec<u32>, bool)> {
+        let folded = |msgs: &'_ [Message]| -> Vec<Message> {
+            if fold {
+                fold_system(msgs).into_owned()
+            } else {
+                msgs.to_vec()
+            }
+        };
+        let prompt_msgs = folded(&pair.prompt);
+        let prompt = self.prompt_ids(&prompt_msgs)?;
+        let (chosen, fb_c) = self.response_ids(&prompt_msgs, &prompt, &pair.chosen)?;
+        let (rejected_prompt, rejected, fb_r) = match pair.rejected_prompt.as_deref().map(folded) {
+            Some(rp) => {
+                let rp_ids = self.prompt_ids(&rp)?;
+                let (r, fb) = self.response_ids(&rp, &rp_ids, &pair.rejected)?;
+                (Some(rp_ids).filter(|ids| *ids != prompt), r, fb)
+            }
+            None => {
+                let (r, fb) = self.response_ids(&prompt_msgs, &prompt, &pair.rejected)?;
+                (None, r, fb)
+            }
+        };
+        Ok((prompt, chosen, rejected_prompt, rejected, fb_c || fb_r))
+    }
+
     /// Tokenise, check the boundary, truncate. `Ok(None)` when the pair is dropped (stats say
     /// why). Template and tokenizer failures are errors naming the row.
     pub fn tokenize_pair(
@@ -267,44 +309,12 @@ impl Preprocessor {
             stats.dropped_empty += 1;
             return Ok(None);
         }
-        let has_system = pair.prompt.first().is_some_and(|m| m.role == "system");
-        let at_row = |e: Error| {
-            let mut msg = e.to_string();
-            if has_system && !opts.fold_system && msg.contains("the template raised an exception") {
-                msg.push_str("; --fold_system puts the system message into the first user message");
-            }
-            Error::DataRow {
-                row: row.to_string(),
-                msg,
-            }
+        let at_row = |e: Error| Error::DataRow {
+            row: row.to_string(),
+            msg: fold_hint(e.to_string(), pair, opts),
         };
-        let fold = opts.fold_system;
-        let prompt_msgs = if fold {
-            fold_system(&pair.prompt)
-        } else {
-            (&pair.prompt[..]).into()
-        };
-        let rejected_prompt_msgs = pair
-            .rejected_prompt
-            .as_deref()
-            .map(|rp| if fold { fold_system(rp) } else { rp.into() });
-        let inner = || -> Result<_> {
-            let prompt = self.prompt_ids(&prompt_msgs)?;
-            let (chosen, fb_c) = self.response_ids(&prompt_msgs, &prompt, &pair.chosen)?;
-            let (rejected_prompt, rejected, fb_r) = match &rejected_prompt_msgs {
-                Some(rp) => {
-                    let rp_ids = self.prompt_ids(rp)?;
-                    let (r, fb) = self.response_ids(rp, &rp_ids, &pair.rejected)?;
-                    (Some(rp_ids).filter(|ids| *ids != prompt), r, fb)
-                }
-                None => {
-                    let (r, fb) = self.response_ids(&prompt_msgs, &prompt, &pair.rejected)?;
-                    (None, r, fb)
-                }
-            };
-            Ok((prompt, chosen, rejected_prompt, rejected, fb_c || fb_r))
-        };
-        let (mut prompt, mut chosen, mut rejected_prompt, mut rejected, fallback) = inner().map_err(at_row)?;
+        let (mut prompt, mut chosen, mut rejected_prompt, mut rejected, fallback) =
+            self.tokenize_sides(pair, opts.fold_system).map_err(at_row)?;
 
         // Same prompt (no separate rejected prompt survives when the ids agree) and same response.
         let identical = |c: &[u32], r: &[u32], rp: &Option<Vec<u32>>| c == r && rp.is_none();
