@@ -88,11 +88,12 @@ pub enum Error {
     #[error("{path}: no such file or folder")]
     NotFound { path: PathBuf },
 
-    #[error(
-        "{path}: unsupported architecture {name:?} (supported: {})",
-        crate::model::config::SUPPORTED_ARCHITECTURES
-    )]
-    UnsupportedArchitecture { path: PathBuf, name: String },
+    #[error("{path}: unsupported architecture {name:?} (supported: {supported})")]
+    UnsupportedArchitecture {
+        path: PathBuf,
+        name: String,
+        supported: &'static str,
+    },
 
     #[error("{path}: key {key:?}: {msg}")]
     Config { path: PathBuf, key: String, msg: String },

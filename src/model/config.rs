@@ -344,6 +344,7 @@ fn detect_arch(raw: &RawConfig, path: &Path) -> Result<Arch> {
     Arch::from_name(name).ok_or_else(|| Error::UnsupportedArchitecture {
         path: path.into(),
         name: name.clone(),
+        supported: SUPPORTED_ARCHITECTURES,
     })
 }
 
