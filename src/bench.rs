@@ -165,7 +165,7 @@ fn measure(run: &DpoRun, pairs: &[PairIds], refs: Option<&[[f32; 2]]>, a: &Bench
         eps: 1e-8,
         weight_decay: 0.0,
     };
-    let mut updater = Updater::new(adapter, adamw, 1.0)?;
+    let mut updater = Updater::new(adapter, adamw, 1.0, None)?;
     let mut times = Vec::new();
     let mut tokens = 0;
     let mut state = Default::default();

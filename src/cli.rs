@@ -156,6 +156,42 @@ pub struct DpoOptions {
     /// Rank-stabilised LoRA: scale by alpha / √r [default: false].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub use_rslora: Option<bool>,
+    /// DoRA: a trained magnitude per output row on top of LoRA's direction (PEFT's use_dora)
+    /// [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub use_dora: Option<bool>,
+    /// A regex over module paths (full match) choosing the adapted layers; overrides
+    /// --lora_target_modules (alias: --target_regex, ms-swift 3.x).
+    #[arg(long, alias = "target-regex")]
+    #[serde(alias = "target_regex")]
+    pub lora_target_regex: Option<String>,
+    /// Layers left without an adapter: module names (matched as path suffixes) or one regex over
+    /// module paths (PEFT's exclude_modules).
+    #[arg(long, num_args = 1..)]
+    pub exclude_modules: Option<Vec<String>>,
+    /// Adapt only these decoder layers, by index (PEFT's layers_to_transform).
+    #[arg(long, num_args = 1..)]
+    pub layers_to_transform: Option<Vec<usize>>,
+    /// The name of the layer list in module paths whose index --layers_to_transform reads
+    /// [default: the first numbered name, `layers`].
+    #[arg(long)]
+    pub layers_pattern: Option<String>,
+    /// Per-module ranks, as JSON {"pattern": r}: a pattern matches the end of a module path at a
+    /// dot boundary, the first match wins (PEFT's rank_pattern).
+    #[arg(long, value_parser = json_map::<usize>)]
+    pub rank_pattern: Option<std::collections::BTreeMap<String, usize>>,
+    /// Per-module alphas, as JSON {"pattern": alpha} (PEFT's alpha_pattern).
+    #[arg(long, value_parser = json_map::<f64>)]
+    pub alpha_pattern: Option<std::collections::BTreeMap<String, f64>>,
+    /// LoRA+: B matrices (and DoRA magnitudes) learn at this multiple of --learning_rate
+    /// (alias: --loraplus_lr_ratio; PEFT's create_loraplus_optimizer groups).
+    #[arg(long, alias = "loraplus-lr-ratio", alias = "loraplus_lr_ratio")]
+    #[serde(alias = "loraplus_lr_ratio")]
+    pub lorap_lr_ratio: Option<f64>,
+    /// LoRA+ learning rate of embedding adapters; lorafold puts no adapter on embeddings, so it is
+    /// accepted and noted.
+    #[arg(long)]
+    pub loraplus_lr_embedding: Option<f64>,
     /// Start from an existing adapter folder (trained further).
     #[arg(long)]
     pub adapters: Option<PathBuf>,
@@ -829,6 +865,13 @@ impl DpoOptions {
             .map(|k| format!("--{k}"))
             .collect()
     }
+}
+
+/// A JSON object of pattern -> value, for --rank_pattern and --alpha_pattern.
+fn json_map<V: serde::de::DeserializeOwned>(
+    s: &str,
+) -> std::result::Result<std::collections::BTreeMap<String, V>, String> {
+    serde_json::from_str(s).map_err(|e| format!("expected a JSON object such as {{\"q_proj\": 16}}: {e}"))
 }
 
 #[cfg(test)]

@@ -200,12 +200,15 @@ pub enum Error {
     #[error("target_modules: invalid regex {pattern:?}: {msg}")]
     TargetRegex { pattern: String, msg: String },
 
-    #[error(
-        "target_modules {target} selects no linear layer of the model (its layers are \
-         q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
-    )]
+    #[error("target_modules {target} selects no linear layer of the model (its layers are {layers})")]
     /// `target` is the targets as written in an adapter_config.json (Debug form).
-    TargetUnmatched { target: String },
+    TargetUnmatched { target: String, layers: String },
+
+    #[error("{field}: {pattern:?} matches no adapted module")]
+    PatternUnmatched { field: &'static str, pattern: String },
+
+    #[error("exclude_modules {pattern} matches no linear layer of the model")]
+    ExcludeUnmatched { pattern: String },
 
     #[error("{spec}: --model must be a folder or a hub id, not a file")]
     ModelIsFile { spec: String },

@@ -11,8 +11,8 @@ use crate::dpo::loss::{LossKind, LossParams};
 use crate::error::{Error, Result};
 use crate::model::load::DtypeChoice;
 use crate::train::schedule::SchedulerKind;
-use crate::train::settings::Interval;
 pub use crate::train::settings::Settings;
+use crate::train::settings::{Interval, LoraExtra};
 
 impl DpoOptions {
     /// Read a YAML recipe. Keys may use `_` or `-`; unknown keys are errors naming them.
@@ -94,6 +94,11 @@ impl DpoOptions {
                 "note: --tuner_backend {t} is accepted; lorafold writes PEFT adapters, which peft and ms-swift both load"
             ));
         }
+        if let Some(lr) = self.loraplus_lr_embedding {
+            notes.push(format!(
+                "note: --loraplus_lr_embedding {lr} is ignored; lorafold puts no adapter on embedding layers"
+            ));
+        }
         if self.check_model_is_latest.is_some() {
             notes.push("note: --check_model_is_latest is ignored; lorafold uses the model files it finds".into());
         }
@@ -155,6 +160,8 @@ impl DpoOptions {
             "rpo_alpha" => self.rpo_alpha,
             "simpo_gamma" => self.simpo_gamma,
             "discopop_tau" => self.discopop_tau,
+            "lorap_lr_ratio" => self.lorap_lr_ratio,
+            "loraplus_lr_embedding" => self.loraplus_lr_embedding,
             _ => None,
         }
     }
@@ -302,7 +309,7 @@ impl Rule {
 
 /// The one table of ranges for float settings: recipes, flags and resolved values are all
 /// checked against it.
-const FLOAT_RULES: [(&str, Rule); 16] = [
+const FLOAT_RULES: [(&str, Rule); 18] = [
     ("split_dataset_ratio", Rule::Unit),
     ("num_train_epochs", Rule::Positive),
     ("lora_alpha", Rule::Positive),
@@ -319,6 +326,8 @@ const FLOAT_RULES: [(&str, Rule); 16] = [
     ("rpo_alpha", Rule::Finite),
     ("simpo_gamma", Rule::Finite),
     ("discopop_tau", Rule::Finite),
+    ("lorap_lr_ratio", Rule::Positive),
+    ("loraplus_lr_embedding", Rule::Positive),
 ];
 
 /// Loss type names as given: each value may hold several, comma-separated.
@@ -364,6 +373,7 @@ impl DpoOptions {
             return Err(bad("dataset", "at least one dataset is required"));
         }
         let (loss_type, losses, loss_weights) = self.resolve_losses()?;
+        let lora_extra = self.lora_extra();
         let o = self;
         let batch_size = o.batch_size.unwrap_or(1);
         // Counts the user set were checked above; these are the defaults filled in.
@@ -384,6 +394,7 @@ impl DpoOptions {
             lora_dropout_p: o.lora_dropout_p.unwrap_or(0.05),
             lora_target_modules: o.lora_target_modules.unwrap_or_else(|| vec!["ALL".into()]),
             use_rslora: o.use_rslora.unwrap_or(false),
+            lora_extra,
             adapters: o.adapters,
             ref_adapters: o.ref_adapters,
             batch_size,
@@ -432,6 +443,20 @@ impl DpoOptions {
             max_eval_pairs: o.max_eval_pairs,
             max_nonfinite_steps: o.max_nonfinite_steps.unwrap_or(5),
         })
+    }
+
+    /// DoRA, module selection and LoRA+ settings.
+    fn lora_extra(&self) -> LoraExtra {
+        LoraExtra {
+            use_dora: self.use_dora.unwrap_or(false),
+            lora_target_regex: self.lora_target_regex.clone(),
+            exclude_modules: self.exclude_modules.clone(),
+            layers_to_transform: self.layers_to_transform.clone(),
+            layers_pattern: self.layers_pattern.clone(),
+            rank_pattern: self.rank_pattern.clone().unwrap_or_default(),
+            alpha_pattern: self.alpha_pattern.clone().unwrap_or_default(),
+            lorap_lr_ratio: self.lorap_lr_ratio,
+        }
     }
 
     /// The model, which is required; a reference model must be the model itself.

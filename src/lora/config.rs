@@ -48,6 +48,22 @@ impl TargetModules {
         TargetModules::Modules(parts)
     }
 
+    /// `exclude_modules` from the command line: one value that is not a module name is a regex,
+    /// anything else a list of names.
+    pub fn parse_exclude(values: &[String]) -> Self {
+        match values {
+            [one] if !is_linear_module(one) && !one.contains(',') => TargetModules::Pattern(one.clone()),
+            _ => TargetModules::Modules(
+                values
+                    .iter()
+                    .flat_map(|v| v.split(','))
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+            ),
+        }
+    }
+
     /// A compiled matcher; a bad regex is an error naming it.
     pub fn matcher(&self) -> Result<TargetMatcher> {
         Ok(match self {
@@ -135,6 +151,10 @@ pub struct LoraConfig {
     #[serde(default)]
     pub layers_to_transform: Option<Value>,
     #[serde(default)]
+    pub layers_pattern: Option<Value>,
+    #[serde(default)]
+    pub exclude_modules: Option<TargetModules>,
+    #[serde(default)]
     pub revision: Option<String>,
 }
 
@@ -164,6 +184,8 @@ impl LoraConfig {
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
             layers_to_transform: None,
+            layers_pattern: None,
+            exclude_modules: None,
             revision: None,
         }
     }
@@ -192,9 +214,6 @@ impl LoraConfig {
         if self.r == 0 {
             return Err(bad("r", "must be positive".into()));
         }
-        if self.use_dora {
-            return Err(bad("use_dora", "DoRA adapters are not supported".into()));
-        }
         if self.fan_in_fan_out {
             return Err(bad("fan_in_fan_out", "true is not supported (Conv1D models)".into()));
         }
@@ -207,8 +226,13 @@ impl LoraConfig {
                 "fully trained extra modules are not supported".into(),
             ));
         }
-        if self.layers_to_transform.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(bad("layers_to_transform", "is not supported".into()));
+        self.layer_indexes().map_err(|msg| bad("layers_to_transform", msg))?;
+        self.layer_patterns().map_err(|msg| bad("layers_pattern", msg))?;
+        if let Some(t) = &self.exclude_modules {
+            t.matcher().map_err(|e| bad("exclude_modules", e.to_string()))?;
+        }
+        for key in self.rank_pattern.keys().chain(self.alpha_pattern.keys()) {
+            regex::Regex::new(key).map_err(|e| bad("rank_pattern", format!("invalid regex {key:?}: {e}")))?;
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(bad("lora_dropout", format!("{} is outside [0, 1)", self.lora_dropout)));
@@ -233,6 +257,137 @@ impl LoraConfig {
     /// The rank for a module, honouring `rank_pattern`.
     pub fn rank_for(&self, module_path: &str) -> usize {
         pattern_lookup(&self.rank_pattern, module_path).unwrap_or(self.r)
+    }
+
+    /// `layers_to_transform`: one index or a list of them (`None` when unset or empty).
+    fn layer_indexes(&self) -> std::result::Result<Option<Vec<usize>>, String> {
+        let bad = |v: &Value| format!("{v} is not a layer index or a list of them");
+        match &self.layers_to_transform {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .map(|i| Some(vec![i as usize]))
+                .ok_or_else(|| bad(&Value::Number(n.clone()))),
+            Some(Value::Array(a)) if a.is_empty() => Ok(None),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| v.as_u64().map(|i| i as usize).ok_or_else(|| bad(v)))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map(Some),
+            Some(v) => Err(bad(v)),
+        }
+    }
+
+    /// `layers_pattern`: the names of the layer lists (`layers`), compiled into PEFT's
+    /// "first index after that name" regexes; empty when unset.
+    fn layer_patterns(&self) -> std::result::Result<Vec<regex::Regex>, String> {
+        let names: Vec<String> = match &self.layers_pattern {
+            None | Some(Value::Null) => vec![],
+            Some(Value::String(s)) if s.is_empty() => vec![],
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| format!("{v} is not a string"))
+                })
+                .collect::<std::result::Result<_, _>>()?,
+            Some(v) => return Err(format!("{v} is not a string or a list of strings")),
+        };
+        let sources: Vec<String> = if names.is_empty() {
+            vec![r"^.*?\.[^.]*\.(\d+)\.".into()]
+        } else {
+            names.iter().map(|n| format!(r"^(?:|.*?\.){n}\.(\d+)\.")).collect()
+        };
+        sources
+            .iter()
+            .map(|src| regex::Regex::new(src).map_err(|e| format!("invalid pattern: {e}")))
+            .collect()
+    }
+
+    /// Which linear layers this config puts an adapter on, by PEFT's rules.
+    pub fn selector(&self) -> Result<ModuleSelector> {
+        let target = self.target_modules.clone().unwrap_or_else(TargetModules::all_linear);
+        let msg = |e: String| Error::Msg(e);
+        Ok(ModuleSelector {
+            target: target.matcher()?,
+            by_list: !matches!(&target, TargetModules::Pattern(p) if !is_all_keyword(p)),
+            exact: match &target {
+                TargetModules::Modules(list) => list.clone(),
+                TargetModules::Pattern(_) => vec![],
+            },
+            exclude: self.exclude_modules.as_ref().map(TargetModules::matcher).transpose()?,
+            layers: self.layer_indexes().map_err(msg)?,
+            layer_patterns: self.layer_patterns().map_err(msg)?,
+        })
+    }
+
+    /// Every `rank_pattern` and `alpha_pattern` key must match one of `paths` (the adapted
+    /// modules): a key that matches nothing is a typo PEFT would silently ignore.
+    pub fn check_patterns_match<'a>(&self, paths: impl Iterator<Item = &'a str> + Clone) -> Result<()> {
+        for (field, keys) in [
+            ("rank_pattern", self.rank_pattern.keys().collect::<Vec<_>>()),
+            ("alpha_pattern", self.alpha_pattern.keys().collect()),
+        ] {
+            for key in keys {
+                let one = BTreeMap::from([(key.clone(), 0usize)]);
+                if !paths.clone().any(|p| pattern_lookup(&one, p).is_some()) {
+                    return Err(Error::PatternUnmatched {
+                        field,
+                        pattern: key.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// PEFT's `check_target_module_exists`: excluded modules first, then the targets; with a list
+/// of targets (or `all-linear`), `layers_to_transform` keeps only the layers it names, the layer
+/// index being the first number after `layers_pattern` (or after the first dotted name).
+pub struct ModuleSelector {
+    target: TargetMatcher,
+    /// Targets given as names (not one regex): the layer filter applies.
+    by_list: bool,
+    /// Targets given as names: a module named exactly is taken whatever its layer.
+    exact: Vec<String>,
+    exclude: Option<TargetMatcher>,
+    layers: Option<Vec<usize>>,
+    layer_patterns: Vec<regex::Regex>,
+}
+
+impl ModuleSelector {
+    pub fn selects(&self, path: &str) -> bool {
+        if let Some(ex) = &self.exclude {
+            if !matches!(ex, TargetMatcher::All) && ex.matches(path) {
+                return false;
+            }
+        }
+        if !self.target.matches(path) {
+            return false;
+        }
+        let Some(layers) = self.layers.as_ref().filter(|_| self.by_list) else {
+            return true;
+        };
+        if self.exact.iter().any(|t| t == path) {
+            return true;
+        }
+        let index = self
+            .layer_patterns
+            .iter()
+            .find_map(|re| re.captures(path))
+            .and_then(|c| c.get(1)?.as_str().parse::<usize>().ok());
+        index.is_some_and(|i| layers.contains(&i))
+    }
+
+    /// Whether `exclude_modules` is set and matches one of `paths`.
+    pub fn exclude_matches<'a>(&self, mut paths: impl Iterator<Item = &'a str>) -> bool {
+        match &self.exclude {
+            None => true,
+            Some(ex) => paths.any(|p| ex.matches(p)),
+        }
     }
 }
 

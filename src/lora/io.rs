@@ -1,5 +1,6 @@
 //! PEFT adapter folders: `adapter_config.json` + `adapter_model.safetensors`, keys
-//! `base_model.model.<module path>.lora_{A,B}.weight`, A [r, in], B [out, r]. The one reader
+//! `base_model.model.<module path>.lora_{A,B}.weight`, A [r, in], B [out, r] (and with DoRA
+//! `base_model.model.<module path>.lora_magnitude_vector`, [out]). The one reader
 //! ([`read_adapter`]) and the one writer ([`write_adapter`]) of these folders: training, eval,
 //! infer and merge all go through them.
 
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::LoraConfig;
-use super::{peft_key, Adapter, AdapterParam};
+use super::{magnitude_key, peft_key, Adapter, AdapterParam};
 use crate::error::{Error, Result};
 use crate::model::linear::LoraAdapter;
 use crate::model::weights::WeightSource;
@@ -18,10 +19,14 @@ use crate::model::Model;
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
-/// Split an adapter key into (module path, 'A' | 'B'). Accepts PEFT's on-disk form and the
-/// in-memory form that still carries an adapter name (`lora_A.default.weight`).
+/// Split an adapter key into (module path, 'A' | 'B' | 'M'), 'M' being DoRA's magnitude
+/// vector. Accepts PEFT's on-disk form and the in-memory form that still carries an adapter name
+/// (`lora_A.default.weight`).
 pub fn parse_key(key: &str) -> Option<(String, char)> {
     let rest = key.strip_prefix("base_model.model.")?;
+    if let Some(module) = rest.strip_suffix(".lora_magnitude_vector") {
+        return Some((module.to_string(), 'M'));
+    }
     let rest = rest.strip_suffix(".weight")?;
     for half in ['A', 'B'] {
         let tag = format!(".lora_{half}");
@@ -45,6 +50,8 @@ pub struct LoraTensors {
     pub a: Tensor,
     /// `[out, r]`.
     pub b: Tensor,
+    /// DoRA's magnitude vector `[out]` and its key.
+    pub magnitude: Option<(String, Tensor)>,
 }
 
 impl LoraTensors {
@@ -85,12 +92,30 @@ pub fn read_adapter(dir: &Path) -> Result<AdapterFile> {
     let ws = WeightSource::open(std::slice::from_ref(&weights_path))?;
     let mut modules = BTreeMap::new();
     let mut dtype = DType::F32;
-    for (module, (a_key, b_key)) in pair_keys(&ws, &weights_path)? {
+    for (module, (a_key, b_key, m_key)) in pair_keys(&ws, &weights_path)? {
         check_pair_shapes(&ws, &weights_path, &a_key, &b_key)?;
         dtype = ws.stored_dtype(&a_key)?;
         let a = ws.load(&a_key, &ws.shape(&a_key)?, DType::F32, &Device::Cpu)?;
         let b = ws.load(&b_key, &ws.shape(&b_key)?, DType::F32, &Device::Cpu)?;
-        modules.insert(module, LoraTensors { a_key, b_key, a, b });
+        let magnitude = match m_key {
+            Some(k) => {
+                let out = b.dims()[0];
+                let m = ws.load(&k, &[out], DType::F32, &Device::Cpu)?;
+                Some((k, m))
+            }
+            None => None,
+        };
+        check_dora(&config, &dir.join(CONFIG_FILE), &module, magnitude.is_some())?;
+        modules.insert(
+            module,
+            LoraTensors {
+                a_key,
+                b_key,
+                a,
+                b,
+                magnitude,
+            },
+        );
     }
     Ok(AdapterFile {
         dir: dir.into(),
@@ -101,18 +126,41 @@ pub fn read_adapter(dir: &Path) -> Result<AdapterFile> {
     })
 }
 
-/// The (A key, B key) of each module of `ws`, by module path; every key must parse and have its
-/// other half.
-fn pair_keys(ws: &WeightSource, weights_path: &Path) -> Result<BTreeMap<String, (String, String)>> {
+/// A module's magnitude vector is there exactly when the config says `use_dora`.
+fn check_dora(config: &LoraConfig, config_path: &Path, module: &str, has_magnitude: bool) -> Result<()> {
+    let msg = match (config.use_dora, has_magnitude) {
+        (true, false) => format!("is true, but {WEIGHTS_FILE} holds no {:?}", magnitude_key(module)),
+        (false, true) => format!(
+            "is false, but {WEIGHTS_FILE} holds the DoRA magnitude {:?}",
+            magnitude_key(module)
+        ),
+        _ => return Ok(()),
+    };
+    Err(Error::Config {
+        path: config_path.into(),
+        key: "use_dora".into(),
+        msg,
+    })
+}
+
+/// The (A key, B key, magnitude key) of each module of `ws`, by module path; every key must
+/// parse, and A and B must both be there.
+#[allow(clippy::type_complexity)]
+fn pair_keys(ws: &WeightSource, weights_path: &Path) -> Result<BTreeMap<String, (String, String, Option<String>)>> {
     let mut names: Vec<&String> = ws.names().collect();
     names.sort();
-    let mut halves: BTreeMap<String, [Option<String>; 2]> = BTreeMap::new();
+    let mut halves: BTreeMap<String, [Option<String>; 3]> = BTreeMap::new();
     for name in names {
         let (module, half) = parse_key(name).ok_or_else(|| Error::AdapterKeyUnmatched {
             path: weights_path.into(),
             key: name.clone(),
         })?;
-        halves.entry(module).or_default()[usize::from(half == 'B')] = Some(name.clone());
+        let i = match half {
+            'A' => 0,
+            'B' => 1,
+            _ => 2,
+        };
+        halves.entry(module).or_default()[i] = Some(name.clone());
     }
     if halves.is_empty() {
         return Err(Error::Adapter {
@@ -121,7 +169,7 @@ fn pair_keys(ws: &WeightSource, weights_path: &Path) -> Result<BTreeMap<String, 
         });
     }
     let mut pairs = BTreeMap::new();
-    for (module, [ka, kb]) in halves {
+    for (module, [ka, kb, km]) in halves {
         let (ka, kb) = match (ka, kb) {
             (Some(a), Some(b)) => (a, b),
             (Some(key), None) | (None, Some(key)) => {
@@ -132,9 +180,16 @@ fn pair_keys(ws: &WeightSource, weights_path: &Path) -> Result<BTreeMap<String, 
                     missing: peft_key(&module, missing),
                 });
             }
-            (None, None) => continue,
+            (None, None) => {
+                let key = km.unwrap_or_default();
+                return Err(Error::AdapterPairMissing {
+                    path: weights_path.into(),
+                    key,
+                    missing: peft_key(&module, 'A'),
+                });
+            }
         };
-        pairs.insert(module, (ka, kb));
+        pairs.insert(module, (ka, kb, km));
     }
     Ok(pairs)
 }
@@ -227,11 +282,30 @@ pub fn load_adapter(model: &mut Model, dir: &Path, trainable: bool) -> Result<Ad
             tensor: b.clone(),
             var: vb,
         });
+        let magnitude = match &t.magnitude {
+            None => None,
+            Some((key, m)) => {
+                let m = m.to_device(&device)?;
+                let (m, vm) = if trainable {
+                    let vm = Var::from_tensor(&m)?;
+                    (vm.as_tensor().clone(), Some(vm))
+                } else {
+                    (m, None)
+                };
+                params.push(AdapterParam {
+                    key: key.clone(),
+                    tensor: m.clone(),
+                    var: vm,
+                });
+                Some(m)
+            }
+        };
         let ad = LoraAdapter {
             a,
             b,
             scale: file.config.scale_for(&lin.path, t.rank()),
             dropout: file.config.lora_dropout as f32,
+            magnitude,
         };
         lin.set_adapter(slot, Some(ad));
     }

@@ -13,7 +13,8 @@ use crate::lora::config::LoraConfig;
 use crate::lora::io::{checkpoint_folders, is_adapter_folder, read_adapter, CONFIG_FILE};
 use crate::lora::peft_key;
 
-/// One adapted module: `W' = W + scale · B·A`.
+/// One adapted module: `W' = W + scale · B·A` (with DoRA, rows then scaled to the magnitude:
+/// `W' = m/‖W + scale · B·A‖ · (W + scale · B·A)`).
 #[derive(Debug, Clone)]
 pub struct LoraPair {
     /// `[r, in]`
@@ -21,6 +22,8 @@ pub struct LoraPair {
     /// `[out, r]`
     pub b: Mat,
     pub scale: f64,
+    /// DoRA's magnitude vector, `[out]`.
+    pub magnitude: Option<Vec<f32>>,
 }
 
 impl LoraPair {
@@ -67,7 +70,11 @@ pub fn load(dir: &Path) -> Result<LoadedAdapter> {
         let a = Mat::from_tensor(&t.a)?;
         let b = Mat::from_tensor(&t.b)?;
         let scale = file.config.scale_for(module, t.rank());
-        modules.insert(module.clone(), LoraPair { a, b, scale });
+        let magnitude = match &t.magnitude {
+            Some((_, m)) => Some(m.to_vec1::<f32>()?),
+            None => None,
+        };
+        modules.insert(module.clone(), LoraPair { a, b, scale, magnitude });
     }
     Ok(LoadedAdapter {
         dir: file.dir,

@@ -152,6 +152,16 @@ pub fn combine(
             format!("has {} values for {} adapters", weights.len(), adapters.len()),
         ));
     }
+    if let Some(d) = adapters.iter().find(|a| a.config.use_dora) {
+        return Err(setting(
+            "--adapters",
+            format!(
+                "{} is a DoRA adapter; its magnitude vectors have no weighted combination (PEFT's \
+                 add_weighted_adapter ignores them). Merge it on its own, without --combination or --weights",
+                d.name()
+            ),
+        ));
+    }
     let comb = if adapters.len() == 1 {
         Combination::Linear
     } else {

@@ -159,6 +159,17 @@ pub fn execute(plan: &MergePlan, show_progress: bool) -> Result<MergeSummary> {
         key: "--model".into(),
         msg: "is required to merge".into(),
     })?;
+    for (ad, &w) in adapters.iter().zip(&plan.weights) {
+        if ad.config.use_dora && w != 1.0 {
+            return Err(Error::Setting {
+                key: "--weights".into(),
+                msg: format!(
+                    "{w} for the DoRA adapter {}: a DoRA adapter merges with weight 1 only (its magnitudes fix the row norms)",
+                    ad.name()
+                ),
+            });
+        }
+    }
     let terms = delta_terms(&adapters, &plan.weights, combined.as_ref());
     let mut summary = base.write_merged(staging.path(), &terms, plan, show_progress)?;
     summary.combination = combined.as_ref().map(|c| c.combination);
@@ -214,10 +225,12 @@ fn delta_terms<'a>(
     match combined {
         Some(c) => {
             for (path, (a, b)) in &c.modules {
-                terms
-                    .entry(format!("{path}.weight"))
-                    .or_default()
-                    .push(Term { a, b, factor: 1.0 });
+                terms.entry(format!("{path}.weight")).or_default().push(Term {
+                    a,
+                    b,
+                    factor: 1.0,
+                    magnitude: None,
+                });
             }
         }
         None => {
@@ -227,6 +240,7 @@ fn delta_terms<'a>(
                         a: &p.a,
                         b: &p.b,
                         factor: w * p.scale,
+                        magnitude: p.magnitude.as_deref(),
                     });
                 }
             }

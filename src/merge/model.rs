@@ -19,11 +19,13 @@ use crate::lora::io::write_atomic;
 use crate::lora::peft_key;
 use crate::model::weights::WeightSource;
 
-/// One low-rank update of a base tensor: `W += factor · B·A`.
+/// One low-rank update of a base tensor: `W += factor · B·A`, then with DoRA each row `i`
+/// scaled by `magnitude[i] / ‖row i‖` (PEFT's DoRA merge).
 pub struct Term<'a> {
     pub a: &'a Mat,
     pub b: &'a Mat,
     pub factor: f64,
+    pub magnitude: Option<&'a [f32]>,
 }
 
 /// The base checkpoint: its files and a memory map of every shard.
@@ -161,6 +163,9 @@ impl Base {
                 merged += 1;
                 for term in ts {
                     add_delta(&mut w, t.shape[1], term)?;
+                    if let Some(m) = term.magnitude {
+                        scale_rows_to(&mut w, t.shape[1], m);
+                    }
                 }
                 let (bytes, bad) = from_f32(&w, t.dtype, &t.name)?;
                 report_non_finite(&t.name, bad, plan.safe_merge)?;
@@ -290,6 +295,16 @@ fn add_delta(w: &mut [f32], cols: usize, term: &Term<'_>) -> Result<()> {
         row += n;
     }
     Ok(())
+}
+
+/// DoRA's merge: row `i` of the row-major `w` (`cols` columns) times `m[i] / ‖row i‖`, the norm
+/// summed in f32 as torch's `linalg.norm` over a row.
+fn scale_rows_to(w: &mut [f32], cols: usize, m: &[f32]) {
+    for (row, &mi) in w.chunks_exact_mut(cols.max(1)).zip(m) {
+        let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let f = mi / norm;
+        row.iter_mut().for_each(|x| *x *= f);
+    }
 }
 
 /// Decode little-endian float bytes into f32.

@@ -114,7 +114,7 @@ impl Block {
         let Some(slot) = ctx.adapter else { return false };
         self.linears()
             .iter()
-            .any(|l| l.adapter(slot).is_some_and(|a| a.a.is_variable() || a.b.is_variable()))
+            .any(|l| l.adapter(slot).is_some_and(|a| a.tensors().any(Tensor::is_variable)))
     }
 
     fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
@@ -878,7 +878,7 @@ impl candle_core::CustomOp1 for CheckpointedBlock {
             .map_err(|_| candle_core::Error::Msg("gradient sink poisoned".into()))?;
         for lin in self.block.linears() {
             for ad in lin.adapters.iter().flatten() {
-                for t in [&ad.a, &ad.b] {
+                for t in ad.tensors() {
                     if let Some(g) = grads.get(t) {
                         sink.push((t.clone(), g.clone()));
                     }

@@ -2,6 +2,9 @@
 //! forward context selects at most one.
 //!
 //! y = x Wᵀ (+ bias) + scale · dropout(x) Aᵀ Bᵀ, with A [r, in] and B [out, r] kept in f32.
+//! With DoRA (a magnitude vector m [out]) the adapter term is, as PEFT computes it,
+//! (m/‖W + s·B·A‖ − 1) · dropout(x) Wᵀ + (m/‖W + s·B·A‖) · s · dropout(x) Aᵀ Bᵀ, the row norm
+//! taken without gradient.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -53,6 +56,9 @@ pub struct LoraAdapter {
     pub b: Tensor,
     pub scale: f64,
     pub dropout: f32,
+    /// DoRA's magnitude vector [out], f32 (`lora_magnitude_vector`). Backed by a `Var` when
+    /// trainable.
+    pub magnitude: Option<Tensor>,
 }
 
 impl LoraAdapter {
@@ -63,6 +69,30 @@ impl LoraAdapter {
     /// ΔW = scale · B A, [out, in], f32.
     pub fn delta_weight(&self) -> Result<Tensor> {
         self.b.matmul(&self.a)? * self.scale
+    }
+
+    /// The trainable tensors: A, B and (DoRA) the magnitude.
+    pub fn tensors(&self) -> impl Iterator<Item = &Tensor> {
+        [&self.a, &self.b].into_iter().chain(self.magnitude.as_ref())
+    }
+
+    /// The row norms ‖W + s·B·A‖ [out] (f32, no gradient) of `weight` with this adapter added.
+    pub fn row_norms(&self, weight: &Tensor) -> Result<Tensor> {
+        let w = (weight.to_dtype(DType::F32)?.detach() + self.delta_weight()?.detach())?;
+        w.sqr()?.sum(1)?.sqrt()
+    }
+
+    /// The weight PEFT's merge gives: W + s·B·A, rows scaled by m/‖W + s·B·A‖ with DoRA
+    /// (f32, [out, in]).
+    pub fn merged_weight(&self, weight: &Tensor) -> Result<Tensor> {
+        let w = (weight.to_dtype(DType::F32)? + self.delta_weight()?)?;
+        match &self.magnitude {
+            None => Ok(w),
+            Some(m) => {
+                let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?;
+                w.broadcast_mul(&m.unsqueeze(1)?.broadcast_div(&norm)?)
+            }
+        }
     }
 }
 
@@ -117,7 +147,7 @@ impl LoraLinear {
         let n: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((n, in_f))?;
         let ad = ctx.adapter.and_then(|s| self.adapter(s));
-        if ctx.no_grad && self.bias.is_none() {
+        if ctx.no_grad && self.bias.is_none() && ad.is_none_or(|a| a.magnitude.is_none()) {
             if let Some(y) =
                 crate::model::ops::frozen::lora_product_no_grad(&x2, &self.weight, ad.map(|a| (&a.a, &a.b, a.scale)))?
             {
@@ -128,17 +158,33 @@ impl LoraLinear {
                 return y.reshape(out_dims);
             }
         }
-        let mut y = matmul_frozen_t(&x2, &self.weight)?;
-        if let Some(b) = &self.bias {
-            y = add_frozen(&y, b)?;
-        }
+        let base = matmul_frozen_t(&x2, &self.weight)?;
+        let mut y = match &self.bias {
+            Some(b) => add_frozen(&base, b)?,
+            None => base.clone(),
+        };
         if let Some(ad) = ctx.adapter.and_then(|s| self.adapter(s)) {
             let mut xa = x2.to_dtype(DType::F32)?;
-            if let (Some(seed), true) = (ctx.dropout_seed, ad.dropout > 0.0) {
+            let dropped = matches!((ctx.dropout_seed, ad.dropout > 0.0), (Some(_), true));
+            if let (Some(seed), true) = (ctx.dropout_seed, dropped) {
                 xa = (xa * dropout_mask(n, in_f, ad.dropout, seed, self.index, x.device())?)?;
             }
             // Scale the rank-r intermediate, not the [N, out] product: one full-size tensor fewer.
             let h = (xa.matmul(&ad.a.t()?)? * ad.scale)?.matmul(&ad.b.t()?)?;
+            let h = match &ad.magnitude {
+                None => h,
+                Some(m) => {
+                    // DoRA: g = m / ‖W + sBA‖ per output row, the norm detached (as PEFT).
+                    let g = m.broadcast_div(&ad.row_norms(&self.weight)?)?.unsqueeze(0)?;
+                    let base = if dropped {
+                        matmul_frozen_t(&xa.to_dtype(self.weight.dtype())?, &self.weight)?
+                    } else {
+                        base
+                    };
+                    let base = base.to_dtype(DType::F32)?;
+                    (base.broadcast_mul(&(&g - 1.0)?)? + h.broadcast_mul(&g)?)?
+                }
+            };
             let h = h.to_dtype(y.dtype())?;
             y = (y + h)?;
         }

@@ -19,6 +19,8 @@ pub struct AdamWConfig {
 struct Slot {
     name: String,
     var: Var,
+    /// Multiplier of the step's learning rate (LoRA+ groups).
+    lr_scale: f64,
     m: Tensor,
     v: Tensor,
 }
@@ -32,13 +34,19 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<AdamW> {
+        Self::with_lr_scales(params.into_iter().map(|(n, v)| (n, v, 1.0)).collect(), cfg)
+    }
+
+    /// AdamW whose parameters each take the step's learning rate times their own factor.
+    pub fn with_lr_scales(params: Vec<(String, Var, f64)>, cfg: AdamWConfig) -> Result<AdamW> {
         let slots = params
             .into_iter()
-            .map(|(name, var)| {
+            .map(|(name, var, lr_scale)| {
                 let z = var.as_tensor().zeros_like()?;
                 Ok(Slot {
                     name,
                     var,
+                    lr_scale,
                     m: z.clone(),
                     v: z,
                 })
@@ -55,6 +63,7 @@ impl AdamW {
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
         for s in &mut self.slots {
             let Some(g) = grads.get(&s.name) else { continue };
+            let lr = lr * s.lr_scale;
             let p = s.var.as_tensor();
             let mut p_new = if c.weight_decay != 0.0 {
                 (p * (1.0 - lr * c.weight_decay))?
@@ -105,6 +114,16 @@ impl AdamW {
         }
         self.t = t;
         Ok(())
+    }
+}
+
+/// LoRA+'s learning-rate factor of a parameter (`create_loraplus_optimizer`'s groups): `ratio`
+/// for a B matrix and for every 1-D tensor (DoRA magnitudes), 1 for the rest.
+pub fn loraplus_scale(name: &str, var: &Var, ratio: f64) -> f64 {
+    if name.contains("lora_B") || var.as_tensor().rank() == 1 {
+        ratio
+    } else {
+        1.0
     }
 }
 

@@ -276,13 +276,20 @@ fn attach_adapters(model: &mut crate::model::Model, s: &Settings) -> Result<(Ada
     let adapter = match &s.adapters {
         Some(dir) => load_adapter(model, dir, true)?,
         None => {
-            let mut cfg = LoraConfig::new(
-                s.lora_rank,
-                s.lora_alpha,
-                s.lora_dropout_p,
-                TargetModules::parse_cli(&s.lora_target_modules),
-            );
+            let x = &s.lora_extra;
+            let target = match &x.lora_target_regex {
+                Some(re) => TargetModules::Pattern(re.clone()),
+                None => TargetModules::parse_cli(&s.lora_target_modules),
+            };
+            let mut cfg = LoraConfig::new(s.lora_rank, s.lora_alpha, s.lora_dropout_p, target);
             cfg.use_rslora = s.use_rslora;
+            cfg.use_dora = x.use_dora;
+            cfg.exclude_modules = x.exclude_modules.as_ref().map(|v| TargetModules::parse_exclude(v));
+            cfg.layers_to_transform = x.layers_to_transform.as_ref().map(|v| serde_json::json!(v));
+            cfg.layers_pattern = x.layers_pattern.as_ref().map(|p| serde_json::json!(p));
+            cfg.rank_pattern = x.rank_pattern.clone();
+            cfg.alpha_pattern = x.alpha_pattern.clone();
+            cfg.validate(std::path::Path::new("--lora options"))?;
             attach_new(model, &cfg, LoraInit::Peft { seed: s.seed })?
         }
     };

@@ -35,6 +35,9 @@ pub struct Settings {
     pub lora_dropout_p: f64,
     pub lora_target_modules: Vec<String>,
     pub use_rslora: bool,
+    /// DoRA, module selection beyond target names, and LoRA+.
+    #[serde(flatten)]
+    pub lora_extra: LoraExtra,
     pub adapters: Option<PathBuf>,
     pub ref_adapters: Option<PathBuf>,
     pub batch_size: usize,
@@ -86,6 +89,22 @@ pub struct Settings {
     pub fold_system: bool,
     pub max_eval_pairs: Option<usize>,
     pub max_nonfinite_steps: usize,
+}
+
+/// PEFT's LoRA options beyond rank, alpha, dropout and targets.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LoraExtra {
+    pub use_dora: bool,
+    pub lora_target_regex: Option<String>,
+    pub exclude_modules: Option<Vec<String>>,
+    pub layers_to_transform: Option<Vec<usize>>,
+    pub layers_pattern: Option<String>,
+    #[serde(default)]
+    pub rank_pattern: std::collections::BTreeMap<String, usize>,
+    #[serde(default)]
+    pub alpha_pattern: std::collections::BTreeMap<String, f64>,
+    /// LoRA+ ratio of B's learning rate to A's (`None`: plain AdamW).
+    pub lorap_lr_ratio: Option<f64>,
 }
 
 /// transformers' `IntervalStrategy`: every N steps, at the end of each epoch, or never.

@@ -11,7 +11,7 @@ use crate::dpo::loss::LossState;
 use crate::error::{Error, Result};
 use crate::lora::Adapter;
 use crate::train::metrics::DpoMetrics;
-use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::train::optim::{clip_grad_norm, loraplus_scale, AdamW, AdamWConfig};
 use crate::train::trainer::{DpoRun, MicroOut};
 
 /// A micro-batch of a step: its pairs, their precomputed reference log-probs if any, and the
@@ -45,13 +45,18 @@ pub struct Updater {
 }
 
 impl Updater {
-    pub fn new(adapter: &Adapter, adamw: AdamWConfig, max_grad_norm: f64) -> Result<Updater> {
+    /// `loraplus`: LoRA+'s ratio of the B matrices' (and magnitudes') learning rate to A's.
+    pub fn new(adapter: &Adapter, adamw: AdamWConfig, max_grad_norm: f64, loraplus: Option<f64>) -> Result<Updater> {
         let params: Vec<(String, Var)> = adapter
             .params
             .iter()
             .filter_map(|p| p.var.clone().map(|v| (p.key.clone(), v)))
             .collect();
-        let opt = AdamW::new(params.clone(), adamw)?;
+        let scaled = params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.clone(), loraplus.map_or(1.0, |r| loraplus_scale(n, v, r))))
+            .collect();
+        let opt = AdamW::with_lr_scales(scaled, adamw)?;
         Ok(Updater {
             params,
             opt,

@@ -247,6 +247,8 @@ pub struct LoopConfig {
     pub seed: u64,
     pub schedule: Schedule,
     pub adamw: AdamWConfig,
+    /// LoRA+ ratio of the B matrices' learning rate to A's.
+    pub loraplus: Option<f64>,
     pub max_grad_norm: f64,
     pub logging_steps: usize,
     /// Evaluate every this many steps and at the last step; `None`: never (`--eval_strategy no`).
@@ -299,6 +301,7 @@ impl LoopConfig {
                 weight_decay: s.weight_decay,
             },
             max_grad_norm: s.max_grad_norm,
+            loraplus: s.lora_extra.lorap_lr_ratio,
             logging_steps: s.logging_steps,
             eval_every: s.eval_strategy.period(s.eval_steps, steps_per_epoch),
             save_every: s.save_strategy.period(s.save_steps, steps_per_epoch),
@@ -514,7 +517,7 @@ impl<'a> Trainer<'a> {
             eval,
             cfg,
             out,
-            updater: Updater::new(adapter, cfg.adamw, cfg.max_grad_norm)?,
+            updater: Updater::new(adapter, cfg.adamw, cfg.max_grad_norm, cfg.loraplus)?,
             data_fp: fingerprint(train),
             loss_state: LossState::default(),
             step: 0,

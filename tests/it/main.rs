@@ -12,6 +12,7 @@ mod hub;
 mod infer;
 mod losses;
 mod merge;
+mod peft_extras;
 mod props;
 mod resilience;
 mod train;
