@@ -188,6 +188,18 @@ pub struct DpoOptions {
     #[arg(long, alias = "loraplus-lr-ratio", alias = "loraplus_lr_ratio")]
     #[serde(alias = "loraplus_lr_ratio")]
     pub lorap_lr_ratio: Option<f64>,
+    /// How A and B start (PEFT's init_lora_weights): true (A random, B zero), false (both
+    /// random), gaussian, pissa / pissa_niter_N (the top-r singular part of each weight moves
+    /// into the adapter), olora (the first r of a QR factorisation) (alias: --init_weights,
+    /// ms-swift 3.x). PiSSA and OLoRA adapters are written converted to a plain LoRA of rank 2r
+    /// that works on the untouched base.
+    #[arg(long, alias = "init-weights")]
+    #[serde(alias = "init_weights")]
+    pub init_lora_weights: Option<String>,
+    /// Also write a PiSSA / OLoRA adapter in PEFT's unconverted form, to
+    /// `<output_dir>/unconverted`.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub save_unconverted: Option<bool>,
     /// LoRA+ learning rate of embedding adapters; lorafold puts no adapter on embeddings, so it is
     /// accepted and noted.
     #[arg(long)]

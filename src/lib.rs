@@ -10,6 +10,7 @@ pub mod dpo;
 pub mod error;
 pub mod hub;
 pub mod infer;
+pub mod linalg;
 pub mod lora;
 pub mod merge;
 pub mod model;

@@ -456,6 +456,8 @@ impl DpoOptions {
             rank_pattern: self.rank_pattern.clone().unwrap_or_default(),
             alpha_pattern: self.alpha_pattern.clone().unwrap_or_default(),
             lorap_lr_ratio: self.lorap_lr_ratio,
+            init_lora_weights: self.init_lora_weights.clone(),
+            save_unconverted: self.save_unconverted.unwrap_or(false),
         }
     }
 

@@ -152,6 +152,9 @@ pub struct LoraConfig {
     pub layers_to_transform: Option<Value>,
     #[serde(default)]
     pub layers_pattern: Option<Value>,
+    /// `true`, `false`, `gaussian`, `pissa`, `pissa_niter_N` or `olora`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_lora_weights: Option<Value>,
     #[serde(default)]
     pub exclude_modules: Option<TargetModules>,
     #[serde(default)]
@@ -185,6 +188,7 @@ impl LoraConfig {
             alpha_pattern: BTreeMap::new(),
             layers_to_transform: None,
             layers_pattern: None,
+            init_lora_weights: None,
             exclude_modules: None,
             revision: None,
         }
@@ -227,6 +231,28 @@ impl LoraConfig {
             ));
         }
         self.layer_indexes().map_err(|msg| bad("layers_to_transform", msg))?;
+        match &self.init_lora_weights {
+            None | Some(Value::Bool(_)) => {}
+            Some(Value::String(s)) => {
+                let init = super::init::LoraInit::parse(s, 0).map_err(|msg| bad("init_lora_weights", msg))?;
+                if init.is_principal() && self.use_dora {
+                    return Err(bad(
+                        "init_lora_weights",
+                        format!("{s:?} together with use_dora is not supported (its conversion to plain LoRA has no magnitudes)"),
+                    ));
+                }
+                if init.is_principal()
+                    && self.use_rslora
+                    && !(self.rank_pattern.is_empty() && self.alpha_pattern.is_empty())
+                {
+                    return Err(bad(
+                        "init_lora_weights",
+                        format!("{s:?} with use_rslora and rank/alpha patterns cannot be converted to plain LoRA (PEFT refuses it too)"),
+                    ));
+                }
+            }
+            Some(v) => return Err(bad("init_lora_weights", format!("{v} is not a boolean or a name"))),
+        }
         self.layer_patterns().map_err(|msg| bad("layers_pattern", msg))?;
         if let Some(t) = &self.exclude_modules {
             t.matcher().map_err(|e| bad("exclude_modules", e.to_string()))?;

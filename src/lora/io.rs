@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::LoraConfig;
+use super::init::{principal_pair, residual, LoraInit};
 use super::{magnitude_key, peft_key, Adapter, AdapterParam};
 use crate::error::{Error, Result};
+use crate::linalg::mat::Mat;
 use crate::model::linear::LoraAdapter;
 use crate::model::weights::WeightSource;
 use crate::model::Model;
@@ -260,11 +262,27 @@ pub fn load_adapter(model: &mut Model, dir: &Path, trainable: bool) -> Result<Ad
     let slot = model.num_adapter_slots();
     let device = model.device().clone();
     let mut params = Vec::new();
+    let mut initial = Vec::new();
+    let principal = LoraInit::principal(file.config.init_lora_weights.as_ref());
     for lin in model.linears_mut() {
         let Some(t) = file.modules.get(&lin.path) else {
             lin.set_adapter(slot, None);
             continue;
         };
+        if let Some(init) = principal {
+            // Saved unconverted (PEFT's PiSSA / OLoRA form): rebuild the residual base as
+            // PEFT's from_pretrained does, from the untouched base weight.
+            let scale = file.config.scale_for(&lin.path, t.rank());
+            let w = Mat::from_tensor(&lin.weight)?;
+            let (a0, b0) = principal_pair(init, &w, t.rank(), scale).map_err(|e| Error::Adapter {
+                path: file.dir.clone(),
+                msg: format!("{}: {e}", lin.path),
+            })?;
+            let res = residual(&w, &a0, &b0, scale)?;
+            lin.weight = res.to_tensor()?.to_dtype(lin.weight.dtype())?.to_device(&device)?;
+            initial.push((peft_key(&lin.path, 'A'), a0.to_tensor()?.to_device(&device)?));
+            initial.push((peft_key(&lin.path, 'B'), b0.to_tensor()?.to_device(&device)?));
+        }
         let (a, b) = (t.a.to_device(&device)?, t.b.to_device(&device)?);
         let (a, b, va, vb) = if trainable {
             let (va, vb) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
@@ -313,6 +331,7 @@ pub fn load_adapter(model: &mut Model, dir: &Path, trainable: bool) -> Result<Ad
         slot,
         config: file.config,
         params,
+        initial,
     })
 }
 
@@ -346,10 +365,45 @@ fn check_fits(model: &Model, file: &AdapterFile) -> Result<()> {
 }
 
 impl Adapter {
-    /// Write the adapter as a PEFT folder (creating `dir`), see [`write_adapter`].
+    /// Write the adapter as a PEFT folder (creating `dir`), see [`write_adapter`]. A PiSSA or
+    /// OLoRA adapter is written as PEFT saves it without conversion: relative to the residual
+    /// base, which PEFT (and lorafold) rebuild from the untouched base when loading it.
     pub fn save(&self, dir: &Path, base_model_name_or_path: Option<&str>) -> Result<()> {
         let tensors: Vec<(String, Tensor)> = self.params.iter().map(|p| (p.key.clone(), p.tensor.clone())).collect();
         write_adapter(dir, &self.config, base_model_name_or_path, &tensors)
+    }
+
+    /// Whether the adapter started from the principal part of the base (PiSSA / OLoRA).
+    pub fn is_principal(&self) -> bool {
+        !self.initial.is_empty()
+    }
+
+    /// Write the adapter so that it works on the untouched base model everywhere: a PiSSA or
+    /// OLoRA adapter becomes the plain LoRA of rank 2r that PEFT's
+    /// `path_initial_model_for_weight_conversion` writes (A′ = [A; A₀], B′ = [B, −B₀], r, alpha
+    /// and the patterns doubled, alpha × √2 with rsLoRA, init_lora_weights true). Other adapters
+    /// are written as [`Adapter::save`] writes them.
+    pub fn save_converted(&self, dir: &Path, base_model_name_or_path: Option<&str>) -> Result<()> {
+        if !self.is_principal() {
+            return self.save(dir, base_model_name_or_path);
+        }
+        let start: HashMap<&str, &Tensor> = self.initial.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        let mut tensors = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            let t = match start.get(p.key.as_str()) {
+                Some(t0) if p.key.contains(".lora_A.") => Tensor::cat(&[&p.tensor, *t0], 0)?,
+                Some(t0) if p.key.contains(".lora_B.") => Tensor::cat(&[&p.tensor, &t0.neg()?], 1)?,
+                _ => p.tensor.clone(),
+            };
+            tensors.push((p.key.clone(), t));
+        }
+        let mut config = self.config.clone();
+        config.init_lora_weights = Some(serde_json::json!(true));
+        config.r *= 2;
+        config.lora_alpha *= if config.use_rslora { 2f64.sqrt() } else { 2.0 };
+        config.rank_pattern.values_mut().for_each(|r| *r *= 2);
+        config.alpha_pattern.values_mut().for_each(|a| *a *= 2.0);
+        write_adapter(dir, &config, base_model_name_or_path, &tensors)
     }
 }
 

@@ -1,25 +1,19 @@
 //! LoRA adapters: PEFT-compatible config, attaching adapters to a model, and adapter files.
 
 pub mod config;
+pub mod init;
 pub mod io;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Tensor, Var};
+
+use crate::linalg::mat::Mat;
 
 use crate::error::{Error, Result};
 use crate::model::linear::LoraAdapter;
 use crate::model::Model;
-use crate::rng::Rng;
 use config::LoraConfig;
-
-/// How new A and B matrices are filled.
-#[derive(Debug, Clone, Copy)]
-pub enum LoraInit {
-    /// PEFT's default: A ~ U(±1/sqrt(in)) (kaiming-uniform with a = √5), B = 0, so the adapter
-    /// starts as the identity and step 1 of DPO has loss ln 2.
-    Peft { seed: u64 },
-    /// A and B both ~ N(0, std²): a non-trivial adapter for tests and benchmarks.
-    Gaussian { seed: u64, std: f64 },
-}
+pub use init::LoraInit;
+use init::{principal_pair, random_pair, residual};
 
 /// One named parameter of an adapter.
 #[derive(Debug, Clone)]
@@ -37,6 +31,9 @@ pub struct Adapter {
     pub slot: usize,
     pub config: LoraConfig,
     pub params: Vec<AdapterParam>,
+    /// PiSSA / OLoRA: the initial A and B by key (the part taken out of the base), for saving
+    /// the adapter converted to a plain LoRA of the untouched base.
+    pub initial: Vec<(String, Tensor)>,
 }
 
 impl Adapter {
@@ -55,37 +52,67 @@ pub fn magnitude_key(path: &str) -> String {
     format!("base_model.model.{path}.lora_magnitude_vector")
 }
 
-/// Fresh A [r, in] and B [out, r] for the layer with index `index`, filled as `init` says.
+/// A new pair for `lin`: random, or (PiSSA / OLoRA) the principal part of its weight, which
+/// is then replaced by the residual (the base still exists once). Also the pair as it started,
+/// for principal initialisations.
+#[allow(clippy::type_complexity)]
 fn new_pair(
+    lin: &mut crate::model::linear::LoraLinear,
     init: LoraInit,
-    index: usize,
     r: usize,
-    (i, o): (usize, usize),
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
-    Ok(match init {
-        LoraInit::Peft { seed } => {
-            let mut rng = Rng::stream(seed, index as u64);
-            let bound = 1.0 / (i as f64).sqrt();
-            let a: Vec<f32> = (0..r * i)
-                .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
-                .collect();
-            (
-                Tensor::from_vec(a, (r, i), device)?,
-                Tensor::zeros((o, r), DType::F32, device)?,
-            )
-        }
-        LoraInit::Gaussian { seed, std } => {
-            let mut rng = Rng::stream(seed, index as u64);
-            let mut draw = |n: usize| -> Vec<f32> { (0..n).map(|_| (rng.next_normal() * std) as f32).collect() };
-            let a = draw(r * i);
-            let b = draw(o * r);
-            (
-                Tensor::from_vec(a, (r, i), device)?,
-                Tensor::from_vec(b, (o, r), device)?,
-            )
-        }
-    })
+    scale: f64,
+) -> Result<(Tensor, Tensor, Option<(Tensor, Tensor)>)> {
+    let device = lin.weight.device().clone();
+    let shape = (lin.in_features(), lin.out_features());
+    if !init.is_principal() {
+        let (a, b) = random_pair(init, lin.index, r, shape, &device)?;
+        return Ok((a, b, None));
+    }
+    let w = Mat::from_tensor(&lin.weight)?;
+    let (a, b) = principal_pair(init, &w, r, scale).map_err(|e| Error::Msg(format!("{}: {e}", lin.path)))?;
+    let res = residual(&w, &a, &b, scale)?;
+    lin.weight = res.to_tensor()?.to_dtype(lin.weight.dtype())?.to_device(&device)?;
+    let (a, b) = (a.to_tensor()?.to_device(&device)?, b.to_tensor()?.to_device(&device)?);
+    Ok((a.clone(), b.clone(), Some((a.copy()?, b.copy()?))))
+}
+
+/// The trainable adapter of `lin` from its starting A and B (with DoRA, a magnitude at the row
+/// norms of W + s·B·A, PEFT's start), its parameters appended to `params`.
+fn trainable_adapter(
+    lin: &crate::model::linear::LoraLinear,
+    (a, b): (Tensor, Tensor),
+    scale: f64,
+    config: &LoraConfig,
+    params: &mut Vec<AdapterParam>,
+) -> Result<LoraAdapter> {
+    let (va, vb) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
+    let mut ad = LoraAdapter {
+        a: va.as_tensor().clone(),
+        b: vb.as_tensor().clone(),
+        scale,
+        dropout: config.lora_dropout as f32,
+        magnitude: None,
+    };
+    params.push(AdapterParam {
+        key: peft_key(&lin.path, 'A'),
+        tensor: ad.a.clone(),
+        var: Some(va),
+    });
+    params.push(AdapterParam {
+        key: peft_key(&lin.path, 'B'),
+        tensor: ad.b.clone(),
+        var: Some(vb),
+    });
+    if config.use_dora {
+        let vm = Var::from_tensor(&ad.row_norms(&lin.weight)?)?;
+        ad.magnitude = Some(vm.as_tensor().clone());
+        params.push(AdapterParam {
+            key: magnitude_key(&lin.path),
+            tensor: vm.as_tensor().clone(),
+            var: Some(vm),
+        });
+    }
+    Ok(ad)
 }
 
 /// Attach a fresh trainable adapter to every module selected by `config.target_modules`.
@@ -102,8 +129,8 @@ pub fn attach_new(model: &mut Model, config: &LoraConfig, init: LoraInit) -> Res
         });
     }
     let slot = model.num_adapter_slots();
-    let device = model.device().clone();
     let mut params = Vec::new();
+    let mut initial = Vec::new();
     let mut hit = 0usize;
     for lin in model.linears_mut() {
         if !selector.selects(&lin.path) {
@@ -112,35 +139,13 @@ pub fn attach_new(model: &mut Model, config: &LoraConfig, init: LoraInit) -> Res
         }
         hit += 1;
         let r = config.rank_for(&lin.path);
-        let (a, b) = new_pair(init, lin.index, r, (lin.in_features(), lin.out_features()), &device)?;
-        let (va, vb) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
-        let mut ad = LoraAdapter {
-            a: va.as_tensor().clone(),
-            b: vb.as_tensor().clone(),
-            scale: config.scale_for(&lin.path, r),
-            dropout: config.lora_dropout as f32,
-            magnitude: None,
-        };
-        params.push(AdapterParam {
-            key: peft_key(&lin.path, 'A'),
-            tensor: ad.a.clone(),
-            var: Some(va),
-        });
-        params.push(AdapterParam {
-            key: peft_key(&lin.path, 'B'),
-            tensor: ad.b.clone(),
-            var: Some(vb),
-        });
-        if config.use_dora {
-            // PEFT's initial magnitude: the row norms of W + s·B·A.
-            let vm = Var::from_tensor(&ad.row_norms(&lin.weight)?)?;
-            ad.magnitude = Some(vm.as_tensor().clone());
-            params.push(AdapterParam {
-                key: magnitude_key(&lin.path),
-                tensor: vm.as_tensor().clone(),
-                var: Some(vm),
-            });
+        let scale = config.scale_for(&lin.path, r);
+        let (a, b, start) = new_pair(lin, init, r, scale)?;
+        if let Some((a0, b0)) = start {
+            initial.push((peft_key(&lin.path, 'A'), a0));
+            initial.push((peft_key(&lin.path, 'B'), b0));
         }
+        let ad = trainable_adapter(lin, (a, b), scale, config, &mut params)?;
         lin.set_adapter(slot, Some(ad));
     }
     if hit == 0 {
@@ -164,5 +169,11 @@ pub fn attach_new(model: &mut Model, config: &LoraConfig, init: LoraInit) -> Res
             config.target_modules = Some(target.clone());
         }
     }
-    Ok(Adapter { slot, config, params })
+    config.init_lora_weights = Some(init.peft_value());
+    Ok(Adapter {
+        slot,
+        config,
+        params,
+        initial,
+    })
 }

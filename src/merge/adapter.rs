@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 
-use super::mat::Mat;
 use crate::error::{Error, Result};
+use crate::linalg::mat::Mat;
 use crate::lora::config::LoraConfig;
 use crate::lora::io::{checkpoint_folders, is_adapter_folder, read_adapter, CONFIG_FILE};
 use crate::lora::peft_key;

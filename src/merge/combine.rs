@@ -32,9 +32,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use clap::ValueEnum;
 
 use super::adapter::{LoadedAdapter, LoraPair};
-use super::mat::Mat;
-use super::svd;
 use crate::error::{Error, Result};
+use crate::linalg::mat::Mat;
+use crate::linalg::svd;
 use crate::lora::config::{LoraConfig, TargetModules};
 use crate::rng::Rng;
 
@@ -150,6 +150,19 @@ pub fn combine(
         return Err(setting(
             "--weights",
             format!("has {} values for {} adapters", weights.len(), adapters.len()),
+        ));
+    }
+    if let Some(d) = adapters
+        .iter()
+        .find(|a| crate::lora::init::LoraInit::principal(a.config.init_lora_weights.as_ref()).is_some())
+    {
+        return Err(setting(
+            "--adapters",
+            format!(
+                "{} is a PiSSA/OLoRA adapter saved unconverted (relative to a residual base); save it \
+                 converted (lorafold writes it so by default) before combining",
+                d.name()
+            ),
         ));
     }
     if let Some(d) = adapters.iter().find(|a| a.config.use_dora) {

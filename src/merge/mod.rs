@@ -12,9 +12,7 @@
 
 pub mod adapter;
 pub mod combine;
-pub mod mat;
 pub mod model;
-pub mod svd;
 pub mod writer;
 
 use std::collections::BTreeMap;
@@ -23,6 +21,7 @@ use std::path::{Path, PathBuf};
 use candle_core::DType;
 
 use crate::error::{Error, Result};
+use crate::lora::init::LoraInit;
 use crate::lora::io::write_adapter;
 use crate::lora::peft_key;
 use crate::staging::Staged;
@@ -230,6 +229,7 @@ fn delta_terms<'a>(
                     b,
                     factor: 1.0,
                     magnitude: None,
+                    principal: None,
                 });
             }
         }
@@ -241,6 +241,8 @@ fn delta_terms<'a>(
                         b: &p.b,
                         factor: w * p.scale,
                         magnitude: p.magnitude.as_deref(),
+                        principal: LoraInit::principal(ad.config.init_lora_weights.as_ref())
+                            .map(|i| (i, p.rank(), p.scale)),
                     });
                 }
             }

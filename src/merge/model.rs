@@ -10,11 +10,12 @@ use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::Dtype;
 
 use super::adapter::LoadedAdapter;
-use super::mat::Mat;
 use super::writer::{self, OutTensor};
 use super::{progress, MergePlan, MergeSummary};
 use crate::error::{Error, Result};
 use crate::hub::{resolve_model, ModelFiles};
+use crate::linalg::mat::Mat;
+use crate::lora::init::{principal_pair, residual, LoraInit};
 use crate::lora::io::write_atomic;
 use crate::lora::peft_key;
 use crate::model::weights::WeightSource;
@@ -26,6 +27,9 @@ pub struct Term<'a> {
     pub b: &'a Mat,
     pub factor: f64,
     pub magnitude: Option<&'a [f32]>,
+    /// An unconverted PiSSA / OLoRA adapter (its initialisation, rank and scale): the weight is
+    /// first replaced by the residual PEFT builds from it.
+    pub principal: Option<(LoraInit, usize, f64)>,
 }
 
 /// The base checkpoint: its files and a memory map of every shard.
@@ -162,6 +166,15 @@ impl Base {
                 }
                 merged += 1;
                 for term in ts {
+                    if let Some((init, r, scale)) = term.principal {
+                        let m = Mat {
+                            rows: t.shape[0],
+                            cols: t.shape[1],
+                            data: std::mem::take(&mut w),
+                        };
+                        let (a0, b0) = principal_pair(init, &m, r, scale)?;
+                        w = residual(&m, &a0, &b0, scale)?.data;
+                    }
                     add_delta(&mut w, t.shape[1], term)?;
                     if let Some(m) = term.magnitude {
                         scale_rows_to(&mut w, t.shape[1], m);

@@ -199,7 +199,12 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
     };
     let outcome = train(&run, &data.train, &data.eval, &cfg, &output)?;
     if let (Some(a), false) = (&run.adapter, outcome.interrupted) {
-        a.save(&out_dir, Some(&base_model))?;
+        // PiSSA / OLoRA: converted to a plain LoRA of the untouched base (the unconverted form
+        // too with --save_unconverted, as PEFT keeps both).
+        a.save_converted(&out_dir, Some(&base_model))?;
+        if a.is_principal() && s.lora_extra.save_unconverted {
+            a.save(&out_dir.join("unconverted"), Some(&base_model))?;
+        }
     }
     if let Err(e) = crate::train::plot::write_plot(&out_dir.join("metrics.jsonl"), &out_dir.join("metrics.png")) {
         if !quiet {
@@ -289,8 +294,16 @@ fn attach_adapters(model: &mut crate::model::Model, s: &Settings) -> Result<(Ada
             cfg.layers_pattern = x.layers_pattern.as_ref().map(|p| serde_json::json!(p));
             cfg.rank_pattern = x.rank_pattern.clone();
             cfg.alpha_pattern = x.alpha_pattern.clone();
+            let init = match &x.init_lora_weights {
+                Some(v) => LoraInit::parse(v, s.seed).map_err(|msg| Error::Setting {
+                    key: "--init_lora_weights".into(),
+                    msg,
+                })?,
+                None => LoraInit::Peft { seed: s.seed },
+            };
+            cfg.init_lora_weights = Some(init.peft_value());
             cfg.validate(std::path::Path::new("--lora options"))?;
-            attach_new(model, &cfg, LoraInit::Peft { seed: s.seed })?
+            attach_new(model, &cfg, init)?
         }
     };
     let ref_slot = match &s.ref_adapters {

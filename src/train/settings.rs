@@ -105,6 +105,11 @@ pub struct LoraExtra {
     pub alpha_pattern: std::collections::BTreeMap<String, f64>,
     /// LoRA+ ratio of B's learning rate to A's (`None`: plain AdamW).
     pub lorap_lr_ratio: Option<f64>,
+    /// PEFT's init_lora_weights (`None`: true).
+    pub init_lora_weights: Option<String>,
+    /// Also write a PiSSA / OLoRA adapter unconverted, under `<output_dir>/unconverted`.
+    #[serde(default)]
+    pub save_unconverted: bool,
 }
 
 /// transformers' `IntervalStrategy`: every N steps, at the end of each epoch, or never.

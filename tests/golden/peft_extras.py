@@ -17,6 +17,12 @@
   ``merge_and_unload`` gives; and a 5-step LoRA+ run (``create_loraplus_optimizer``, AdamW, lr
   1e-2, ratio 16, weight decay 0.1 on both groups) on that loss from ``llama_dora``: the adapter
   after the 5 steps and the loss of each step.
+* ``tests/fixtures/adapters/llama_{pissa,olora}/`` and ``llama_{pissa,olora}_converted/`` --
+  PiSSA and OLoRA (r 4, alpha 8, all linear layers) initialised by PEFT, A and B then moved
+  (as training would) by 0.05·N(0, 1), saved unconverted (relative to the residual base PEFT
+  rebuilds) and converted with ``path_initial_model_for_weight_conversion`` (a plain rank-8 LoRA
+  of the untouched base). Goldens: the residual base weights right after initialisation, the
+  logits with the moved adapter, and the weights ``merge_and_unload`` gives.
 * ``tests/golden/peft_extras.json`` -- what was made, with the settings.
 
 ``verify`` loads the adapters lorafold wrote (``tests/fixtures/lorafold_adapters/extras/<name>``,
@@ -190,6 +196,66 @@ def build_one(name, arch, cfg, seed, inp, tensors, info):
     log(f"[{name}] {len(keys)} tensors; adapter effect {effect:.3f}; {entry.get('gradients', 0)} gradients")
 
 
+def principal_one(kind, inp, tensors, info):
+    """PiSSA / OLoRA on llama, saved both ways."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    name = f"llama_{kind}"
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=kind,
+                     lora_dropout=0.0, task_type="CAUSAL_LM", bias="none")
+    pm = get_peft_model(load_base("llama"), cfg)
+    for mod_name, mod in pm.base_model.model.named_modules():
+        if hasattr(mod, "lora_A") and "default" in mod.lora_A:
+            tensors[f"{name}/residual/{mod_name}.weight"] = (
+                mod.base_layer.weight.detach().clone().contiguous())
+    init_dir = ADAPTERS / f"{name}_init"
+    if init_dir.exists():
+        shutil.rmtree(init_dir)
+    pm.peft_config["default"].init_lora_weights = True
+    pm.save_pretrained(str(init_dir))
+    pm.peft_config["default"].init_lora_weights = kind
+    torch.manual_seed(9300 + len(kind))
+    with torch.no_grad():
+        for pname, p in pm.named_parameters():
+            if ".lora_A." in pname or ".lora_B." in pname:
+                p.add_(0.05 * torch.randn_like(p))
+    with torch.no_grad():
+        logits = pm(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"]).logits
+    tensors[f"{name}/logits"] = logits.contiguous()
+    for folder, kw in [(ADAPTERS / name, {}), (ADAPTERS / f"{name}_converted",
+                                               {"path_initial_model_for_weight_conversion": str(init_dir)})]:
+        if folder.exists():
+            shutil.rmtree(folder)
+        pm.save_pretrained(str(folder), **kw)
+        (folder / "README.md").unlink(missing_ok=True)
+        c = json.loads((folder / "adapter_config.json").read_text())
+        c["base_model_name_or_path"] = "tests/fixtures/models/llama"
+        if isinstance(c.get("target_modules"), list):
+            c["target_modules"] = sorted(c["target_modules"])
+        (folder / "adapter_config.json").write_text(json.dumps(c, indent=2) + "\n")
+    shutil.rmtree(init_dir)
+    # Both forms give the moved adapter's logits when PEFT loads them on the untouched base.
+    diffs = {}
+    for folder in (name, f"{name}_converted"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            re = PeftModel.from_pretrained(load_base("llama"), str(ADAPTERS / folder)).eval()
+        with torch.no_grad():
+            got = re(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"]).logits
+        diffs[folder] = float((got - logits).abs().max())
+        assert diffs[folder] < 1e-4, (folder, diffs[folder])
+        if folder == name:
+            base_sd = load_base("llama").state_dict()
+            merged = re.merge_and_unload().state_dict()
+            for k in sorted(merged):
+                if k in base_sd and not torch.equal(merged[k], base_sd[k]):
+                    tensors[f"{name}/merged/{k}"] = merged[k].contiguous()
+    conv = json.loads((ADAPTERS / f"{name}_converted" / "adapter_config.json").read_text())
+    info[name] = {"init": kind, "reload_logit_diff": diffs, "converted_r": conv["r"],
+                  "converted_alpha": conv["lora_alpha"], "converted_init": conv["init_lora_weights"]}
+    log(f"[{name}] reload diffs {diffs}; converted r {conv['r']} alpha {conv['lora_alpha']}")
+
+
 def loraplus_run(inp, tensors, info):
     from peft import PeftModel
     from peft.optimizers import create_loraplus_optimizer
@@ -232,6 +298,8 @@ def cmd_build():
     for i, (name, (arch, cfg)) in enumerate(configs().items()):
         build_one(name, arch, cfg, 9100 + i, inp, tensors, info)
     loraplus_run(inp, tensors, info)
+    for kind in ("pissa", "olora"):
+        principal_one(kind, inp, tensors, info)
     save_file(tensors, str(GOLDEN / "peft_extras.safetensors"))
     doc = {"versions": {"torch": torch.__version__, "peft": peft.__version__}, "beta": BETA, "adapters": info}
     (GOLDEN / "peft_extras.json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -946,8 +946,8 @@ fn safe_merge_refuses_nan() {
 /// Jacobi SVD, for tall and wide matrices.
 #[test]
 fn iterative_svd_matches_exact() {
-    use lorafold::merge::mat::Mat;
-    use lorafold::merge::svd::{truncated_svd_with, SvdMethod, EXACT_MAX};
+    use lorafold::linalg::mat::Mat;
+    use lorafold::linalg::svd::{truncated_svd_with, SvdMethod, EXACT_MAX};
     let mut rng = lorafold::rng::Rng::new(11);
     let mut gauss = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_normal() as f32).collect() };
     for (m, n) in [(EXACT_MAX + 160, EXACT_MAX + 40), (EXACT_MAX + 40, EXACT_MAX + 160)] {

@@ -1,4 +1,5 @@
-//! Truncated singular value decomposition for the SVD-based adapter combinations (candle has none).
+//! Truncated singular value decomposition (the SVD-based adapter combinations, PiSSA) and reduced
+//! QR (OLoRA); candle has neither.
 //!
 //! * Small matrices (the smaller side at most [`EXACT_MAX`]): exact, in f64. A tall matrix is
 //!   first reduced by a Householder QR, then the square factor is diagonalised by one-sided
@@ -236,12 +237,15 @@ fn jacobi(mut a: Cm) -> (Cm, Vec<f64>, Cm) {
     (a2, order.iter().map(|&j| s[j]).collect(), v2)
 }
 
-/// Householder QR of `a` (`m × n`, `m ≥ n`): thin `Q` (`m × n`) and `R` (`n × n`).
+/// Householder QR of `a` (`m × n`), reduced as LAPACK's: `Q` (`m × k`) with orthonormal columns
+/// and upper-trapezoidal `R` (`k × n`), `k = min(m, n)`; each reflector takes `R`'s diagonal
+/// entry to the sign opposite its column's leading entry, as geqrf does.
 fn householder_qr(a: &Cm) -> (Cm, Cm) {
     let (m, n) = (a.m, a.n);
+    let k = m.min(n);
     let mut r = a.clone();
-    let mut refl: Vec<(Vec<f64>, f64)> = Vec::with_capacity(n);
-    for j in 0..n {
+    let mut refl: Vec<(Vec<f64>, f64)> = Vec::with_capacity(k);
+    for j in 0..k {
         let x = &r.col(j)[j..];
         let nx = norm(x);
         let mut v = x.to_vec();
@@ -261,13 +265,13 @@ fn householder_qr(a: &Cm) -> (Cm, Cm) {
         }
         refl.push((v, vv));
     }
-    let mut q = Cm::identity(m, n);
-    for j in (0..n).rev() {
+    let mut q = Cm::identity(m, k);
+    for j in (0..k).rev() {
         let (v, vv) = &refl[j];
         if *vv == 0.0 {
             continue;
         }
-        for c in 0..n {
+        for c in 0..k {
             let col = &mut q.col_mut(c)[j..];
             let f = 2.0 * dot(v, col) / vv;
             for (ci, vi) in col.iter_mut().zip(v) {
@@ -275,13 +279,20 @@ fn householder_qr(a: &Cm) -> (Cm, Cm) {
             }
         }
     }
-    let mut rr = Cm::zeros(n, n);
+    let mut rr = Cm::zeros(k, n);
     for c in 0..n {
-        for i in 0..=c.min(m - 1) {
-            rr.d[c * n + i] = r.get(i, c);
+        for i in 0..=c.min(k - 1) {
+            rr.d[c * k + i] = r.get(i, c);
         }
     }
     (q, rr)
+}
+
+/// Reduced QR of `a` (`m × n`) in f64: `Q` (`m × k`), `R` (`k × n`), `k = min(m, n)` (torch's
+/// `linalg.qr` with mode "reduced").
+pub fn qr(a: &Mat) -> (Mat, Mat) {
+    let (q, r) = householder_qr(&Cm::from_mat(a));
+    (q.to_mat(), r.to_mat())
 }
 
 /// Exact SVD of `a` with `m ≥ n`: (`U·S` as `m × n`, singular values, `V` as `n × n`).
