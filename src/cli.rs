@@ -200,6 +200,20 @@ pub struct DpoOptions {
     /// `<output_dir>/unconverted`.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub save_unconverted: Option<bool>,
+    /// Modules trained in full beside the adapters, embed_tokens and/or lm_head (alias:
+    /// --lora_modules_to_save, ms-swift 2.x). Saved under PEFT's names; their f32 copies and
+    /// AdamW moments take 16 bytes per parameter (a 150k × 896 lm_head: 2 GiB).
+    #[arg(long, alias = "lora-modules-to-save", alias = "lora_modules_to_save", num_args = 1..)]
+    #[serde(alias = "lora_modules_to_save")]
+    pub modules_to_save: Option<Vec<String>>,
+    /// On a model whose lm_head is tied to embed_tokens, --modules_to_save trains the one matrix
+    /// both use and saves it under both names (PEFT's ensure_weight_tying).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub ensure_weight_tying: Option<bool>,
+    /// Embedding rows trained on their own, by token id (PEFT's trainable_token_indices; saved
+    /// as embed_tokens.token_adapter.trainable_tokens_delta).
+    #[arg(long, num_args = 1..)]
+    pub trainable_token_indices: Option<Vec<u32>>,
     /// LoRA+ learning rate of embedding adapters; lorafold puts no adapter on embeddings, so it is
     /// accepted and noted.
     #[arg(long)]

@@ -458,6 +458,9 @@ impl DpoOptions {
             lorap_lr_ratio: self.lorap_lr_ratio,
             init_lora_weights: self.init_lora_weights.clone(),
             save_unconverted: self.save_unconverted.unwrap_or(false),
+            modules_to_save: self.modules_to_save.clone(),
+            ensure_weight_tying: self.ensure_weight_tying.unwrap_or(false),
+            trainable_token_indices: self.trainable_token_indices.clone(),
         }
     }
 

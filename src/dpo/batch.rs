@@ -223,7 +223,7 @@ pub fn sequence_logps(model: &Model, batch: &Batch, ctx: &Fwd) -> Result<SeqLogp
         Some(p) => model.forward_hidden_packed(&batch.input_ids, p, ctx)?,
         None => model.forward_hidden(&batch.input_ids, batch.attention_mask.as_ref(), ctx)?,
     };
-    let logits = model.logits_at(&hidden, &batch.positions)?;
+    let logits = model.logits_at_with(&hidden, &batch.positions, ctx)?;
     let tok = token_logps(&logits, &batch.targets)?;
     let logps = batch.select.matmul(&tok.unsqueeze(1)?)?.squeeze(1)?;
     // Logit statistics, detached.

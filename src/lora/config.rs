@@ -144,6 +144,13 @@ pub struct LoraConfig {
     pub inference_mode: bool,
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
+    /// With `modules_to_save` on a tied model: one trained matrix serves as both embedding and
+    /// output (PEFT saves it under both names).
+    #[serde(default)]
+    pub ensure_weight_tying: bool,
+    /// Embedding rows trained on their own: a list of token ids, or {"embed_tokens": [ids]}.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainable_token_indices: Option<Value>,
     #[serde(default)]
     pub rank_pattern: BTreeMap<String, usize>,
     #[serde(default)]
@@ -184,6 +191,8 @@ impl LoraConfig {
             base_model_name_or_path: None,
             inference_mode: true,
             modules_to_save: None,
+            ensure_weight_tying: false,
+            trainable_token_indices: None,
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
             layers_to_transform: None,
@@ -224,12 +233,9 @@ impl LoraConfig {
         if self.bias != "none" {
             return Err(bad("bias", format!("{:?} is not supported (\"none\" only)", self.bias)));
         }
-        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(bad(
-                "modules_to_save",
-                "fully trained extra modules are not supported".into(),
-            ));
-        }
+        self.saved_modules().map_err(|msg| bad("modules_to_save", msg))?;
+        self.token_indices()
+            .map_err(|msg| bad("trainable_token_indices", msg))?;
         self.layer_indexes().map_err(|msg| bad("layers_to_transform", msg))?;
         match &self.init_lora_weights {
             None | Some(Value::Bool(_)) => {}
@@ -283,6 +289,50 @@ impl LoraConfig {
     /// The rank for a module, honouring `rank_pattern`.
     pub fn rank_for(&self, module_path: &str) -> usize {
         pattern_lookup(&self.rank_pattern, module_path).unwrap_or(self.r)
+    }
+
+    /// `modules_to_save` as (embedding, output): lorafold trains `embed_tokens` and `lm_head`
+    /// in full; anything else is refused.
+    pub fn saved_modules(&self) -> std::result::Result<(bool, bool), String> {
+        let (mut embed, mut head) = (false, false);
+        for m in self.modules_to_save.iter().flatten() {
+            match m.trim_start_matches("model.") {
+                "embed_tokens" => embed = true,
+                "lm_head" => head = true,
+                other => {
+                    return Err(format!(
+                        "{other:?} is not supported (embed_tokens and lm_head are the modules lorafold trains in full)"
+                    ))
+                }
+            }
+        }
+        Ok((embed, head))
+    }
+
+    /// `trainable_token_indices` as token ids of the embedding (empty when unset).
+    pub fn token_indices(&self) -> std::result::Result<Vec<u32>, String> {
+        let list = match &self.trainable_token_indices {
+            None | Some(Value::Null) => return Ok(vec![]),
+            Some(Value::Array(a)) => a.clone(),
+            Some(Value::Object(o)) => {
+                let mut out = vec![];
+                for (k, v) in o {
+                    if k.trim_start_matches("model.") != "embed_tokens" {
+                        return Err(format!("{k:?}: only embed_tokens can have trainable tokens"));
+                    }
+                    out.extend(v.as_array().cloned().unwrap_or_default());
+                }
+                out
+            }
+            Some(v) => return Err(format!("{v} is not a list of token ids")),
+        };
+        list.iter()
+            .map(|v| {
+                v.as_u64()
+                    .map(|i| i as u32)
+                    .ok_or_else(|| format!("{v} is not a token id"))
+            })
+            .collect()
     }
 
     /// `layers_to_transform`: one index or a list of them (`None` when unset or empty).

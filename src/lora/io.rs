@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::LoraConfig;
 use super::init::{principal_pair, residual, LoraInit};
-use super::{magnitude_key, peft_key, Adapter, AdapterParam};
+use super::{magnitude_key, peft_key, Adapter, AdapterParam, EMBED_KEY, LM_HEAD_KEY, TOKENS_KEY};
 use crate::error::{Error, Result};
 use crate::linalg::mat::Mat;
 use crate::model::linear::LoraAdapter;
@@ -19,6 +19,8 @@ use crate::model::weights::WeightSource;
 use crate::model::Model;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
+/// The keys of fully trained tensors an adapter file may hold besides its LoRA pairs.
+const EXTRA_KEYS: [&str; 3] = [EMBED_KEY, LM_HEAD_KEY, TOKENS_KEY];
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
 /// Split an adapter key into (module path, 'A' | 'B' | 'M'), 'M' being DoRA's magnitude
@@ -73,6 +75,8 @@ pub struct AdapterFile {
     pub modules: BTreeMap<String, LoraTensors>,
     /// The dtype the A/B tensors are stored in.
     pub dtype: DType,
+    /// Fully trained tensors (modules_to_save, trainable tokens) by key, f32.
+    pub extras: BTreeMap<String, Tensor>,
 }
 
 /// Read and check the PEFT adapter folder `dir`. Pickle-only adapters (`adapter_model.bin`)
@@ -119,12 +123,22 @@ pub fn read_adapter(dir: &Path) -> Result<AdapterFile> {
             },
         );
     }
+    let mut extras = BTreeMap::new();
+    for key in EXTRA_KEYS {
+        if ws.names().any(|n| n == key) {
+            extras.insert(
+                key.to_string(),
+                ws.load(key, &ws.shape(key)?, DType::F32, &Device::Cpu)?,
+            );
+        }
+    }
     Ok(AdapterFile {
         dir: dir.into(),
         weights_path,
         config,
         modules,
         dtype,
+        extras,
     })
 }
 
@@ -149,7 +163,7 @@ fn check_dora(config: &LoraConfig, config_path: &Path, module: &str, has_magnitu
 /// parse, and A and B must both be there.
 #[allow(clippy::type_complexity)]
 fn pair_keys(ws: &WeightSource, weights_path: &Path) -> Result<BTreeMap<String, (String, String, Option<String>)>> {
-    let mut names: Vec<&String> = ws.names().collect();
+    let mut names: Vec<&String> = ws.names().filter(|n| !EXTRA_KEYS.contains(&n.as_str())).collect();
     names.sort();
     let mut halves: BTreeMap<String, [Option<String>; 3]> = BTreeMap::new();
     for name in names {
@@ -327,17 +341,134 @@ pub fn load_adapter(model: &mut Model, dir: &Path, trainable: bool) -> Result<Ad
         };
         lin.set_adapter(slot, Some(ad));
     }
+    let aliases = load_extras(model, &file, slot, trainable, &mut params)?;
     Ok(Adapter {
         slot,
         config: file.config,
         params,
         initial,
+        aliases,
     })
+}
+
+/// Every module `modules_to_save` lists has its tensor in the file (a tied model: with
+/// ensure_weight_tying, under either name), and trainable tokens have theirs.
+fn check_extras_listed(model: &Model, file: &AdapterFile) -> Result<()> {
+    let bad = |msg: String| Error::Config {
+        path: file.dir.join(CONFIG_FILE),
+        key: "modules_to_save".into(),
+        msg,
+    };
+    let (embed, head) = file.config.saved_modules().map_err(bad)?;
+    let tied = model.cfg.tie_word_embeddings;
+    if tied && head && !file.config.ensure_weight_tying {
+        return Err(bad(
+            "lists lm_head, which this model ties to embed_tokens; lorafold reads such adapters only with \
+             ensure_weight_tying (one matrix for both)"
+                .into(),
+        ));
+    }
+    let has = |k: &str| file.extras.contains_key(k);
+    for (listed, name, ok) in [
+        (embed, "embed_tokens", has(EMBED_KEY) || (tied && has(LM_HEAD_KEY))),
+        (head, "lm_head", has(LM_HEAD_KEY) || (tied && has(EMBED_KEY))),
+    ] {
+        if listed && !ok {
+            return Err(bad(format!(
+                "lists {name}, but {WEIGHTS_FILE} holds no trained {name} tensor"
+            )));
+        }
+    }
+    let tokens = file.config.token_indices().unwrap_or_default();
+    if !tokens.is_empty() && !has(TOKENS_KEY) {
+        return Err(Error::Config {
+            path: file.dir.join(CONFIG_FILE),
+            key: "trainable_token_indices".into(),
+            msg: format!("is set, but {WEIGHTS_FILE} holds no {TOKENS_KEY:?}"),
+        });
+    }
+    Ok(())
+}
+
+/// Put the fully trained tensors of `file` (modules_to_save, trainable tokens) into `slot`;
+/// returns the key aliases of a tied model.
+fn load_extras(
+    model: &mut Model,
+    file: &AdapterFile,
+    slot: usize,
+    trainable: bool,
+    params: &mut Vec<AdapterParam>,
+) -> Result<Vec<(String, String)>> {
+    check_extras_listed(model, file)?;
+    if file.extras.is_empty() {
+        model.set_extras(slot, None);
+        return Ok(vec![]);
+    }
+    let device = model.device().clone();
+    let mut take = |key: &str| -> Result<Option<Tensor>> {
+        let Some(t) = file.extras.get(key) else { return Ok(None) };
+        let t = t.to_device(&device)?;
+        let (t, var) = if trainable {
+            let v = Var::from_tensor(&t)?;
+            (v.as_tensor().clone(), Some(v))
+        } else {
+            (t, None)
+        };
+        params.push(AdapterParam {
+            key: key.into(),
+            tensor: t.clone(),
+            var,
+        });
+        Ok(Some(t))
+    };
+    let mut extras = crate::model::SlotExtras::default();
+    let mut aliases = vec![];
+    let tied = model.cfg.tie_word_embeddings && file.config.ensure_weight_tying;
+    if tied {
+        // One matrix serves both; PEFT wrote it under both names.
+        let w = match take(EMBED_KEY)? {
+            Some(w) => Some(w),
+            None => take(LM_HEAD_KEY)?,
+        };
+        extras.embed = w.clone();
+        extras.lm_head = w;
+        aliases.push((LM_HEAD_KEY.to_string(), EMBED_KEY.to_string()));
+    } else {
+        extras.embed = take(EMBED_KEY)?;
+        extras.lm_head = take(LM_HEAD_KEY)?;
+    }
+    if let Some(delta) = take(TOKENS_KEY)? {
+        let ids = file.config.token_indices().map_err(|msg| Error::Config {
+            path: file.dir.join(CONFIG_FILE),
+            key: "trainable_token_indices".into(),
+            msg,
+        })?;
+        extras.tokens = Some((ids, delta));
+    }
+    model.set_extras(slot, Some(extras));
+    Ok(aliases)
 }
 
 /// Every module of `file` must be a linear layer of `model`, with A `[r, in]` and B `[out, r]`
 /// fitting that layer.
 fn check_fits(model: &Model, file: &AdapterFile) -> Result<()> {
+    let (v, h) = (model.cfg.vocab_size, model.cfg.hidden_size);
+    let n_tokens = file.config.token_indices().map(|t| t.len()).unwrap_or(0);
+    for (key, t) in &file.extras {
+        let expected = if key == TOKENS_KEY {
+            vec![n_tokens, h]
+        } else {
+            vec![v, h]
+        };
+        if t.dims() != expected.as_slice() {
+            return Err(Error::ShapeMismatch {
+                path: file.weights_path.clone(),
+                name: key.clone(),
+                expected,
+                got: t.dims().to_vec(),
+            });
+        }
+    }
     let sizes: HashMap<&str, (usize, usize)> = model
         .linears()
         .map(|l| (l.path.as_str(), (l.in_features(), l.out_features())))
@@ -369,8 +500,26 @@ impl Adapter {
     /// OLoRA adapter is written as PEFT saves it without conversion: relative to the residual
     /// base, which PEFT (and lorafold) rebuild from the untouched base when loading it.
     pub fn save(&self, dir: &Path, base_model_name_or_path: Option<&str>) -> Result<()> {
-        let tensors: Vec<(String, Tensor)> = self.params.iter().map(|p| (p.key.clone(), p.tensor.clone())).collect();
-        write_adapter(dir, &self.config, base_model_name_or_path, &tensors)
+        write_adapter(
+            dir,
+            &self.config,
+            base_model_name_or_path,
+            &self.with_aliases(self.tensors()),
+        )
+    }
+
+    fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.params.iter().map(|p| (p.key.clone(), p.tensor.clone())).collect()
+    }
+
+    /// `tensors` plus each alias key with its source's tensor.
+    fn with_aliases(&self, mut tensors: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+        for (extra, source) in &self.aliases {
+            if let Some(t) = tensors.iter().find(|(k, _)| k == source).map(|(_, t)| t.clone()) {
+                tensors.push((extra.clone(), t));
+            }
+        }
+        tensors
     }
 
     /// Whether the adapter started from the principal part of the base (PiSSA / OLoRA).
@@ -397,6 +546,7 @@ impl Adapter {
             };
             tensors.push((p.key.clone(), t));
         }
+        let tensors = self.with_aliases(tensors);
         let mut config = self.config.clone();
         config.init_lora_weights = Some(serde_json::json!(true));
         config.r *= 2;

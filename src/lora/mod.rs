@@ -34,6 +34,89 @@ pub struct Adapter {
     /// PiSSA / OLoRA: the initial A and B by key (the part taken out of the base), for saving
     /// the adapter converted to a plain LoRA of the untouched base.
     pub initial: Vec<(String, Tensor)>,
+    /// Keys written with the tensor of another key (a tied model's trained embedding, saved as
+    /// lm_head too): (extra key, source key).
+    pub aliases: Vec<(String, String)>,
+}
+
+/// PEFT's keys of fully trained tensors (`modules_to_save`, `trainable_token_indices`).
+pub const EMBED_KEY: &str = "base_model.model.model.embed_tokens.weight";
+pub const LM_HEAD_KEY: &str = "base_model.model.lm_head.weight";
+pub const TOKENS_KEY: &str = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
+
+/// The tensors of `modules_to_save` and `trainable_token_indices` for a new adapter in `slot`:
+/// f32 copies of the embedding / output matrix and of the chosen embedding rows, trainable,
+/// appended to `params`; returns the key aliases a tied model needs.
+fn attach_extras(
+    model: &mut Model,
+    config: &LoraConfig,
+    slot: usize,
+    params: &mut Vec<AdapterParam>,
+) -> Result<Vec<(String, String)>> {
+    let bad = |key: &str, msg: String| Error::Config {
+        path: "--lora options".into(),
+        key: key.into(),
+        msg,
+    };
+    let (embed, head) = config.saved_modules().map_err(|m| bad("modules_to_save", m))?;
+    let tokens = config.token_indices().map_err(|m| bad("trainable_token_indices", m))?;
+    let tied = model.cfg.tie_word_embeddings;
+    if !embed && !head && tokens.is_empty() {
+        model.set_extras(slot, None);
+        return Ok(vec![]);
+    }
+    if tied && (embed || head) && !config.ensure_weight_tying {
+        return Err(bad(
+            "modules_to_save",
+            "this model ties lm_head to embed_tokens; set ensure_weight_tying (--ensure_weight_tying) to train the one \
+             matrix both use, as PEFT does"
+                .into(),
+        ));
+    }
+    if tied && !tokens.is_empty() {
+        return Err(bad(
+            "trainable_token_indices",
+            "is not supported on a model whose lm_head is tied to embed_tokens".into(),
+        ));
+    }
+    let mut var_param = |key: &str, t: Tensor| -> Result<Tensor> {
+        let v = Var::from_tensor(&t.to_dtype(candle_core::DType::F32)?)?;
+        params.push(AdapterParam {
+            key: key.into(),
+            tensor: v.as_tensor().clone(),
+            var: Some(v.clone()),
+        });
+        Ok(v.as_tensor().clone())
+    };
+    let mut extras = crate::model::SlotExtras::default();
+    let mut aliases = vec![];
+    if tied && (embed || head) {
+        let w = var_param(EMBED_KEY, model.embedding().copy()?)?;
+        extras.embed = Some(w.clone());
+        extras.lm_head = Some(w);
+        aliases.push((LM_HEAD_KEY.to_string(), EMBED_KEY.to_string()));
+    } else {
+        if embed {
+            extras.embed = Some(var_param(EMBED_KEY, model.embedding().copy()?)?);
+        }
+        if head {
+            extras.lm_head = Some(var_param(LM_HEAD_KEY, model.lm_head_weight().copy()?)?);
+        }
+    }
+    if !tokens.is_empty() {
+        let vocab = model.cfg.vocab_size as u32;
+        if let Some(t) = tokens.iter().find(|&&t| t >= vocab) {
+            return Err(bad(
+                "trainable_token_indices",
+                format!("token {t} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        let idx = Tensor::new(tokens.as_slice(), model.device())?;
+        let rows = model.embedding().index_select(&idx, 0)?;
+        extras.tokens = Some((tokens, var_param(TOKENS_KEY, rows)?));
+    }
+    model.set_extras(slot, Some(extras));
+    Ok(aliases)
 }
 
 impl Adapter {
@@ -160,6 +243,7 @@ pub fn attach_new(model: &mut Model, config: &LoraConfig, init: LoraInit) -> Res
         .map(|l| l.path.as_str())
         .collect();
     config.check_patterns_match(adapted.iter().copied())?;
+    let aliases = attach_extras(model, config, slot, &mut params)?;
     let mut config = config.clone();
     config.target_modules = Some(config::TargetModules::Modules(
         target.resolved_names(model.cfg.linear_modules(), model.cfg.num_layers)?,
@@ -175,5 +259,6 @@ pub fn attach_new(model: &mut Model, config: &LoraConfig, init: LoraInit) -> Res
         config,
         params,
         initial,
+        aliases,
     })
 }

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::linalg::mat::Mat;
 use crate::lora::config::LoraConfig;
 use crate::lora::io::{checkpoint_folders, is_adapter_folder, read_adapter, CONFIG_FILE};
-use crate::lora::peft_key;
+use crate::lora::{peft_key, EMBED_KEY, LM_HEAD_KEY};
 
 /// One adapted module: `W' = W + scale · B·A` (with DoRA, rows then scaled to the magnitude:
 /// `W' = m/‖W + scale · B·A‖ · (W + scale · B·A)`).
@@ -41,6 +41,10 @@ pub struct LoadedAdapter {
     pub modules: BTreeMap<String, LoraPair>,
     /// The dtype the A/B tensors are stored in.
     pub dtype: DType,
+    /// Base tensors replaced whole (modules_to_save), by base tensor name.
+    pub whole: BTreeMap<String, Mat>,
+    /// Embedding rows replaced (trainable tokens): the token ids and their new rows.
+    pub token_rows: Option<(Vec<u32>, Mat)>,
 }
 
 impl LoadedAdapter {
@@ -76,12 +80,33 @@ pub fn load(dir: &Path) -> Result<LoadedAdapter> {
         };
         modules.insert(module.clone(), LoraPair { a, b, scale, magnitude });
     }
+    let mut whole = BTreeMap::new();
+    let mut token_rows = None;
+    for (key, t) in &file.extras {
+        match key.as_str() {
+            EMBED_KEY => {
+                whole.insert("model.embed_tokens.weight".to_string(), Mat::from_tensor(t)?);
+            }
+            LM_HEAD_KEY => {
+                whole.insert("lm_head.weight".to_string(), Mat::from_tensor(t)?);
+            }
+            _ => {
+                let ids = file.config.token_indices().map_err(|msg| Error::Adapter {
+                    path: file.dir.clone(),
+                    msg: format!("trainable_token_indices: {msg}"),
+                })?;
+                token_rows = Some((ids, Mat::from_tensor(t)?));
+            }
+        }
+    }
     Ok(LoadedAdapter {
         dir: file.dir,
         weights_path: file.weights_path,
         config: file.config,
         modules,
         dtype: file.dtype,
+        whole,
+        token_rows,
     })
 }
 

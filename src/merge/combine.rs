@@ -152,29 +152,7 @@ pub fn combine(
             format!("has {} values for {} adapters", weights.len(), adapters.len()),
         ));
     }
-    if let Some(d) = adapters
-        .iter()
-        .find(|a| crate::lora::init::LoraInit::principal(a.config.init_lora_weights.as_ref()).is_some())
-    {
-        return Err(setting(
-            "--adapters",
-            format!(
-                "{} is a PiSSA/OLoRA adapter saved unconverted (relative to a residual base); save it \
-                 converted (lorafold writes it so by default) before combining",
-                d.name()
-            ),
-        ));
-    }
-    if let Some(d) = adapters.iter().find(|a| a.config.use_dora) {
-        return Err(setting(
-            "--adapters",
-            format!(
-                "{} is a DoRA adapter; its magnitude vectors have no weighted combination (PEFT's \
-                 add_weighted_adapter ignores them). Merge it on its own, without --combination or --weights",
-                d.name()
-            ),
-        ));
-    }
+    refuse_uncombinable(adapters)?;
     let comb = if adapters.len() == 1 {
         Combination::Linear
     } else {
@@ -212,6 +190,46 @@ pub fn combine(
         modules,
         combination: comb,
     })
+}
+
+/// Adapters whose weights are more than LoRA pairs have no weighted combination: DoRA (its
+/// magnitudes), unconverted PiSSA / OLoRA (relative to a residual base) and fully trained
+/// modules.
+fn refuse_uncombinable(adapters: &[LoadedAdapter]) -> Result<()> {
+    if let Some(d) = adapters
+        .iter()
+        .find(|a| crate::lora::init::LoraInit::principal(a.config.init_lora_weights.as_ref()).is_some())
+    {
+        return Err(setting(
+            "--adapters",
+            format!(
+                "{} is a PiSSA/OLoRA adapter saved unconverted (relative to a residual base); save it \
+                 converted (lorafold writes it so by default) before combining",
+                d.name()
+            ),
+        ));
+    }
+    if let Some(d) = adapters.iter().find(|a| !a.whole.is_empty() || a.token_rows.is_some()) {
+        return Err(setting(
+            "--adapters",
+            format!(
+                "{} trains embed_tokens / lm_head in full (modules_to_save or trainable tokens); such adapters \
+                 merge on their own, not in a weighted combination",
+                d.name()
+            ),
+        ));
+    }
+    if let Some(d) = adapters.iter().find(|a| a.config.use_dora) {
+        return Err(setting(
+            "--adapters",
+            format!(
+                "{} is a DoRA adapter; its magnitude vectors have no weighted combination (PEFT's \
+                 add_weighted_adapter ignores them). Merge it on its own, without --combination or --weights",
+                d.name()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A bad command-line value of the merge.

@@ -27,7 +27,7 @@ use crate::lora::peft_key;
 use crate::staging::Staged;
 use adapter::LoadedAdapter;
 use combine::{Combination, CombineOptions, Combined};
-use model::{Base, Term};
+use model::{Base, FullTensors, Term};
 
 /// What `lorafold merge` will do, resolved from the flags and checked.
 #[derive(Debug, Clone)]
@@ -170,7 +170,8 @@ pub fn execute(plan: &MergePlan, show_progress: bool) -> Result<MergeSummary> {
         }
     }
     let terms = delta_terms(&adapters, &plan.weights, combined.as_ref());
-    let mut summary = base.write_merged(staging.path(), &terms, plan, show_progress)?;
+    let full = full_tensors(&adapters, &base)?;
+    let mut summary = base.write_merged(staging.path(), &terms, &full, plan, show_progress)?;
     summary.combination = combined.as_ref().map(|c| c.combination);
     summary.rank = combined.as_ref().map(|c| c.rank);
     staging.commit()?;
@@ -212,6 +213,33 @@ fn inputs(plan: &MergePlan, base: Option<&Base>) -> Vec<PathBuf> {
         v.push(b.files.dir.clone());
     }
     v
+}
+
+/// The base tensors the adapters replace whole or by rows. A trained output matrix of a tied
+/// base (which stores no lm_head.weight) is the trained embedding, which keeps the tie.
+fn full_tensors<'a>(adapters: &'a [LoadedAdapter], base: &Base) -> Result<FullTensors<'a>> {
+    let mut full = FullTensors::default();
+    for ad in adapters {
+        for (name, m) in &ad.whole {
+            if name == "lm_head.weight" && !base.has_tensor(name) {
+                if !ad.whole.contains_key("model.embed_tokens.weight") {
+                    return Err(Error::Adapter {
+                        path: ad.weights_path.clone(),
+                        msg: "trains lm_head, but the base ties it to embed_tokens and stores no lm_head.weight; \
+                              train it with ensure_weight_tying so the one matrix is saved for both"
+                            .into(),
+                    });
+                }
+                continue;
+            }
+            full.whole.insert(name.clone(), m);
+        }
+        if let Some((ids, rows)) = &ad.token_rows {
+            full.rows
+                .insert("model.embed_tokens.weight".into(), (ids.as_slice(), rows));
+        }
+    }
+    Ok(full)
 }
 
 /// Updates per base tensor name (`<module>.weight`).

@@ -20,6 +20,14 @@ use crate::lora::io::write_atomic;
 use crate::lora::peft_key;
 use crate::model::weights::WeightSource;
 
+/// Base tensors an adapter replaces outright (modules_to_save) or row by row (trainable
+/// tokens), by base tensor name.
+#[derive(Default)]
+pub struct FullTensors<'a> {
+    pub whole: BTreeMap<String, &'a Mat>,
+    pub rows: BTreeMap<String, (&'a [u32], &'a Mat)>,
+}
+
 /// One low-rank update of a base tensor: `W += factor · B·A`, then with DoRA each row `i`
 /// scaled by `magnitude[i] / ‖row i‖` (PEFT's DoRA merge).
 pub struct Term<'a> {
@@ -68,6 +76,11 @@ impl Base {
             path: self.files.dir.clone(),
             msg: format!("tensor {name:?}: {e}"),
         })
+    }
+
+    /// Whether the checkpoint holds a tensor of this name.
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.has(name)
     }
 
     fn has(&self, name: &str) -> bool {
@@ -130,6 +143,7 @@ impl Base {
         &self,
         dir: &Path,
         terms: &BTreeMap<String, Vec<Term<'_>>>,
+        full: &FullTensors<'_>,
         plan: &MergePlan,
         show_progress: bool,
     ) -> Result<MergeSummary> {
@@ -157,32 +171,18 @@ impl Base {
                 pb.inc(1);
                 let view = self.view(&t.name)?;
                 let ts = terms.get(&t.name).map(Vec::as_slice).unwrap_or(&[]);
-                if ts.is_empty() && t.dtype == view.dtype() {
-                    return Ok(Cow::Borrowed(view.data()));
-                }
-                let mut w = to_f32(view.dtype(), view.data(), &t.name)?;
-                if ts.is_empty() {
-                    return Ok(Cow::Owned(from_f32(&w, t.dtype, &t.name)?.0));
-                }
-                merged += 1;
-                for term in ts {
-                    if let Some((init, r, scale)) = term.principal {
-                        let m = Mat {
-                            rows: t.shape[0],
-                            cols: t.shape[1],
-                            data: std::mem::take(&mut w),
-                        };
-                        let (a0, b0) = principal_pair(init, &m, r, scale)?;
-                        w = residual(&m, &a0, &b0, scale)?.data;
-                    }
-                    add_delta(&mut w, t.shape[1], term)?;
-                    if let Some(m) = term.magnitude {
-                        scale_rows_to(&mut w, t.shape[1], m);
+                match merged_data(t, &view, ts, full)? {
+                    None if t.dtype == view.dtype() => Ok(Cow::Borrowed(view.data())),
+                    None => Ok(Cow::Owned(
+                        from_f32(&to_f32(view.dtype(), view.data(), &t.name)?, t.dtype, &t.name)?.0,
+                    )),
+                    Some(w) => {
+                        merged += 1;
+                        let (bytes, bad) = from_f32(&w, t.dtype, &t.name)?;
+                        report_non_finite(&t.name, bad, plan.safe_merge)?;
+                        Ok(Cow::Owned(bytes))
                     }
                 }
-                let (bytes, bad) = from_f32(&w, t.dtype, &t.name)?;
-                report_non_finite(&t.name, bad, plan.safe_merge)?;
-                Ok(Cow::Owned(bytes))
             })?;
         }
         pb.finish_and_clear();
@@ -308,6 +308,47 @@ fn add_delta(w: &mut [f32], cols: usize, term: &Term<'_>) -> Result<()> {
         row += n;
     }
     Ok(())
+}
+
+/// The merged f32 data of `t` (the base's, or its whole replacement, with replaced rows, then
+/// each term in turn), or `None` when nothing changes it.
+fn merged_data(
+    t: &OutTensor,
+    view: &safetensors::tensor::TensorView<'_>,
+    ts: &[Term<'_>],
+    full: &FullTensors<'_>,
+) -> Result<Option<Vec<f32>>> {
+    let whole = full.whole.get(&t.name);
+    let rows = full.rows.get(&t.name);
+    if ts.is_empty() && whole.is_none() && rows.is_none() {
+        return Ok(None);
+    }
+    let cols = t.shape[1];
+    let mut w = match whole {
+        Some(m) => m.data.clone(),
+        None => to_f32(view.dtype(), view.data(), &t.name)?,
+    };
+    if let Some((ids, new)) = rows {
+        for (k, &id) in ids.iter().enumerate() {
+            w[id as usize * cols..(id as usize + 1) * cols].copy_from_slice(&new.data[k * cols..(k + 1) * cols]);
+        }
+    }
+    for term in ts {
+        if let Some((init, r, scale)) = term.principal {
+            let m = Mat {
+                rows: t.shape[0],
+                cols,
+                data: std::mem::take(&mut w),
+            };
+            let (a0, b0) = principal_pair(init, &m, r, scale)?;
+            w = residual(&m, &a0, &b0, scale)?.data;
+        }
+        add_delta(&mut w, cols, term)?;
+        if let Some(m) = term.magnitude {
+            scale_rows_to(&mut w, cols, m);
+        }
+    }
+    Ok(Some(w))
 }
 
 /// DoRA's merge: row `i` of the row-major `w` (`cols` columns) times `m[i] / ‖row i‖`, the norm

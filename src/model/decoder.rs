@@ -168,6 +168,20 @@ impl RopeTables {
     }
 }
 
+/// Fully trained tensors an adapter slot brings besides its LoRA pairs (PEFT's
+/// `modules_to_save` and `trainable_token_indices`), f32, `Var`-backed when trainable. Used in
+/// place of the base's when the slot is active.
+#[derive(Debug, Clone, Default)]
+pub struct SlotExtras {
+    /// The whole embedding matrix [V, H].
+    pub embed: Option<Tensor>,
+    /// The whole output matrix [V, H] (for a tied model with ensure_weight_tying, the same
+    /// tensor as `embed`).
+    pub lm_head: Option<Tensor>,
+    /// New embedding rows [n, H] for the token ids given.
+    pub tokens: Option<(Vec<u32>, Tensor)>,
+}
+
 /// A loaded decoder-only causal LM.
 pub struct Model {
     pub cfg: ModelConfig,
@@ -178,6 +192,8 @@ pub struct Model {
     rope: Rope,
     rope_local: Option<Rope>,
     geo: Geometry,
+    /// Per adapter slot: tensors that replace the base's embedding or output matrix.
+    extras: Vec<Option<SlotExtras>>,
     /// Set when gradient checkpointing is on (CPU): recompute each block in the backward pass.
     checkpointing: Option<std::sync::Arc<GradSink>>,
     dtype: DType,
@@ -243,6 +259,7 @@ impl Model {
             rope,
             rope_local,
             geo,
+            extras: Vec::new(),
             checkpointing: None,
             dtype: dt,
             device: dev.clone(),
@@ -358,15 +375,41 @@ impl Model {
         Ok(RopeTables { global, local })
     }
 
-    /// Token embeddings [B, T, H] of `input_ids` [B, T], scaled by √hidden_size (rounded to
-    /// the model's dtype first, as transformers does) for Gemma.
-    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+    /// Put the extra trained tensors of adapter slot `slot` (or none).
+    pub fn set_extras(&mut self, slot: usize, extras: Option<SlotExtras>) {
+        if self.extras.len() <= slot {
+            self.extras.resize(slot + 1, None);
+        }
+        self.extras[slot] = extras;
+    }
+
+    pub fn extras(&self, slot: usize) -> Option<&SlotExtras> {
+        self.extras.get(slot).and_then(|e| e.as_ref())
+    }
+
+    /// The embedding matrix (`embed_tokens.weight`).
+    pub fn embedding(&self) -> &Tensor {
+        &self.embed
+    }
+
+    /// The output matrix [V, H] (the embedding when tied).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// Token embeddings [B, T, H] of `input_ids` [B, T] (with the active slot's embedding or
+    /// token rows), scaled by √hidden_size (rounded to the model's dtype first, as transformers
+    /// does) for Gemma.
+    fn embed(&self, input_ids: &Tensor, ctx: &Fwd) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let x = self
-            .embed
-            .index_select(&ids, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
+        let extras = ctx.adapter.and_then(|s| self.extras(s));
+        let table = extras.and_then(|e| e.embed.as_ref()).unwrap_or(&self.embed);
+        let mut rows = table.index_select(&ids, 0)?.to_dtype(self.dtype)?;
+        if let Some((tokens, delta)) = extras.and_then(|e| e.tokens.as_ref()) {
+            rows = replace_token_rows(&rows, &ids, tokens, delta)?;
+        }
+        let x = rows.reshape((b, t, self.cfg.hidden_size))?;
         Ok(if self.cfg.arch.is_gemma() {
             (x * (self.cfg.hidden_size as f64).sqrt())?
         } else {
@@ -384,7 +427,7 @@ impl Model {
         mask_for: impl Fn(Option<usize>) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let t = input_ids.dim(1)?;
-        let mut x = self.embed(input_ids)?;
+        let mut x = self.embed(input_ids, ctx)?;
         let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
         for block in &self.blocks {
             let w = block.attn.sliding_window.filter(|&w| w < t);
@@ -427,29 +470,49 @@ impl Model {
         })
     }
 
-    /// Logits for every position: hidden [B, T, H] -> [B, T, V] (model dtype).
+    /// Logits for every position: hidden [B, T, H] -> [B, T, V] (model dtype; f32 with a
+    /// trained output matrix).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        // As a 2-D product against the [V, H] weight read transposed in place: a broadcast
-        // matmul against `lm_head.t()` would copy the whole vocabulary matrix on every call.
+        self.logits_with(hidden, &Fwd::base())
+    }
+
+    /// [`Model::logits`] with the output matrix of the slot `ctx` selects.
+    pub fn logits_with(&self, hidden: &Tensor, ctx: &Fwd) -> Result<Tensor> {
         let (b, t, h) = hidden.dims3()?;
         let rows = hidden.reshape((b * t, h))?;
-        let out = self.cap_logits(matmul_frozen_t(&rows, &self.lm_head)?)?;
-        Ok(out.reshape((b, t, self.cfg.vocab_size))?)
+        Ok(self.project(&rows, ctx)?.reshape((b, t, self.cfg.vocab_size))?)
     }
 
     /// Logits at selected flat positions only: hidden [B, T, H], `positions` u32 indices into
     /// the B*T flattened positions -> [N, V]. The vocabulary projection is the widest matmul, so
     /// training computes it only where a token is scored.
     pub fn logits_at(&self, hidden: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        self.logits_at_with(hidden, positions, &Fwd::base())
+    }
+
+    /// [`Model::logits_at`] with the output matrix of the slot `ctx` selects.
+    pub fn logits_at_with(&self, hidden: &Tensor, positions: &Tensor, ctx: &Fwd) -> Result<Tensor> {
         let (b, t, h) = hidden.dims3()?;
         let rows = hidden.reshape((b * t, h))?.index_select(positions, 0)?;
-        self.cap_logits(matmul_frozen_t(&rows, &self.lm_head)?)
+        self.project(&rows, ctx)
+    }
+
+    /// rows [N, H] -> capped logits [N, V]. Against the frozen [V, H] weight read transposed in
+    /// place (a broadcast matmul against `lm_head.t()` would copy the whole vocabulary matrix
+    /// on every call), or against a slot's trained output matrix with its gradient.
+    fn project(&self, rows: &Tensor, ctx: &Fwd) -> Result<Tensor> {
+        let trained = ctx.adapter.and_then(|s| self.extras(s)?.lm_head.as_ref());
+        let out = match trained {
+            Some(w) => rows.to_dtype(DType::F32)?.matmul(&w.t()?)?,
+            None => matmul_frozen_t(rows, &self.lm_head)?,
+        };
+        self.cap_logits(out)
     }
 
     /// Full forward to logits [B, T, V] in f32.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, ctx: &Fwd) -> Result<Tensor> {
         let h = self.forward_hidden(input_ids, attention_mask, ctx)?;
-        Ok(self.logits(&h)?.to_dtype(DType::F32)?)
+        Ok(self.logits_with(&h, ctx)?.to_dtype(DType::F32)?)
     }
 }
 
@@ -497,7 +560,7 @@ impl Model {
             }
         }
         cache.record_ids(input_ids, long)?;
-        let mut x = self.embed(input_ids)?;
+        let mut x = self.embed(input_ids, ctx)?;
         let tables = self.rope_tables(start..start + t, &[t])?;
         let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
         for (l, block) in self.blocks.iter().enumerate() {
@@ -522,7 +585,7 @@ impl Model {
         cache.advance(t);
         let last = x.narrow(1, t - 1, 1)?;
         let h = self.norm.apply(&last, self.cfg.rms_norm_eps)?;
-        Ok(self.logits(&h)?.squeeze(1)?.to_dtype(DType::F32)?)
+        Ok(self.logits_with(&h, ctx)?.squeeze(1)?.to_dtype(DType::F32)?)
     }
 }
 
@@ -662,6 +725,32 @@ fn load_block(cfg: &ModelConfig, ws: &WeightSource, l: usize, opts: &LoadOptions
         ff_norms,
         mlp: Mlp { gate_up, down },
     })
+}
+
+/// Embedding rows [N, H] with the rows of the ids in `tokens` replaced by the matching rows of
+/// `delta` [n, H] (PEFT's trainable tokens: the complete new rows), differentiable in `delta`.
+fn replace_token_rows(rows: &Tensor, ids: &Tensor, tokens: &[u32], delta: &Tensor) -> Result<Tensor> {
+    let ids = ids.to_vec1::<u32>()?;
+    let n = tokens.len() as u32;
+    // Index into delta (its last row a zero pad for ids that are not replaced) and a 0/1 mask.
+    let (pick, keep): (Vec<u32>, Vec<f32>) = ids
+        .iter()
+        .map(|id| match tokens.iter().position(|t| t == id) {
+            Some(k) => (k as u32, 0.0),
+            None => (n, 1.0),
+        })
+        .unzip();
+    if keep.iter().all(|&k| k == 1.0) {
+        return Ok(rows.clone());
+    }
+    let dev = rows.device();
+    let padded = Tensor::cat(&[delta, &delta.narrow(0, 0, 1)?.zeros_like()?], 0)?;
+    let new = padded
+        .index_select(&Tensor::new(pick.as_slice(), dev)?, 0)?
+        .to_dtype(rows.dtype())?;
+    let keep = Tensor::from_vec(keep, (ids.len(), 1), dev)?.to_dtype(rows.dtype())?;
+    let swap = (1.0 - &keep)?;
+    Ok((rows.broadcast_mul(&keep)? + new.broadcast_mul(&swap)?)?)
 }
 
 /// Additive padding mask [B, 1, 1, T] (f32) from a 0/1 attention mask [B, T].

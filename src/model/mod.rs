@@ -10,7 +10,7 @@ pub mod weights;
 
 pub use cache::KvCache;
 pub use config::{Arch, ModelConfig};
-pub use decoder::{LoadOptions, Model, Packing};
+pub use decoder::{LoadOptions, Model, Packing, SlotExtras};
 pub use ops::token_logps;
 
 impl Model {

@@ -181,6 +181,19 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
             data.train.len(),
             data.eval.len()
         );
+        let full: usize = adapter
+            .params
+            .iter()
+            .filter(|p| !p.key.contains(".lora_"))
+            .map(|p| p.tensor.elem_count())
+            .sum();
+        if full > 0 {
+            eprintln!(
+                "note: {full} of them are trained in full (modules_to_save / trainable tokens): {} for the f32 \
+                 copies, their gradients and AdamW's two moments",
+                crate::util::human_bytes(16 * full as u64)
+            );
+        }
     }
 
     // Train, then write the final adapter (an interrupted run leaves its checkpoint) and the plot.
@@ -294,6 +307,9 @@ fn attach_adapters(model: &mut crate::model::Model, s: &Settings) -> Result<(Ada
             cfg.layers_pattern = x.layers_pattern.as_ref().map(|p| serde_json::json!(p));
             cfg.rank_pattern = x.rank_pattern.clone();
             cfg.alpha_pattern = x.alpha_pattern.clone();
+            cfg.modules_to_save = x.modules_to_save.clone();
+            cfg.ensure_weight_tying = x.ensure_weight_tying;
+            cfg.trainable_token_indices = x.trainable_token_indices.as_ref().map(|t| serde_json::json!(t));
             let init = match &x.init_lora_weights {
                 Some(v) => LoraInit::parse(v, s.seed).map_err(|msg| Error::Setting {
                     key: "--init_lora_weights".into(),

@@ -110,6 +110,10 @@ pub struct LoraExtra {
     /// Also write a PiSSA / OLoRA adapter unconverted, under `<output_dir>/unconverted`.
     #[serde(default)]
     pub save_unconverted: bool,
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    pub ensure_weight_tying: bool,
+    pub trainable_token_indices: Option<Vec<u32>>,
 }
 
 /// transformers' `IntervalStrategy`: every N steps, at the end of each epoch, or never.

@@ -23,6 +23,11 @@
   rebuilds) and converted with ``path_initial_model_for_weight_conversion`` (a plain rank-8 LoRA
   of the untouched base). Goldens: the residual base weights right after initialisation, the
   logits with the moved adapter, and the weights ``merge_and_unload`` gives.
+* ``tests/fixtures/adapters/{llama_modules_to_save, qwen2_modules_to_save_tied, llama_tokens}/`` --
+  ``modules_to_save`` [lm_head, embed_tokens] on llama, [lm_head] with ``ensure_weight_tying``
+  on the tied qwen2, and ``trainable_token_indices`` on llama, each with LoRA on q/v, the fully
+  trained tensors moved off the base by 0.05·N(0, 1). Goldens: logits, the DPO gradients of
+  every trainable tensor, merge_and_unload's weights.
 * ``tests/golden/peft_extras.json`` -- what was made, with the settings.
 
 ``verify`` loads the adapters lorafold wrote (``tests/fixtures/lorafold_adapters/extras/<name>``,
@@ -53,6 +58,8 @@ ADAPTERS = REPO / "tests/fixtures/adapters"
 LORAFOLD = REPO / "tests/fixtures/lorafold_adapters/extras"
 GOLDEN = REPO / "tests/golden"
 BETA = 0.1
+# Trainable token ids: three that occur in the golden batch and one that does not.
+TOKEN_IDS = None
 LORAPLUS = dict(lr=1e-2, loraplus_lr_ratio=16.0, weight_decay=0.1, steps=5)
 TOL = 1e-4
 
@@ -93,7 +100,8 @@ def dpo_loss(pm, inp):
 
 def disk_key(name):
     """In-memory parameter name -> the key PEFT writes (magnitudes lose their `.weight`)."""
-    return name.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector").replace(".default", "")
+    name = name.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
+    return name.replace(".modules_to_save.default", "").replace(".default", "")
 
 
 def configs():
@@ -115,6 +123,21 @@ def configs():
                 exclude_modules=["up_proj"],
                 **common,
             ),
+        ),
+        "llama_modules_to_save": (
+            "llama",
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                       modules_to_save=["lm_head", "embed_tokens"], **common),
+        ),
+        "qwen2_modules_to_save_tied": (
+            "qwen2",
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+                       ensure_weight_tying=True, **common),
+        ),
+        "llama_tokens": (
+            "llama",
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                       trainable_token_indices={"embed_tokens": TOKEN_IDS}, **common),
         ),
         "llama_regex": (
             "llama",
@@ -139,6 +162,8 @@ def randomise(pm, seed):
     for name, p in pm.named_parameters():
         if "lora_magnitude_vector" in name:
             p.mul_(1.0 + 0.2 * torch.randn_like(p))
+        elif p.requires_grad and ("modules_to_save" in name or "trainable_tokens_delta" in name):
+            p.add_(0.05 * torch.randn_like(p))
 
 
 def build_one(name, arch, cfg, seed, inp, tensors, info):
@@ -172,7 +197,7 @@ def build_one(name, arch, cfg, seed, inp, tensors, info):
     assert effect > 0.1, (name, effect)
     tensors[f"{name}/logits"] = logits.contiguous()
     entry = {"arch": arch, "keys": keys, "adapter_effect": effect}
-    if cfg.use_dora:
+    if cfg.use_dora or cfg.modules_to_save or cfg.trainable_token_indices:
         loss = dpo_loss(pm, inp)
         loss.backward()
         n = 0
@@ -183,14 +208,15 @@ def build_one(name, arch, cfg, seed, inp, tensors, info):
                 n += 1
         entry["dpo_loss"] = float(loss.detach())
         entry["gradients"] = n
-        # Magnitudes must matter for the gradient check to mean anything.
-        entry["magnitude_keys"] = sum("lora_magnitude_vector" in k for k in keys)
-        assert entry["magnitude_keys"] > 0
+        if cfg.use_dora:
+            # Magnitudes must matter for the gradient check to mean anything.
+            entry["magnitude_keys"] = sum("lora_magnitude_vector" in k for k in keys)
+            assert entry["magnitude_keys"] > 0
         base_sd = load_base(arch).state_dict()
         merged = pm.merge_and_unload().state_dict()
         changed = sorted(k for k in merged if k in base_sd and not torch.equal(merged[k], base_sd[k]))
         for k in changed:
-            tensors[f"{name}/merged/{k}"] = merged[k].contiguous()
+            tensors[f"{name}/merged/{k}"] = merged[k].clone().contiguous()
         entry["merged_tensors"] = len(changed)
     info[name] = entry
     log(f"[{name}] {len(keys)} tensors; adapter effect {effect:.3f}; {entry.get('gradients', 0)} gradients")
@@ -249,7 +275,7 @@ def principal_one(kind, inp, tensors, info):
             merged = re.merge_and_unload().state_dict()
             for k in sorted(merged):
                 if k in base_sd and not torch.equal(merged[k], base_sd[k]):
-                    tensors[f"{name}/merged/{k}"] = merged[k].contiguous()
+                    tensors[f"{name}/merged/{k}"] = merged[k].clone().contiguous()
     conv = json.loads((ADAPTERS / f"{name}_converted" / "adapter_config.json").read_text())
     info[name] = {"init": kind, "reload_logit_diff": diffs, "converted_r": conv["r"],
                   "converted_alpha": conv["lora_alpha"], "converted_init": conv["init_lora_weights"]}
@@ -293,7 +319,9 @@ def loraplus_run(inp, tensors, info):
 def cmd_build():
     import peft
 
+    global TOKEN_IDS
     inp = inputs()
+    TOKEN_IDS = [int(t) for t in inp["input_ids"][0, 2:5]] + [7]
     tensors, info = {}, {}
     for i, (name, (arch, cfg)) in enumerate(configs().items()):
         build_one(name, arch, cfg, 9100 + i, inp, tensors, info)

@@ -39,7 +39,7 @@ fn dpo_loss(model: &Model, slot: usize, beta: f64) -> Tensor {
     let seq = |ctx: &Fwd| {
         let h = model.forward_hidden(&ids, Some(&mask), ctx).unwrap();
         per_sequence(
-            &token_logps(&model.logits_at(&h, &pos).unwrap(), &tgt).unwrap(),
+            &token_logps(&model.logits_at_with(&h, &pos, ctx).unwrap(), &tgt).unwrap(),
             &rows,
             2,
         )
@@ -54,67 +54,104 @@ fn dpo_loss(model: &Model, slot: usize, beta: f64) -> Tensor {
 
 #[test]
 fn dora_adapters_give_peft_logits_gradients_and_merge() {
+    for (name, arch) in [("llama_dora", "llama"), ("phi3_dora", "phi3")] {
+        let ad = logits_gradients_and_merge(name, arch);
+        assert!(ad.config.use_dora);
+        let magnitudes = ad
+            .params
+            .iter()
+            .filter(|p| p.key.ends_with("lora_magnitude_vector"))
+            .count();
+        assert_eq!(
+            magnitudes,
+            load_model(arch).linears().count(),
+            "{name}: a magnitude per layer"
+        );
+    }
+}
+
+/// modules_to_save (untied; tied with ensure_weight_tying) and trainable tokens: logits, the
+/// DPO gradients of the fully trained tensors and of the LoRA pairs, and the merged weights.
+#[test]
+fn fully_trained_modules_and_tokens_match_peft() {
+    for (name, arch, full) in [
+        ("llama_modules_to_save", "llama", 2),
+        ("qwen2_modules_to_save_tied", "qwen2", 1),
+        ("llama_tokens", "llama", 1),
+    ] {
+        let ad = logits_gradients_and_merge(name, arch);
+        let n = ad.params.iter().filter(|p| !p.key.contains(".lora_")).count();
+        assert_eq!(n, full, "{name}: fully trained tensors");
+    }
+}
+
+/// Load PEFT's adapter `name` (trainable) on `arch`: its logits, the gradients of the DPO loss
+/// of every trainable tensor, and `lorafold merge`'s weights must be PEFT's.
+fn logits_gradients_and_merge(name: &str, arch: &str) -> lorafold::lora::Adapter {
     let g = extras();
     let beta = extras_meta()["beta"].as_f64().unwrap();
-    for (name, arch) in [("llama_dora", "llama"), ("phi3_dora", "phi3")] {
-        let mut model = load_model(arch);
-        let ad = load_adapter(&mut model, &adapter_dir(name), true).unwrap();
-        assert!(ad.config.use_dora);
-        let (ids, mask, _) = batch();
-        let logits = model.forward(&ids, Some(&mask), &Fwd::eval(ad.slot)).unwrap();
-        let err = max_abs_diff(&logits, &g[&format!("{name}/logits")]);
-        println!("{name}: max abs logit error {err:.3e}");
-        assert!(err <= LOGIT_TOL, "{name}: logits differ by {err}");
+    let mut model = load_model(arch);
+    let ad = load_adapter(&mut model, &adapter_dir(name), true).unwrap();
+    let (ids, mask, _) = batch();
+    let logits = model.forward(&ids, Some(&mask), &Fwd::eval(ad.slot)).unwrap();
+    let err = max_abs_diff(&logits, &g[&format!("{name}/logits")]);
+    println!("{name}: max abs logit error {err:.3e}");
+    assert!(err <= LOGIT_TOL, "{name}: logits differ by {err}");
 
-        // Gradients of a DPO loss: every A, B and magnitude, the norm detached as in PEFT.
-        let grads = dpo_loss(&model, ad.slot, beta).backward().unwrap();
-        let mut worst = 0f32;
-        let mut magnitudes = 0;
-        for p in &ad.params {
-            let var = p.var.as_ref().unwrap();
-            let got = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient for {}", p.key));
-            let want = &g[&format!("{name}/grad/{}", p.key)];
-            let rel = max_abs_diff(got, want) / max_abs(want);
-            worst = worst.max(rel);
-            assert!(rel <= 1e-4, "{name}: gradient of {} off by {rel:.3e}", p.key);
-            magnitudes += usize::from(p.key.ends_with("lora_magnitude_vector"));
-        }
-        assert_eq!(magnitudes, model.linears().count(), "{name}: a magnitude per layer");
-        println!("{name}: worst relative gradient error {worst:.3e}");
-
-        // `lorafold merge` writes PEFT's merge_and_unload weights.
-        let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("merged");
-        let o = lorafold(
-            &[
-                "merge",
-                "--model",
-                model_dir(arch).to_str().unwrap(),
-                "--adapters",
-                adapter_dir(name).to_str().unwrap(),
-                "--output",
-                out.to_str().unwrap(),
-            ],
-            &[],
-        );
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let merged = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
-        let prefix = format!("{name}/merged/");
-        let mut n = 0;
-        for (k, want) in g.iter().filter(|(k, _)| k.starts_with(&prefix)) {
-            let got = &merged[&k[prefix.len()..]];
-            let rel = max_abs_diff(got, want) / max_abs(want);
-            assert!(rel <= 1e-6, "{name}: merged {k} off by {rel:.3e}");
-            n += 1;
-        }
-        assert_eq!(n, model.linears().count(), "{name}: every adapted weight merged");
-        // The merged folder loads as a plain model with the adapter's logits.
-        let plain = Model::load_dir(&out, &Default::default()).unwrap();
-        let lm = plain.forward(&ids, Some(&mask), &Fwd::base()).unwrap();
-        assert!(max_abs_diff(&lm, &logits) <= LOGIT_TOL, "{name}: merged logits");
+    let grads = dpo_loss(&model, ad.slot, beta).backward().unwrap();
+    let mut worst = 0f32;
+    for p in &ad.params {
+        let var = p.var.as_ref().unwrap();
+        let got = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient for {}", p.key));
+        let want = &g[&format!("{name}/grad/{}", p.key)];
+        let rel = max_abs_diff(got, want) / max_abs(want);
+        worst = worst.max(rel);
+        assert!(rel <= 1e-4, "{name}: gradient of {} off by {rel:.3e}", p.key);
     }
+    println!("{name}: worst relative gradient error {worst:.3e}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let o = lorafold(
+        &[
+            "merge",
+            "--model",
+            model_dir(arch).to_str().unwrap(),
+            "--adapters",
+            adapter_dir(name).to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let merged = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let prefix = format!("{name}/merged/");
+    let mut n = 0;
+    for (k, want) in g.iter().filter(|(k, _)| k.starts_with(&prefix)) {
+        // A tied base stores no lm_head.weight: the merged embedding serves both.
+        let Some(got) = merged.get(&k[prefix.len()..]) else {
+            assert!(
+                model.cfg.tie_word_embeddings && k.ends_with("lm_head.weight"),
+                "{name}: {k} not merged"
+            );
+            continue;
+        };
+        let rel = max_abs_diff(got, want) / max_abs(want);
+        assert!(rel <= 1e-6, "{name}: merged {k} off by {rel:.3e}");
+        n += 1;
+    }
+    assert!(
+        n >= model.linears().filter(|l| l.adapter(ad.slot).is_some()).count(),
+        "{name}: merged tensors"
+    );
+    // The merged folder loads as a plain model with the adapter's logits.
+    let plain = Model::load_dir(&out, &Default::default()).unwrap();
+    let lm = plain.forward(&ids, Some(&mask), &Fwd::base()).unwrap();
+    assert!(max_abs_diff(&lm, &logits) <= LOGIT_TOL, "{name}: merged logits");
+    ad
 }
 
 #[test]
@@ -220,7 +257,8 @@ fn loraplus_steps_match_peft_create_loraplus_optimizer() {
     }
 }
 
-/// Magnitudes times 1.25; A and B (of PiSSA / OLoRA adapters) plus 0.05·N(0, 1).
+/// Magnitudes times 1.25; A and B of PiSSA / OLoRA adapters and fully trained tensors plus
+/// 0.05·N(0, 1).
 fn move_params(ad: &lorafold::lora::Adapter, seed: u64) {
     let mut rng = lorafold::rng::Rng::new(seed);
     for p in &ad.params {
@@ -228,7 +266,7 @@ fn move_params(ad: &lorafold::lora::Adapter, seed: u64) {
         let t = v.as_tensor();
         let moved = if p.key.ends_with("lora_magnitude_vector") {
             (t * 1.25).unwrap()
-        } else if ad.is_principal() {
+        } else if ad.is_principal() || !p.key.contains(".lora_") {
             let noise: Vec<f32> = (0..t.elem_count()).map(|_| 0.05 * rng.next_normal() as f32).collect();
             (t + Tensor::from_vec(noise, t.shape(), t.device()).unwrap()).unwrap()
         } else {
@@ -324,6 +362,9 @@ fn lorafold_dora_and_pattern_adapters_load_in_peft() {
         ("llama_pissa_converted", "llama", "llama_pissa"),
         ("llama_olora", "llama", "llama_olora"),
         ("llama_olora_converted", "llama", "llama_olora"),
+        ("llama_modules_to_save", "llama", "llama_modules_to_save"),
+        ("qwen2_modules_to_save_tied", "qwen2", "qwen2_modules_to_save_tied"),
+        ("llama_tokens", "llama", "llama_tokens"),
     ] {
         let dir = root().join("tests/fixtures/lorafold_adapters/extras").join(name);
         let (ids, mask, _) = batch();
