@@ -171,29 +171,7 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
         crate::train::checkpoint::estimated_size(adapter.num_params()),
     )?;
     if !quiet {
-        eprintln!(
-            "model {} ({:?}, {} parameters, {:?}); adapter {} trainable parameters; {} train / {} eval pairs",
-            files.name,
-            model.cfg.arch,
-            model.cfg.num_params(),
-            model.dtype(),
-            adapter.num_params(),
-            data.train.len(),
-            data.eval.len()
-        );
-        let full: usize = adapter
-            .params
-            .iter()
-            .filter(|p| !p.key.contains(".lora_"))
-            .map(|p| p.tensor.elem_count())
-            .sum();
-        if full > 0 {
-            eprintln!(
-                "note: {full} of them are trained in full (modules_to_save / trainable tokens): {} for the f32 \
-                 copies, their gradients and AdamW's two moments",
-                crate::util::human_bytes(16 * full as u64)
-            );
-        }
+        print_run_header(&files.name, &model, &adapter, (data.train.len(), data.eval.len()));
     }
 
     // Train, then write the final adapter (an interrupted run leaves its checkpoint) and the plot.
@@ -405,4 +383,31 @@ pub fn run_eval(s: &Settings, per_pair: Option<&Path>) -> Result<(DpoMetrics, us
         std::fs::write(p, text).map_err(|e| Error::io(p, e))?;
     }
     Ok((rec, pairs.len(), report))
+}
+
+/// The line naming model, adapter and data, and what fully trained tensors cost.
+fn print_run_header(name: &str, model: &crate::model::Model, adapter: &Adapter, pairs: (usize, usize)) {
+    eprintln!(
+        "model {} ({:?}, {} parameters, {:?}); adapter {} trainable parameters; {} train / {} eval pairs",
+        name,
+        model.cfg.arch,
+        model.cfg.num_params(),
+        model.dtype(),
+        adapter.num_params(),
+        pairs.0,
+        pairs.1
+    );
+    let full: usize = adapter
+        .params
+        .iter()
+        .filter(|p| !p.key.contains(".lora_"))
+        .map(|p| p.tensor.elem_count())
+        .sum();
+    if full > 0 {
+        eprintln!(
+            "note: {full} of them are trained in full (modules_to_save / trainable tokens): {} for the f32 \
+                 copies, their gradients and AdamW's two moments",
+            crate::util::human_bytes(16 * full as u64)
+        );
+    }
 }
