@@ -213,7 +213,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         },
     )?;
     model.set_gradient_checkpointing(a.gradient_checkpointing);
-    let lcfg = LoraConfig::new(8, 16.0, 0.0, TargetModules::all_linear());
+    let mut lcfg = LoraConfig::new(8, 16.0, 0.0, TargetModules::all_linear());
+    lcfg.use_dora = a.use_dora;
     let adapter = attach_new(&mut model, &lcfg, LoraInit::Peft { seed: 1 })?;
     let settings = DpoOptions {
         model: Some(dir.display().to_string()),

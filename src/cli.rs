@@ -597,6 +597,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Train DoRA adapters (magnitude vectors on top of LoRA) instead of plain LoRA, to measure
+    /// what DoRA costs.
+    #[arg(long)]
+    pub use_dora: bool,
     /// Recompute each decoder block in the backward pass (less memory, more time).
     #[arg(long)]
     pub gradient_checkpointing: bool,
