@@ -284,18 +284,7 @@ pub fn load_adapter(model: &mut Model, dir: &Path, trainable: bool) -> Result<Ad
             continue;
         };
         if let Some(init) = principal {
-            // Saved unconverted (PEFT's PiSSA / OLoRA form): rebuild the residual base as
-            // PEFT's from_pretrained does, from the untouched base weight.
-            let scale = file.config.scale_for(&lin.path, t.rank());
-            let w = Mat::from_tensor(&lin.weight)?;
-            let (a0, b0) = principal_pair(init, &w, t.rank(), scale).map_err(|e| Error::Adapter {
-                path: file.dir.clone(),
-                msg: format!("{}: {e}", lin.path),
-            })?;
-            let res = residual(&w, &a0, &b0, scale)?;
-            lin.weight = res.to_tensor()?.to_dtype(lin.weight.dtype())?.to_device(&device)?;
-            initial.push((peft_key(&lin.path, 'A'), a0.to_tensor()?.to_device(&device)?));
-            initial.push((peft_key(&lin.path, 'B'), b0.to_tensor()?.to_device(&device)?));
+            rebuild_residual(lin, init, t, &file, &mut initial)?;
         }
         let (a, b) = (t.a.to_device(&device)?, t.b.to_device(&device)?);
         let (a, b, va, vb) = if trainable {
@@ -337,6 +326,10 @@ pub fn load_adapter(model: &mut Model, dir: &Path, trainable: bool) -> Result<Ad
             b,
             scale: file.config.scale_for(&lin.path, t.rank()),
             dropout: file.config.lora_dropout as f32,
+            base_row_sq: match &magnitude {
+                Some(_) => LoraAdapter::weight_row_sq(&lin.weight)?,
+                None => None,
+            },
             magnitude,
         };
         lin.set_adapter(slot, Some(ad));
@@ -349,6 +342,29 @@ pub fn load_adapter(model: &mut Model, dir: &Path, trainable: bool) -> Result<Ad
         initial,
         aliases,
     })
+}
+
+/// An adapter saved unconverted (PEFT's PiSSA / OLoRA form): rebuild the residual base of `lin`
+/// as PEFT's from_pretrained does, from the untouched base weight, and keep the initial pair.
+fn rebuild_residual(
+    lin: &mut crate::model::linear::LoraLinear,
+    init: LoraInit,
+    t: &LoraTensors,
+    file: &AdapterFile,
+    initial: &mut Vec<(String, Tensor)>,
+) -> Result<()> {
+    let device = lin.weight.device().clone();
+    let scale = file.config.scale_for(&lin.path, t.rank());
+    let w = Mat::from_tensor(&lin.weight)?;
+    let (a0, b0) = principal_pair(init, &w, t.rank(), scale).map_err(|e| Error::Adapter {
+        path: file.dir.clone(),
+        msg: format!("{}: {e}", lin.path),
+    })?;
+    let res = residual(&w, &a0, &b0, scale)?;
+    lin.weight = res.to_tensor()?.to_dtype(lin.weight.dtype())?.to_device(&device)?;
+    initial.push((peft_key(&lin.path, 'A'), a0.to_tensor()?.to_device(&device)?));
+    initial.push((peft_key(&lin.path, 'B'), b0.to_tensor()?.to_device(&device)?));
+    Ok(())
 }
 
 /// Every module `modules_to_save` lists has its tensor in the file (a tied model: with

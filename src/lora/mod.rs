@@ -175,6 +175,7 @@ fn trainable_adapter(
         scale,
         dropout: config.lora_dropout as f32,
         magnitude: None,
+        base_row_sq: None,
     };
     params.push(AdapterParam {
         key: peft_key(&lin.path, 'A'),
@@ -187,6 +188,7 @@ fn trainable_adapter(
         var: Some(vb),
     });
     if config.use_dora {
+        ad.base_row_sq = LoraAdapter::weight_row_sq(&lin.weight)?;
         let vm = Var::from_tensor(&ad.row_norms(&lin.weight)?)?;
         ad.magnitude = Some(vm.as_tensor().clone());
         params.push(AdapterParam {

@@ -59,6 +59,9 @@ pub struct LoraAdapter {
     /// DoRA's magnitude vector [out], f32 (`lora_magnitude_vector`). Backed by a `Var` when
     /// trainable.
     pub magnitude: Option<Tensor>,
+    /// DoRA on an f32 base: the squared row norms ‖W_i‖² [out] of the frozen weight, so that
+    /// ‖W + s·B·A‖ is found without an [out, in] temporary (see [`LoraAdapter::row_norms`]).
+    pub base_row_sq: Option<Tensor>,
 }
 
 impl LoraAdapter {
@@ -77,9 +80,32 @@ impl LoraAdapter {
     }
 
     /// The row norms ‖W + s·B·A‖ [out] (f32, no gradient) of `weight` with this adapter added.
+    /// With `base_row_sq` (f32 weights) as ‖W_i‖² + 2s·Σ_k B_ik (A·Wᵀ)_ki + s²·(B·A·Aᵀ·Bᵀ)_ii:
+    /// products of rank r only, never the [out, in] sum.
     pub fn row_norms(&self, weight: &Tensor) -> Result<Tensor> {
-        let w = (weight.to_dtype(DType::F32)?.detach() + self.delta_weight()?.detach())?;
-        w.sqr()?.sum(1)?.sqrt()
+        let (a, b, s) = (self.a.detach(), self.b.detach(), self.scale);
+        match &self.base_row_sq {
+            Some(w2) if weight.dtype() == DType::F32 => {
+                let awt = matmul_frozen_t(&a, weight)?; // [r, out]
+                let cross = (&b * awt.t()?)?.sum(1)?;
+                let gram = a.matmul(&a.t()?)?; // [r, r]
+                let own = (b.matmul(&gram)? * &b)?.sum(1)?;
+                let sq = ((w2 + (cross * (2.0 * s))?)? + (own * (s * s))?)?;
+                sq.relu()?.sqrt()
+            }
+            _ => {
+                let w = (weight.to_dtype(DType::F32)?.detach() + (b.matmul(&a)? * s)?)?;
+                w.sqr()?.sum(1)?.sqrt()
+            }
+        }
+    }
+
+    /// ‖W_i‖² [out] of an f32 weight, for [`LoraAdapter::base_row_sq`]; `None` for other dtypes.
+    pub fn weight_row_sq(weight: &Tensor) -> Result<Option<Tensor>> {
+        if weight.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        Ok(Some(weight.sqr()?.sum(1)?))
     }
 
     /// The weight PEFT's merge gives: W + s·B·A, rows scaled by m/‖W + s·B·A‖ with DoRA
@@ -171,22 +197,33 @@ impl LoraLinear {
             }
             // Scale the rank-r intermediate, not the [N, out] product: one full-size tensor fewer.
             let h = (xa.matmul(&ad.a.t()?)? * ad.scale)?.matmul(&ad.b.t()?)?;
-            let h = match &ad.magnitude {
-                None => h,
+            match &ad.magnitude {
+                None => {
+                    let dt = y.dtype();
+                    y = (y + h.to_dtype(dt)?)?;
+                }
                 Some(m) => {
                     // DoRA: g = m / ‖W + sBA‖ per output row, the norm detached (as PEFT).
                     let g = m.broadcast_div(&ad.row_norms(&self.weight)?)?.unsqueeze(0)?;
-                    let base = if dropped {
-                        matmul_frozen_t(&xa.to_dtype(self.weight.dtype())?, &self.weight)?
+                    if dropped {
+                        // y + (g − 1)·(x̃Wᵀ) + g·h, x̃ the dropped-out input.
+                        let based = matmul_frozen_t(&xa.to_dtype(self.weight.dtype())?, &self.weight)?;
+                        let d = (based.to_dtype(DType::F32)?.broadcast_mul(&(&g - 1.0)?)? + h.broadcast_mul(&g)?)?;
+                        let dt = y.dtype();
+                        y = (y + d.to_dtype(dt)?)?;
                     } else {
-                        base
-                    };
-                    let base = base.to_dtype(DType::F32)?;
-                    (base.broadcast_mul(&(&g - 1.0)?)? + h.broadcast_mul(&g)?)?
+                        // Without dropout the same sum is g·(xWᵀ + h) (+ bias): one [N, out]
+                        // product, and one [N, out] tensor kept for the backward pass.
+                        let u = (base.to_dtype(DType::F32)? + h)?
+                            .broadcast_mul(&g)?
+                            .to_dtype(y.dtype())?;
+                        y = match &self.bias {
+                            Some(b) => add_frozen(&u, b)?,
+                            None => u,
+                        };
+                    }
                 }
-            };
-            let h = h.to_dtype(y.dtype())?;
-            y = (y + h)?;
+            }
         }
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
