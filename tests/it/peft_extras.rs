@@ -31,6 +31,25 @@ fn batch() -> (Tensor, Tensor, Tensor) {
     (ids, mask, g["labels"].clone())
 }
 
+/// `lorafold merge --model <arch fixture> --adapters <adapter fixture>` into `out`: the merged
+/// tensors by name.
+fn merge_cli(arch: &str, adapter: &str, out: &std::path::Path) -> HashMap<String, Tensor> {
+    let o = lorafold(
+        &[
+            "merge",
+            "--model",
+            model_dir(arch).to_str().unwrap(),
+            "--adapters",
+            adapter_dir(adapter).to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap()
+}
+
 /// The sigmoid DPO loss of peft_extras.py: row 0 chosen, row 1 rejected, the bare base as
 /// reference, beta from the golden.
 fn dpo_loss(model: &Model, slot: usize, beta: f64) -> Tensor {
@@ -114,20 +133,7 @@ fn logits_gradients_and_merge(name: &str, arch: &str) -> lorafold::lora::Adapter
 
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("merged");
-    let o = lorafold(
-        &[
-            "merge",
-            "--model",
-            model_dir(arch).to_str().unwrap(),
-            "--adapters",
-            adapter_dir(name).to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let merged = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let merged = merge_cli(arch, name, &out);
     let prefix = format!("{name}/merged/");
     let mut n = 0;
     for (k, want) in g.iter().filter(|(k, _)| k.starts_with(&prefix)) {
@@ -316,20 +322,7 @@ fn pissa_and_olora_match_peft() {
 
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("merged");
-        let o = lorafold(
-            &[
-                "merge",
-                "--model",
-                model_dir("llama").to_str().unwrap(),
-                "--adapters",
-                adapter_dir(&name).to_str().unwrap(),
-                "--output",
-                out.to_str().unwrap(),
-            ],
-            &[],
-        );
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let merged = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+        let merged = merge_cli("llama", &name, &out);
         let prefix = format!("{name}/merged/");
         let mut n = 0;
         for (k, want) in g.iter().filter(|(k, _)| k.starts_with(&prefix)) {
