@@ -527,6 +527,10 @@ pub struct InferArgs {
     /// System message put before the conversation (unless a prompt brings its own).
     #[arg(long)]
     pub system: Option<String>,
+    /// Put the system message at the start of the first user message, for chat templates
+    /// without a system role (Gemma 2).
+    #[arg(long)]
+    pub fold_system: bool,
     /// Feed the prompt as it is (after the BOS token, if the model has one), without the chat
     /// template.
     #[arg(long)]

@@ -77,6 +77,7 @@ pub fn run(args: &InferArgs) -> Result<()> {
         pre: &pre,
         opts,
         system: args.system.clone(),
+        fold_system: args.fold_system,
         sides,
         compare: args.compare,
         stop: None,
@@ -310,6 +311,8 @@ struct Inference<'a> {
     pre: &'a Preprocessor,
     opts: GenerateOptions,
     system: Option<String>,
+    /// Put a system message into the first user message (`--fold_system`).
+    fold_system: bool,
     /// (label, adapter choice) of each answer: one, or base and adapter with --compare.
     sides: Vec<(&'static str, Fwd)>,
     compare: bool,
@@ -325,6 +328,9 @@ impl Inference<'_> {
             msgs.push(Message::system(s.clone()));
         }
         msgs.extend_from_slice(messages);
+        if self.fold_system {
+            msgs = crate::data::tokenize::fold_system(&msgs).into_owned();
+        }
         let text = self.pre.render(&msgs, true)?;
         let ids = self.pre.encode(&text)?;
         if ids.is_empty() {

@@ -644,3 +644,43 @@ fn cli_errors_are_named() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("top_p"));
 }
+
+/// Gemma 2's template has no system role: `--system` alone is refused with the template's
+/// message, and with `--fold_system` the answer is the one to the prompt whose first user
+/// message starts with the system message.
+#[test]
+fn fold_system_lets_gemma2_take_a_system_message() {
+    let model_path = model_dir("gemma2");
+    let args = |fold: bool| {
+        let mut a = vec![
+            "infer",
+            "--model",
+            model_path.to_str().unwrap(),
+            "--prompt",
+            "Hello world, is the cat happy?",
+            "--system",
+            "You are a small model.",
+            "--max_new_tokens",
+            "8",
+            "--ignore_eos",
+        ];
+        if fold {
+            a.push("--fold_system");
+        }
+        lorafold(&a, &[])
+    };
+    let refused = args(false);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("System role not supported"));
+    let folded = args(true);
+    assert!(folded.status.success(), "{}", String::from_utf8_lossy(&folded.stderr));
+    let pre = Preprocessor::from_model_dir(&model_path, None).unwrap();
+    let msgs = [Message::new(
+        "user",
+        "You are a small model.\n\nHello world, is the cat happy?",
+    )];
+    let prompt = pre.encode(&pre.render(&msgs, true).unwrap()).unwrap();
+    let model = load_model("gemma2");
+    let want = decode_text("gemma2", &run(&model, Fwd::base(), &prompt, &greedy_opts(8)));
+    assert_eq!(String::from_utf8(folded.stdout).unwrap(), format!("{want}\n"));
+}
