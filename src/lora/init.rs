@@ -193,6 +193,23 @@ pub fn principal_pair(init: LoraInit, w: &Mat, r: usize, scale: f64) -> Result<(
     }
 }
 
+/// Replace `lin`'s weight by its residual after the principal part (`init`, rank `r`) moved
+/// into an adapter of scale `scale`, and return that part's A [r, in] and B [out, r] (f32, on
+/// the weight's device).
+pub fn take_principal(
+    lin: &mut crate::model::linear::LoraLinear,
+    init: LoraInit,
+    r: usize,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    let device = lin.weight.device().clone();
+    let w = Mat::from_tensor(&lin.weight)?;
+    let (a, b) = principal_pair(init, &w, r, scale).map_err(|e| Error::Msg(format!("{}: {e}", lin.path)))?;
+    let res = residual(&w, &a, &b, scale)?;
+    lin.weight = res.to_tensor()?.to_dtype(lin.weight.dtype())?.to_device(&device)?;
+    Ok((a.to_tensor()?.to_device(&device)?, b.to_tensor()?.to_device(&device)?))
+}
+
 /// `w − scale·B·A`, the residual base of a principal initialisation (f32, as PEFT subtracts).
 pub fn residual(w: &Mat, a: &Mat, b: &Mat, scale: f64) -> Result<Mat> {
     let ba = b.matmul(a)?;

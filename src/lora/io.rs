@@ -10,10 +10,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::LoraConfig;
-use super::init::{principal_pair, residual, LoraInit};
+use super::init::{take_principal, LoraInit};
 use super::{magnitude_key, peft_key, Adapter, AdapterParam, EMBED_KEY, LM_HEAD_KEY, TOKENS_KEY};
 use crate::error::{Error, Result};
-use crate::linalg::mat::Mat;
 use crate::model::linear::LoraAdapter;
 use crate::model::weights::WeightSource;
 use crate::model::Model;
@@ -286,40 +285,11 @@ pub fn load_adapter(model: &mut Model, dir: &Path, trainable: bool) -> Result<Ad
         if let Some(init) = principal {
             rebuild_residual(lin, init, t, &file, &mut initial)?;
         }
-        let (a, b) = (t.a.to_device(&device)?, t.b.to_device(&device)?);
-        let (a, b, va, vb) = if trainable {
-            let (va, vb) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
-            (va.as_tensor().clone(), vb.as_tensor().clone(), Some(va), Some(vb))
-        } else {
-            (a, b, None, None)
-        };
-        params.push(AdapterParam {
-            key: peft_key(&lin.path, 'A'),
-            tensor: a.clone(),
-            var: va,
-        });
-        params.push(AdapterParam {
-            key: peft_key(&lin.path, 'B'),
-            tensor: b.clone(),
-            var: vb,
-        });
+        let a = push_param(&mut params, &peft_key(&lin.path, 'A'), &t.a, &device, trainable)?;
+        let b = push_param(&mut params, &peft_key(&lin.path, 'B'), &t.b, &device, trainable)?;
         let magnitude = match &t.magnitude {
             None => None,
-            Some((key, m)) => {
-                let m = m.to_device(&device)?;
-                let (m, vm) = if trainable {
-                    let vm = Var::from_tensor(&m)?;
-                    (vm.as_tensor().clone(), Some(vm))
-                } else {
-                    (m, None)
-                };
-                params.push(AdapterParam {
-                    key: key.clone(),
-                    tensor: m.clone(),
-                    var: vm,
-                });
-                Some(m)
-            }
+            Some((key, m)) => Some(push_param(&mut params, key, m, &device, trainable)?),
         };
         let ad = LoraAdapter {
             a,
@@ -344,6 +314,30 @@ pub fn load_adapter(model: &mut Model, dir: &Path, trainable: bool) -> Result<Ad
     })
 }
 
+/// `t` on `device` as the adapter parameter `key` (a `Var` when `trainable`), appended to
+/// `params`; returns the tensor the model uses.
+fn push_param(
+    params: &mut Vec<AdapterParam>,
+    key: &str,
+    t: &Tensor,
+    device: &Device,
+    trainable: bool,
+) -> Result<Tensor> {
+    let t = t.to_device(device)?;
+    let (t, var) = if trainable {
+        let v = Var::from_tensor(&t)?;
+        (v.as_tensor().clone(), Some(v))
+    } else {
+        (t, None)
+    };
+    params.push(AdapterParam {
+        key: key.into(),
+        tensor: t.clone(),
+        var,
+    });
+    Ok(t)
+}
+
 /// An adapter saved unconverted (PEFT's PiSSA / OLoRA form): rebuild the residual base of `lin`
 /// as PEFT's from_pretrained does, from the untouched base weight, and keep the initial pair.
 fn rebuild_residual(
@@ -353,17 +347,13 @@ fn rebuild_residual(
     file: &AdapterFile,
     initial: &mut Vec<(String, Tensor)>,
 ) -> Result<()> {
-    let device = lin.weight.device().clone();
     let scale = file.config.scale_for(&lin.path, t.rank());
-    let w = Mat::from_tensor(&lin.weight)?;
-    let (a0, b0) = principal_pair(init, &w, t.rank(), scale).map_err(|e| Error::Adapter {
+    let (a0, b0) = take_principal(lin, init, t.rank(), scale).map_err(|e| Error::Adapter {
         path: file.dir.clone(),
-        msg: format!("{}: {e}", lin.path),
+        msg: e.to_string(),
     })?;
-    let res = residual(&w, &a0, &b0, scale)?;
-    lin.weight = res.to_tensor()?.to_dtype(lin.weight.dtype())?.to_device(&device)?;
-    initial.push((peft_key(&lin.path, 'A'), a0.to_tensor()?.to_device(&device)?));
-    initial.push((peft_key(&lin.path, 'B'), b0.to_tensor()?.to_device(&device)?));
+    initial.push((peft_key(&lin.path, 'A'), a0));
+    initial.push((peft_key(&lin.path, 'B'), b0));
     Ok(())
 }
 
@@ -422,20 +412,10 @@ fn load_extras(
     }
     let device = model.device().clone();
     let mut take = |key: &str| -> Result<Option<Tensor>> {
-        let Some(t) = file.extras.get(key) else { return Ok(None) };
-        let t = t.to_device(&device)?;
-        let (t, var) = if trainable {
-            let v = Var::from_tensor(&t)?;
-            (v.as_tensor().clone(), Some(v))
-        } else {
-            (t, None)
-        };
-        params.push(AdapterParam {
-            key: key.into(),
-            tensor: t.clone(),
-            var,
-        });
-        Ok(Some(t))
+        match file.extras.get(key) {
+            Some(t) => Ok(Some(push_param(params, key, t, &device, trainable)?)),
+            None => Ok(None),
+        }
     };
     let mut extras = crate::model::SlotExtras::default();
     let mut aliases = vec![];

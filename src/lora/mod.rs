@@ -6,14 +6,12 @@ pub mod io;
 
 use candle_core::{Tensor, Var};
 
-use crate::linalg::mat::Mat;
-
 use crate::error::{Error, Result};
 use crate::model::linear::LoraAdapter;
 use crate::model::Model;
 use config::LoraConfig;
 pub use init::LoraInit;
-use init::{principal_pair, random_pair, residual};
+use init::{random_pair, take_principal};
 
 /// One named parameter of an adapter.
 #[derive(Debug, Clone)]
@@ -151,11 +149,7 @@ fn new_pair(
         let (a, b) = random_pair(init, lin.index, r, shape, &device)?;
         return Ok((a, b, None));
     }
-    let w = Mat::from_tensor(&lin.weight)?;
-    let (a, b) = principal_pair(init, &w, r, scale).map_err(|e| Error::Msg(format!("{}: {e}", lin.path)))?;
-    let res = residual(&w, &a, &b, scale)?;
-    lin.weight = res.to_tensor()?.to_dtype(lin.weight.dtype())?.to_device(&device)?;
-    let (a, b) = (a.to_tensor()?.to_device(&device)?, b.to_tensor()?.to_device(&device)?);
+    let (a, b) = take_principal(lin, init, r, scale)?;
     Ok((a.clone(), b.clone(), Some((a.copy()?, b.copy()?))))
 }
 

@@ -559,7 +559,11 @@ impl Model {
                 return self.forward_cached_inner(&all, cache, ctx);
             }
         }
-        cache.record_ids(input_ids, long)?;
+        // Only a rope that switches factor sets ever feeds the cached ids again; recording them
+        // costs a copy of all ids per decoded token.
+        if self.rope.can_switch() || self.rope_local.as_ref().is_some_and(Rope::can_switch) {
+            cache.record_ids(input_ids, long)?;
+        }
         let mut x = self.embed(input_ids, ctx)?;
         let tables = self.rope_tables(start..start + t, &[t])?;
         let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();

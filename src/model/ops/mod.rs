@@ -158,6 +158,11 @@ impl Rope {
         rope
     }
 
+    /// Whether this rope switches factor sets with the sequence length (longrope).
+    pub fn can_switch(&self) -> bool {
+        self.long.is_some()
+    }
+
     /// Whether a call whose largest position is `longest - 1` uses longrope's long factors.
     pub fn uses_long(&self, longest: usize) -> bool {
         self.long.as_ref().is_some_and(|(_, original)| longest > *original)
