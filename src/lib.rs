@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod cli;
 pub mod data;
+pub mod dist;
 pub mod dpo;
 pub mod error;
 pub mod hub;

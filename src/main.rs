@@ -93,7 +93,20 @@ fn dpo(args: cli::DpoArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let t0 = std::time::Instant::now();
-    let summary = lorafold::train::run::run_dpo(&s, false)?;
+    let dist = lorafold::dist::from_env()?;
+    let summary = match lorafold::train::run::run_dpo_on(&s, false, dist.clone()) {
+        Ok(summary) => summary,
+        Err(e) if dist.size() > 1 => {
+            // The other ranks wait in a collective: end them all, naming this rank.
+            eprintln!("error on rank {} of {}: {e:#}", dist.rank(), dist.size());
+            dist.abort(1);
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if dist.rank() != 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
     let o = &summary.outcome;
     if o.skipped_nonfinite > 0 {
         eprintln!(

@@ -53,7 +53,7 @@ impl DpoMetrics {
         ]
     }
 
-    fn from_values(v: [f64; 9]) -> DpoMetrics {
+    pub fn from_values(v: [f64; 9]) -> DpoMetrics {
         DpoMetrics {
             loss: v[0],
             rewards_chosen: v[1],

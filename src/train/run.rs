@@ -2,6 +2,9 @@
 //! attach the adapters, train or score.
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use crate::dist::Collective;
 
 use crate::data::tokenize::{Preprocessor, TokenizeOptions};
 use crate::data::{load_pairs, LoadOptions as DataOptions};
@@ -144,17 +147,35 @@ pub struct DpoSummary {
     pub eval_pairs: usize,
 }
 
-/// Run `lorafold dpo` with resolved settings.
+/// Run `lorafold dpo` with resolved settings, in one process.
 pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
+    run_dpo_on(s, quiet, crate::dist::single())
+}
+
+/// Run `lorafold dpo` as one rank of `dist` (every rank calls this with the same settings); rank
+/// 0 alone writes the output folder.
+pub fn run_dpo_on(s: &Settings, quiet: bool, dist: Rc<dyn Collective>) -> Result<DpoSummary> {
+    let main = dist.rank() == 0;
+    let quiet = quiet || !main;
     // The output folder first: a bad one fails before the model is fetched or loaded.
-    let (out_dir, resume_from, created) = open_output(s, quiet)?;
+    let (out_dir, resume_from, created) = if main {
+        open_output(s, quiet)?
+    } else {
+        let resume = match &s.resume_from_checkpoint {
+            Some(spec) => Some(crate::train::checkpoint::resolve(spec, &s.output_dir)?),
+            None => None,
+        };
+        (s.output_dir.clone(), resume, false)
+    };
     let files = resolve_model(&s.model, s.revision.as_deref()).inspect_err(|_| {
         if created {
             let _ = std::fs::remove_dir(&out_dir);
         }
     })?;
     let recipe_yaml = serde_yaml::to_string(s).map_err(|e| Error::Msg(e.to_string()))?;
-    crate::lora::io::write_atomic(&out_dir.join("recipe.yaml"), recipe_yaml.as_bytes())?;
+    if main {
+        crate::lora::io::write_atomic(&out_dir.join("recipe.yaml"), recipe_yaml.as_bytes())?;
+    }
 
     // Model, data, adapters.
     let mut model = load_model(&files.config, &files.weights, s.dtype)?;
@@ -166,17 +187,30 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
         }
     }
     let (adapter, ref_slot) = attach_adapters(&mut model, s)?;
-    crate::train::checkpoint::check_free_space(
-        &out_dir,
-        crate::train::checkpoint::estimated_size(adapter.num_params()),
-    )?;
+    if main {
+        crate::train::checkpoint::check_free_space(
+            &out_dir,
+            crate::train::checkpoint::estimated_size(adapter.num_params()),
+        )?;
+    }
     if !quiet {
         print_run_header(&files.name, &model, &adapter, (data.train.len(), data.eval.len()));
+        if dist.size() > 1 {
+            eprintln!(
+                "data-parallel over {} ranks ({}): {} pairs per step ({} per micro-batch × {} accumulation × {} ranks)",
+                dist.size(),
+                dist.backend(),
+                s.batch_size * s.gradient_accumulation_steps * dist.size(),
+                s.batch_size,
+                s.gradient_accumulation_steps,
+                dist.size()
+            );
+        }
     }
 
     // Train, then write the final adapter (an interrupted run leaves its checkpoint) and the plot.
     let run = DpoRun::new(&model, Some(adapter), ref_slot, s)?;
-    let mut cfg = LoopConfig::from_settings(s, data.train.len())?;
+    let mut cfg = LoopConfig::from_settings(s, data.train.len(), dist)?;
     cfg.quiet = quiet;
     cfg.stop = Some(crate::util::install_ctrlc(
         "interrupt: finishing this step and saving a checkpoint (Ctrl-C again to exit now)",
@@ -189,7 +223,7 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
         resume_from,
     };
     let outcome = train(&run, &data.train, &data.eval, &cfg, &output)?;
-    if let (Some(a), false) = (&run.adapter, outcome.interrupted) {
+    if let (Some(a), false, true) = (&run.adapter, outcome.interrupted, main) {
         // PiSSA / OLoRA: converted to a plain LoRA of the untouched base (the unconverted form
         // too with --save_unconverted, as PEFT keeps both).
         a.save_converted(&out_dir, Some(&base_model))?;
@@ -197,7 +231,11 @@ pub fn run_dpo(s: &Settings, quiet: bool) -> Result<DpoSummary> {
             a.save(&out_dir.join("unconverted"), Some(&base_model))?;
         }
     }
-    if let Err(e) = crate::train::plot::write_plot(&out_dir.join("metrics.jsonl"), &out_dir.join("metrics.png")) {
+    let plotted = match main {
+        true => crate::train::plot::write_plot(&out_dir.join("metrics.jsonl"), &out_dir.join("metrics.png")),
+        false => Ok(()),
+    };
+    if let Err(e) = plotted {
         if !quiet {
             eprintln!("warning: could not draw metrics.png: {e}");
         }

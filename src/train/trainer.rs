@@ -3,10 +3,12 @@
 //! checkpoints and exact resume.
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
 
 use candle_core::Tensor;
 
+use crate::dist::Collective;
 use crate::dpo::batch::{sequence_logps, Batch, PairIds};
 use crate::dpo::loss::{DpoLoss, LossInputs, LossKind, LossState};
 use crate::error::{Error, Result};
@@ -267,19 +269,25 @@ pub struct LoopConfig {
     /// Set (e.g. by Ctrl-C) to stop after the current step with a checkpoint.
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     pub quiet: bool,
+    /// The ranks of a data-parallel run: each step's `batch_size × accumulation × size` pairs are
+    /// split between them; rank 0 alone writes logs, checkpoints and the adapter.
+    pub dist: Rc<dyn Collective>,
 }
 
 impl LoopConfig {
-    pub fn from_settings(s: &Settings, num_train_pairs: usize) -> Result<LoopConfig> {
+    /// The loop of `s` over `num_train_pairs` pairs on the ranks of `dist`: a step takes
+    /// `gradient_accumulation_steps` micro-batches on each rank, as transformers counts it.
+    pub fn from_settings(s: &Settings, num_train_pairs: usize, dist: Rc<dyn Collective>) -> Result<LoopConfig> {
         let micro_per_epoch = num_train_pairs.div_ceil(s.batch_size).max(1);
+        let per_step = s.gradient_accumulation_steps.max(1) * dist.size();
         let total_steps = match s.max_steps {
             Some(n) => n,
-            None => ((s.num_train_epochs * micro_per_epoch as f64) / s.gradient_accumulation_steps as f64)
+            None => ((s.num_train_epochs * micro_per_epoch as f64) / per_step as f64)
                 .ceil()
                 .max(1.0) as usize,
         };
         let kind = s.lr_scheduler_type;
-        let steps_per_epoch = micro_per_epoch.div_ceil(s.gradient_accumulation_steps.max(1));
+        let steps_per_epoch = micro_per_epoch.div_ceil(per_step);
         Ok(LoopConfig {
             batch_size: s.batch_size,
             eval_batch_size: s.eval_batch_size,
@@ -312,6 +320,7 @@ impl LoopConfig {
             max_nonfinite_steps: s.max_nonfinite_steps,
             stop: None,
             quiet: false,
+            dist,
         })
     }
 }
@@ -403,25 +412,35 @@ fn cached_reference(
     path: &Path,
     key: &str,
 ) -> Result<(RefLogps, RefLogps)> {
-    if let Ok(c) = crate::error::read_json::<RefCache>(path) {
-        if c.key == key && c.train.len() == train.len() && c.eval.len() == eval.len() {
-            return Ok((c.train, c.eval));
-        }
+    let dist = &*cfg.dist;
+    let cached = crate::error::read_json::<RefCache>(path)
+        .ok()
+        .filter(|c| c.key == key && c.train.len() == train.len() && c.eval.len() == eval.len());
+    // Every rank takes the cache only when every rank has it (the ranks may not share a disk).
+    let mut hits = [f32::from(cached.is_some())];
+    if dist.size() > 1 {
+        dist.all_reduce_sum(&mut hits)?;
+    }
+    if let (Some(c), true) = (cached, hits[0] as usize == dist.size()) {
+        return Ok((c.train, c.eval));
     }
     let t0 = Instant::now();
     let total = train.len() + eval.len();
     let template = "reference log-probs {bar:30} {pos}/{len} pairs [{elapsed_precise}<{eta_precise}]";
     let pb = crate::util::progress_bar(total, template, !cfg.quiet);
     let stopped = || crate::util::is_set(cfg.stop.as_ref());
-    let tr = run.reference_logps_with(train, cfg.eval_batch_size, |n| {
+    let tr = sharded_reference(run, train, cfg.eval_batch_size, dist, |n| {
         pb.set_position(n as u64);
         !stopped()
     })?;
-    let ev = run.reference_logps_with(eval, cfg.eval_batch_size, |n| {
+    let ev = sharded_reference(run, eval, cfg.eval_batch_size, dist, |n| {
         pb.set_position((train.len() + n) as u64);
         !stopped()
     })?;
     pb.finish_and_clear();
+    if dist.rank() != 0 {
+        return Ok((tr, ev));
+    }
     let json = serde_json::to_vec(&RefCache {
         key: key.into(),
         train: tr.clone(),
@@ -438,6 +457,68 @@ fn cached_reference(
         );
     }
     Ok((tr, ev))
+}
+
+/// Reference log-probs of `pairs` over the ranks of `dist`: each rank scores its batches (the
+/// same batches one process forms), one all-reduce gives every rank all of them.
+fn sharded_reference(
+    run: &DpoRun,
+    pairs: &[PairIds],
+    batch_size: usize,
+    dist: &dyn Collective,
+    mut each: impl FnMut(usize) -> bool,
+) -> Result<RefLogps> {
+    if dist.size() == 1 {
+        return run.reference_logps_with(pairs, batch_size, each);
+    }
+    let mut buf = vec![0f32; 2 * pairs.len()];
+    let mine = crate::dist::my_chunks(pairs.len(), batch_size, dist.rank(), dist.size());
+    for range in mine {
+        let lp = run.reference_logps(&pairs[range.clone()], batch_size)?;
+        for (i, [c, r]) in range.clone().zip(lp) {
+            buf[2 * i] = c;
+            buf[2 * i + 1] = r;
+        }
+        // Progress as this rank sees it, scaled to the whole set.
+        if !each((range.end * dist.size()).min(pairs.len())) {
+            return Err(Error::Interrupted {
+                what: "computing the reference log-probs".into(),
+            });
+        }
+    }
+    dist.all_reduce_sum(&mut buf)?;
+    Ok(buf.chunks(2).map(|x| [x[0], x[1]]).collect())
+}
+
+/// The mean metrics of `pairs` over the ranks of `dist`, each rank evaluating its batches.
+fn sharded_evaluate(
+    run: &DpoRun,
+    pairs: &[PairIds],
+    refs: Option<&RefLogps>,
+    batch_size: usize,
+    state: &LossState,
+    dist: &dyn Collective,
+) -> Result<DpoMetrics> {
+    if dist.size() == 1 {
+        return run.evaluate(pairs, refs, batch_size, state);
+    }
+    let mut buf = [0f32; 10];
+    for range in crate::dist::my_chunks(pairs.len(), batch_size, dist.rank(), dist.size()) {
+        let r = refs.map(|r| r[range.clone()].to_vec());
+        let m = run.evaluate(&pairs[range.clone()], r.as_ref(), batch_size, state)?;
+        let w = range.len() as f64;
+        for (s, v) in buf.iter_mut().zip(m.values()) {
+            *s += (v * w) as f32;
+        }
+        buf[9] += w as f32;
+    }
+    dist.all_reduce_sum(&mut buf)?;
+    let w = (buf[9] as f64).max(f64::MIN_POSITIVE);
+    let mut v = [0f64; 9];
+    for (x, s) in v.iter_mut().zip(&buf) {
+        *x = *s as f64 / w;
+    }
+    Ok(DpoMetrics::from_values(v))
 }
 
 /// Train the adapter of `run` on `train`, evaluating on `eval`.
@@ -491,6 +572,8 @@ pub struct Trainer<'a> {
     nonfinite_run: usize,
     /// When this call's training began, and at which step (for elapsed time and ETA).
     started: (Instant, usize),
+    /// Some rank asked to stop (Ctrl-C) during the last step.
+    stop_voted: bool,
     outcome: Outcome,
 }
 
@@ -505,7 +588,9 @@ impl<'a> Trainer<'a> {
         if train.is_empty() {
             return Err(Error::NoTrainingPairs);
         }
-        std::fs::create_dir_all(out.dir).map_err(|e| Error::io(out.dir, e))?;
+        if cfg.dist.rank() == 0 {
+            std::fs::create_dir_all(out.dir).map_err(|e| Error::io(out.dir, e))?;
+        }
         let adapter = run
             .adapter
             .as_ref()
@@ -517,7 +602,8 @@ impl<'a> Trainer<'a> {
             eval,
             cfg,
             out,
-            updater: Updater::new(adapter, cfg.adamw, cfg.max_grad_norm, cfg.loraplus)?,
+            updater: Updater::new(adapter, cfg.adamw, cfg.max_grad_norm, cfg.loraplus)?
+                .with_collective(cfg.dist.clone()),
             data_fp: fingerprint(train),
             loss_state: LossState::default(),
             step: 0,
@@ -533,6 +619,7 @@ impl<'a> Trainer<'a> {
             pb: indicatif::ProgressBar::hidden(),
             nonfinite_run: 0,
             started: (Instant::now(), 0),
+            stop_voted: false,
             outcome: Outcome {
                 steps: Vec::new(),
                 evals: Vec::new(),
@@ -546,18 +633,32 @@ impl<'a> Trainer<'a> {
 
     /// The training loop.
     pub fn train(mut self) -> Result<Outcome> {
+        // Every rank must hold the same data and settings (refused at start, not found later).
+        crate::dist::check_agreement(
+            &*self.cfg.dist,
+            &[
+                (
+                    "training data fingerprint",
+                    u64::from_str_radix(&self.data_fp, 16).unwrap_or(0),
+                ),
+                ("evaluation data", crate::dist::hash_str(&fingerprint(self.eval))),
+                ("settings", crate::dist::hash_str(self.out.recipe_yaml)),
+            ],
+        )?;
         // Pick up where a checkpoint left off: weights, optimizer moments, data position, logs.
         if let Some(dir) = &self.out.resume_from {
             self.resume(dir)?;
         }
         // Reference log-probs once up front, when asked (cached next to the run).
         self.refs = self.precompute_reference()?;
-        self.metrics_file = Some(MetricsFile::open(
-            &self.out.dir.join("metrics.jsonl"),
-            self.out.resume_from.is_none(),
-        )?);
-        if self.cfg.tensorboard {
-            self.events = Some(EventWriter::create(&self.out.dir.join("runs"))?);
+        if self.is_main() {
+            self.metrics_file = Some(MetricsFile::open(
+                &self.out.dir.join("metrics.jsonl"),
+                self.out.resume_from.is_none(),
+            )?);
+            if self.cfg.tensorboard {
+                self.events = Some(EventWriter::create(&self.out.dir.join("runs"))?);
+            }
         }
         self.pb = progress_bar(self.cfg, self.step);
         self.window = Window::new();
@@ -566,7 +667,11 @@ impl<'a> Trainer<'a> {
             // Accumulate over the micro-batches, clip, update; a non-finite step is skipped.
             let micros = self.next_micros();
             let lr = self.cfg.schedule.lr(self.step);
-            let outcome = self.updater.step(self.run, &micros, lr, &mut self.loss_state)?;
+            let stop = crate::util::is_set(self.cfg.stop.as_ref());
+            let (outcome, stop) = self
+                .updater
+                .step_voting(self.run, &micros, lr, &mut self.loss_state, stop)?;
+            self.stop_voted = stop;
             self.step += 1;
             match outcome {
                 StepOutcome::Updated { dpo, grad_norm, tokens } => self.record_step(dpo, grad_norm, lr, tokens),
@@ -637,7 +742,9 @@ impl<'a> Trainer<'a> {
             msg: e.to_string(),
         })?;
         self.history = ck.state.log_history.clone();
-        checkpoint::restore_metrics(dir, &self.out.dir.join("metrics.jsonl"), self.step)?;
+        if self.is_main() {
+            checkpoint::restore_metrics(dir, &self.out.dir.join("metrics.jsonl"), self.step)?;
+        }
         if !self.cfg.quiet {
             eprintln!("resumed from {} at step {}", dir.display(), self.step);
         }
@@ -658,17 +765,28 @@ impl<'a> Trainer<'a> {
         cached_reference(self.run, self.train, self.eval, self.cfg, &path, &key).map(Some)
     }
 
+    /// Rank 0 writes what the run produces.
+    fn is_main(&self) -> bool {
+        self.cfg.dist.rank() == 0
+    }
+
     /// Micro-batches in one pass over the training pairs.
     fn micro_per_epoch(&self) -> usize {
         self.train.len().div_ceil(self.cfg.batch_size)
     }
 
-    /// The next `accumulation` micro-batches in epoch order, advancing the data position.
+    /// This rank's share of the step's next `accumulation × ranks` micro-batches in epoch order
+    /// (micro-batch `j` of the step goes to rank `j % ranks`), advancing the data position.
     fn next_micros(&mut self) -> Vec<Micro<'a>> {
         let (cfg, n) = (self.cfg, self.train.len());
+        let (rank, world) = (cfg.dist.rank(), cfg.dist.size());
         let micro_per_epoch = self.micro_per_epoch();
         let mut micros = Vec::with_capacity(cfg.accumulation);
-        for _ in 0..cfg.accumulation {
+        for j in 0..cfg.accumulation * world {
+            if j % world != rank {
+                self.consumed += 1;
+                continue;
+            }
             let (epoch, k) = (self.consumed / micro_per_epoch, self.consumed % micro_per_epoch);
             if epoch != self.order_epoch {
                 self.order = if cfg.group_by_length {
@@ -731,6 +849,9 @@ impl<'a> Trainer<'a> {
 
     /// One logged record: to metrics.jsonl and, when asked, to the TensorBoard event file.
     fn write_metrics(&mut self, record: &Record) -> Result<()> {
+        if !self.is_main() {
+            return Ok(());
+        }
         if let Some(ev) = self.events.as_mut() {
             ev.scalars(self.step, &tensorboard::tags(record))?;
         }
@@ -797,9 +918,14 @@ impl<'a> Trainer<'a> {
             return Ok(());
         }
         let refs = self.refs.as_ref().map(|(_, ev)| ev);
-        let e = self
-            .run
-            .evaluate(self.eval, refs, self.cfg.eval_batch_size, &self.loss_state)?;
+        let e = sharded_evaluate(
+            self.run,
+            self.eval,
+            refs,
+            self.cfg.eval_batch_size,
+            &self.loss_state,
+            &*self.cfg.dist,
+        )?;
         let record = e.record("eval_");
         self.write_metrics(&record)?;
         let keys = ["eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"];
@@ -815,7 +941,12 @@ impl<'a> Trainer<'a> {
 
     /// Has a Ctrl-C asked the run to stop before its last step?
     fn check_interrupt(&mut self) -> bool {
-        let stop = crate::util::is_set(self.cfg.stop.as_ref());
+        // One process reads its flag now; ranks act on the vote of the step, taken by all.
+        let stop = if self.cfg.dist.size() == 1 {
+            crate::util::is_set(self.cfg.stop.as_ref())
+        } else {
+            self.stop_voted
+        };
         if stop && self.step < self.last {
             self.outcome.interrupted = true;
             let line = format!("interrupted: saving a checkpoint at step {} and stopping", self.step);
@@ -831,7 +962,7 @@ impl<'a> Trainer<'a> {
             .cfg
             .save_every
             .is_some_and(|every| self.step.is_multiple_of(every) || self.step == self.last);
-        if !(due || self.outcome.interrupted) {
+        if !(due || self.outcome.interrupted) || !self.is_main() {
             return Ok(());
         }
         let state = TrainerState {

@@ -6,6 +6,7 @@ mod adapters;
 mod common;
 mod corpus;
 mod data;
+mod dist;
 mod errors;
 mod golden;
 mod hub;

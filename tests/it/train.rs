@@ -82,7 +82,7 @@ fn golden_settings(g: &Value) -> Settings {
 }
 
 fn quiet_loop(s: &Settings, n: usize) -> LoopConfig {
-    let mut c = LoopConfig::from_settings(s, n).unwrap();
+    let mut c = LoopConfig::from_settings(s, n, lorafold::dist::single()).unwrap();
     c.quiet = true;
     c
 }
