@@ -347,8 +347,8 @@ pub struct DpoOptions {
     /// both load; accepted and noted.
     #[arg(long)]
     pub tuner_backend: Option<String>,
-    /// Write into a new `v<N>-<YYYYMMDD>-<HHMMSS>` subfolder of --output_dir, as ms-swift does
-    /// (off by default here, so that --output_dir names the folder itself; a resume never adds one).
+    /// Write into a new `v<N>-<YYYYMMDD>-<HHMMSS>` subfolder of --output_dir, as ms-swift does.
+    /// [default: only when --output_dir already holds a trained adapter; a resume never adds one]
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub add_version: Option<bool>,
     /// Train into an --output_dir that already holds a finished adapter, replacing its files.

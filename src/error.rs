@@ -35,7 +35,7 @@ pub enum Error {
 
     #[error(
         "{dir} already holds a trained adapter; choose another --output_dir, pass --resume_from_checkpoint, \
-         --add_version (a new v<N>-<time> subfolder) or --overwrite_output_dir"
+         --add_version true (a new v<N>-<time> subfolder) or --overwrite_output_dir"
     )]
     OutputHoldsAdapter { dir: PathBuf },
 

@@ -166,6 +166,21 @@ fn eval(args: cli::EvalArgs) -> anyhow::Result<()> {
             if training.len() == 1 { "it" } else { "them" }
         );
     }
+    if let Some(p) = args.recipe.as_deref() {
+        // A recipe is shared with `dpo`: its training keys are expected, and said, not used.
+        let keys: Vec<String> = DpoOptions::from_yaml_file(p)?
+            .training_only_flags()
+            .iter()
+            .map(|k| k.trim_start_matches('-').to_string())
+            .collect();
+        if !keys.is_empty() {
+            eprintln!(
+                "note: lorafold eval does not use the training keys of {}: {}",
+                p.display(),
+                keys.join(", ")
+            );
+        }
+    }
     let s = settings(args.recipe.as_deref(), &args.options)?;
     let (rec, n, report) = lorafold::train::run::run_eval(&s, args.per_pair.as_deref())?;
     let rec = rec.record("");

@@ -424,7 +424,7 @@ impl DpoOptions {
             eval_steps: o.eval_steps.unwrap_or(500),
             save_steps: o.save_steps.unwrap_or(500),
             eval_strategy: named(o.eval_strategy.as_deref(), str::parse)?,
-            add_version: o.add_version.unwrap_or(false),
+            add_version: o.add_version,
             overwrite_output_dir: o.overwrite_output_dir.unwrap_or(false),
             tensorboard: match &o.report_to {
                 Some(to) => report_to_tensorboard(to).map_err(|msg| bad("report_to", msg))?,

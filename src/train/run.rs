@@ -268,8 +268,18 @@ fn open_output(s: &Settings, quiet: bool) -> Result<(PathBuf, Option<PathBuf>, b
         Some(spec) => Some(crate::train::checkpoint::resolve(spec, &out_dir)?),
         None => None,
     };
-    if s.add_version && resume_from.is_none() {
+    let rerun = out_dir.join(crate::lora::io::WEIGHTS_FILE).exists();
+    let version = s.add_version.unwrap_or(rerun && !s.overwrite_output_dir);
+    if version && resume_from.is_none() {
         out_dir = out_dir.join(next_version(&out_dir));
+        if s.add_version.is_none() && !quiet {
+            eprintln!(
+                "{} already holds a trained adapter: training into {} (ms-swift's version folders; \
+                 --add_version false refuses instead, --overwrite_output_dir replaces)",
+                s.output_dir.display(),
+                out_dir.display()
+            );
+        }
     }
     let finished = out_dir.join(crate::lora::io::WEIGHTS_FILE).exists();
     if resume_from.is_none() && finished && !s.overwrite_output_dir {

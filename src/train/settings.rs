@@ -19,9 +19,11 @@ pub struct Settings {
     pub val_dataset: Vec<String>,
     pub split_dataset_ratio: f64,
     pub output_dir: PathBuf,
-    /// Train into a new `v<N>-<time>` subfolder of `output_dir` (ms-swift's `--add_version`).
+    /// Train into a new `v<N>-<time>` subfolder of `output_dir` (ms-swift's `--add_version`):
+    /// `true` always, `false` never (a folder holding an adapter is refused), unset: when
+    /// `output_dir` already holds a trained adapter (a rerun), unless `overwrite_output_dir`.
     #[serde(default)]
-    pub add_version: bool,
+    pub add_version: Option<bool>,
     /// Train into an `output_dir` that holds a finished adapter, replacing it.
     #[serde(default)]
     pub overwrite_output_dir: bool,

@@ -1100,12 +1100,24 @@ fn reruns_into_one_output_dir_add_a_version_or_overwrite_or_are_refused() {
     for v in &versions {
         assert!(out.join(v).join("adapter_model.safetensors").is_file(), "{v}");
     }
-    // Without a version folder: the first run writes into out itself, a second is refused,
-    // and --overwrite_output_dir replaces it.
+    // By default the first run writes into the folder itself and a rerun into a new version
+    // folder; with --add_version false a rerun is refused, and --overwrite_output_dir replaces.
     let plain = tmp.path().join("plain");
     let into = |extra: &[&str]| quickstart(&plain, &[&["--max_steps", "1"], extra].concat());
     assert!(into(&[]).status.success());
-    let again = into(&[]);
+    assert!(plain.join("adapter_model.safetensors").is_file());
+    let rerun = into(&[]);
+    let err = String::from_utf8_lossy(&rerun.stderr);
+    assert!(rerun.status.success(), "{err}");
+    assert!(err.contains("already holds a trained adapter: training into"), "{err}");
+    let v0: Vec<_> = std::fs::read_dir(&plain)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("v0-"))
+        .collect();
+    assert_eq!(v0.len(), 1, "{v0:?}");
+    assert!(plain.join(&v0[0]).join("adapter_model.safetensors").is_file());
+    let again = into(&["--add_version", "false"]);
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(!again.status.success());
     assert!(
@@ -1164,4 +1176,30 @@ fn quickstart(out: &Path, extra: &[&str]) -> std::process::Output {
     ];
     args.extend_from_slice(extra);
     lorafold(&args, &[])
+}
+
+/// A recipe given to eval keeps its training keys (it is shared with dpo): they are named in a
+/// note, not used and not dropped silently; a training flag given to eval is an error.
+#[test]
+fn eval_names_the_recipe_keys_it_does_not_use() {
+    let recipe = root().join("recipes/quickstart.yaml");
+    let r = lorafold(
+        &["eval", "--recipe", recipe.to_str().unwrap(), "--max_eval_pairs", "2"],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert!(
+        err.contains("does not use the training keys of") && err.contains("learning_rate") && err.contains("lora_rank"),
+        "{err}"
+    );
+    let r = lorafold(
+        &["eval", "--recipe", recipe.to_str().unwrap(), "--learning_rate", "1e-3"],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && err.contains("--learning_rate is a flag for training"),
+        "{err}"
+    );
 }
