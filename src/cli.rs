@@ -117,8 +117,10 @@ pub struct DpoOptions {
     /// Held-out evaluation data (same forms as --dataset).
     #[arg(long, num_args = 1..)]
     pub val_dataset: Option<Vec<String>>,
-    /// Fraction of the training pairs held out for evaluation when no --val_dataset is given.
-    #[arg(long)]
+    /// Fraction of the training pairs held out for evaluation when no --val_dataset is given
+    /// (alias: ms-swift 2's --dataset_test_ratio).
+    #[arg(long, alias = "dataset-test-ratio", alias = "dataset_test_ratio")]
+    #[serde(alias = "dataset_test_ratio")]
     pub split_dataset_ratio: Option<f64>,
     /// Output folder (default: adapters/<model>-dpo-<time>).
     #[arg(long)]
@@ -184,9 +186,16 @@ pub struct DpoOptions {
     #[arg(long, value_parser = json_map::<f64>)]
     pub alpha_pattern: Option<std::collections::BTreeMap<String, f64>>,
     /// LoRA+: B matrices (and DoRA magnitudes) learn at this multiple of --learning_rate
-    /// (alias: --loraplus_lr_ratio; PEFT's create_loraplus_optimizer groups).
-    #[arg(long, alias = "loraplus-lr-ratio", alias = "loraplus_lr_ratio")]
-    #[serde(alias = "loraplus_lr_ratio")]
+    /// (aliases: --loraplus_lr_ratio, ms-swift 2's --lora_lr_ratio; PEFT's create_loraplus_optimizer
+    /// groups).
+    #[arg(
+        long,
+        alias = "loraplus-lr-ratio",
+        alias = "loraplus_lr_ratio",
+        alias = "lora-lr-ratio",
+        alias = "lora_lr_ratio"
+    )]
+    #[serde(alias = "loraplus_lr_ratio", alias = "lora_lr_ratio")]
     pub lorap_lr_ratio: Option<f64>,
     /// How A and B start (PEFT's init_lora_weights): true (A random, B zero), false (both
     /// random), gaussian, pissa / pissa_niter_N (the top-r singular part of each weight moves

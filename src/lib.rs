@@ -9,6 +9,7 @@ pub mod data;
 pub mod dist;
 pub mod dpo;
 pub mod error;
+pub mod foreign_flags;
 pub mod hub;
 pub mod infer;
 pub mod linalg;

@@ -26,7 +26,26 @@ use lorafold::recipe::{normalize_flag_spelling, DpoOptions, Settings};
 
 fn main() -> ExitCode {
     tune_malloc();
-    let raw: Vec<String> = std::env::args().collect();
+    let mut raw: Vec<String> = std::env::args().collect();
+    if matches!(raw.get(1).map(String::as_str), Some("dpo" | "rlhf")) {
+        // ms-swift flags lorafold does not implement: noted, or refused with the reason (all at once).
+        let foreign = lorafold::foreign_flags::strip(&raw);
+        if !foreign.refused.is_empty() {
+            for line in &foreign.refused {
+                eprintln!("error: {line}");
+            }
+            eprintln!(
+                "error: {} ms-swift flag{} cannot be honoured by lorafold (see above)",
+                foreign.refused.len(),
+                if foreign.refused.len() == 1 { "" } else { "s" }
+            );
+            return ExitCode::from(2);
+        }
+        for note in &foreign.notes {
+            eprintln!("{note}");
+        }
+        raw = foreign.args;
+    }
     let unknown = cli::unknown_flags(&raw);
     if !unknown.is_empty() {
         eprintln!(

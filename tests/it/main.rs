@@ -16,4 +16,5 @@ mod merge;
 mod peft_extras;
 mod props;
 mod resilience;
+mod swift_flags;
 mod train;
