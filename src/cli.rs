@@ -802,6 +802,11 @@ fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     dir.with_file_name(format!("{name}-{suffix}"))
 }
 
+/// Is `--name` a flag of `lorafold <command>` (or an alias of one)?
+pub fn is_known_flag(command: &str, name: &str) -> bool {
+    unknown_flags(&["lorafold".into(), command.into(), format!("--{name}")]).is_empty()
+}
+
 /// Every `--flag` in the command line `args` that the subcommand does not know, as typed, so
 /// that all of them are reported at once (clap stops at the first). Both spellings
 /// (`--max_length`, `--max-length`) are known. Empty when the subcommand itself is unknown:

@@ -1,4 +1,4 @@
-//! ms-swift 2.x `dpo` flags that lorafold does not implement, so that a pasted command still
+//! ms-swift 2.x `dpo` and 3.x `rlhf` flags that lorafold does not implement, so that a pasted command still
 //! runs or says exactly why it cannot. A flag that does nothing in a LoRA DPO run here (another
 //! tuner's setting, PPO's coefficients, hub and DeepSpeed plumbing) is accepted and noted. A flag
 //! that would change the training, and that lorafold does not do, is refused with the reason.
@@ -27,9 +27,17 @@ const PYTHON_RUNTIME: &str = "a setting of the Python data pipeline or logging; 
 const HUB: &str =
     "hub uploads are not done by lorafold (no network at training time); upload the output folder yourself";
 const QUANT: &str = "quantized base weights are not implemented; lorafold trains on f32, bf16 or f16 weights";
+const ONLINE_RL: &str =
+    "a setting of ms-swift's GRPO/PPO/GKD rollouts (generation, rewards, vLLM); it has no effect on DPO";
+const TRACKER: &str =
+    "an experiment tracker lorafold does not report to (--report_to tensorboard writes TensorBoard files)";
+const MULTIMODAL: &str = "a vision/multimodal setting; lorafold loads text-only models";
+const EVAL_LOOP: &str =
+    "a setting of transformers' evaluation loop; lorafold evaluates TRL's DPO metrics every --eval_steps";
 
 /// ms-swift tuner families whose settings have no effect with LoRA.
-const TUNER_PREFIXES: [&str; 11] = [
+const TUNER_PREFIXES: [&str; 12] = [
+    "lora_ga_",
     "adalora_",
     "adapter_",
     "boft_",
@@ -41,6 +49,87 @@ const TUNER_PREFIXES: [&str; 11] = [
     "reft_",
     "vera_",
     "bnb_4bit_",
+];
+
+/// Other families of flags with no effect here, by prefix.
+const FAMILY_PREFIXES: [(&str, &str); 10] = [
+    ("vllm_", ONLINE_RL),
+    ("chord_", ONLINE_RL),
+    ("cosine_", ONLINE_RL),
+    ("rollout_", ONLINE_RL),
+    ("reward_", ONLINE_RL),
+    ("teacher_", ONLINE_RL),
+    ("swanlab_", TRACKER),
+    ("trackio_", TRACKER),
+    (
+        "torch_compile",
+        "torch.compile has no counterpart; lorafold's kernels are compiled Rust",
+    ),
+    ("dataloader_", PYTHON_RUNTIME),
+];
+
+/// ms-swift 3's GRPO/PPO/GKD settings (no prefix in common).
+const ONLINE_RL_FLAGS: &[&str] = &[
+    "advantage_estimator",
+    "async_generate",
+    "center_rewards_coefficient",
+    "completion_length_limit_scope",
+    "delta",
+    "ds3_gather_for_generation",
+    "dynamic_sample",
+    "enable_flattened_weight_sync",
+    "epsilon",
+    "epsilon_high",
+    "generation_batch_size",
+    "importance_sampling_level",
+    "kl_in_reward",
+    "lmbda",
+    "log_completions",
+    "log_entropy",
+    "log_rollout_offpolicy_metrics",
+    "max_completion_length",
+    "max_resample_times",
+    "max_turns",
+    "missing_eos_penalty",
+    "move_model_batches",
+    "multi_turn_scheduler",
+    "num_generations",
+    "num_generations_eval",
+    "num_iterations",
+    "num_mini_batches",
+    "num_ppo_epochs",
+    "off_policy_sequence_mask_delta",
+    "offload_model",
+    "offload_teacher_model",
+    "overlong_filter",
+    "ref_model_mixup_alpha",
+    "ref_model_sync_steps",
+    "repetition_max_penalty",
+    "repetition_n_grams",
+    "response_length",
+    "scale_rewards",
+    "seq_kd",
+    "sleep_level",
+    "soft_cache_length",
+    "soft_max_length",
+    "steps_per_generation",
+    "sync_ref_model",
+    "tau_neg",
+    "tau_pos",
+    "top_entropy_quantile",
+    "use_vllm",
+    "wandb_log_unique_prompts",
+    "structured_outputs_regex",
+    "logprobs",
+    "top_logprobs",
+    "stop_words",
+    "max_model_len",
+    "external_plugins",
+    "use_ray",
+    "ray_exp_name",
+    "device_groups",
+    "ld_alpha",
+    "sft_alpha",
 ];
 
 /// The flag table, by ms-swift's underscore spelling.
@@ -165,6 +254,138 @@ pub const FLAGS: &[(&str, Treatment)] = &[
     ("vf_coef", Noted(OTHER_RLHF)),
     ("vit_use_gc", Noted("vision towers are not loaded (text-only models)")),
     ("whiten_rewards", Noted(OTHER_RLHF)),
+    // ms-swift 3.x and transformers' TrainingArguments.
+    ("accelerator_config", Noted(PLACEMENT)),
+    ("activation_checkpointing", Refused("use --gradient_checkpointing", &["false"])),
+    ("activation_checkpointing_kwargs", Noted("--gradient_checkpointing recomputes each decoder block; it takes no options")),
+    ("add_non_thinking_prefix", Noted("thinking-mode prefixes come from the model's chat template")),
+    ("agent_template", Noted("tool-call prompts are not built (preference rows only)")),
+    ("aligner_lr", Noted(MULTIMODAL)),
+    ("attn_impl", Noted("attention kernels are chosen by lorafold (results equal to eager attention)")),
+    ("average_tokens_across_devices", Noted("DPO losses are means over pairs; data-parallel ranks sum gradients of equal shares")),
+    ("batch_eval_metrics", Noted(EVAL_LOOP)),
+    ("bf16", Noted("precision follows --torch_dtype (bf16 base weights with --torch_dtype bfloat16); there is no autocast")),
+    ("bf16_full_eval", Noted("precision follows --torch_dtype")),
+    ("cached_dataset", Refused("ms-swift's pre-tokenised dataset caches are not read; pass the data files to --dataset", &["", "[]"])),
+    ("cached_val_dataset", Refused("ms-swift's pre-tokenised dataset caches are not read; pass the data files to --val_dataset", &["", "[]"])),
+    ("check_model", Noted("lorafold uses the model files it finds")),
+    ("ckpt_dir", Refused("use --adapters (continue an adapter) or --resume_from_checkpoint", &["none"])),
+    ("columns", Refused("renaming dataset columns is not implemented; the common layouts are detected by their keys", &["none", "{}"])),
+    ("create_checkpoint_symlink", Noted("checkpoint-N folders are written as they are; --resume_from_checkpoint latest finds the newest")),
+    ("data_seed", Refused("the data order is seeded by --seed", &["none"])),
+    ("dataset_shuffle", Refused("the data order follows --seed; turning it off is not implemented", &["true"])),
+    ("ddp_bucket_cap_mb", Noted(PLACEMENT)),
+    ("ddp_static_graph", Noted(PLACEMENT)),
+    ("debug", Noted(PYTHON_RUNTIME)),
+    ("deepspeed_autotp_size", Noted(PLACEMENT)),
+    ("device_map", Noted(PLACEMENT)),
+    ("do_eval", Noted("evaluation runs when there is evaluation data (see --eval_strategy)")),
+    ("do_predict", Noted(GENERATION)),
+    ("do_train", Noted("lorafold dpo always trains")),
+    ("download_mode", Noted("hub files are reused from the cache when present")),
+    ("early_stop_interval", Refused("early stopping is not implemented", &["none"])),
+    ("enable_channel_loss", Refused("per-channel losses are not implemented", &["false"])),
+    ("enable_dft_loss", Refused("the DFT loss is not implemented", &["false"])),
+    ("enable_jit_checkpoint", Noted(PYTHON_RUNTIME)),
+    ("enable_thinking", Refused("passing enable_thinking to the chat template is not implemented", &["none"])),
+    ("eval_accumulation_steps", Noted(EVAL_LOOP)),
+    ("eval_dataset", Noted("ms-swift's evalscope benchmarks are not run")),
+    ("eval_dataset_args", Noted("ms-swift's evalscope benchmarks are not run")),
+    ("eval_delay", Refused("evaluation starts at the first --eval_steps", &["0", "0.0"])),
+    ("eval_do_concat_batches", Noted(EVAL_LOOP)),
+    ("eval_generation_config", Noted(GENERATION)),
+    ("eval_limit", Noted("ms-swift's evalscope benchmarks are not run")),
+    ("eval_on_start", Refused("evaluation before the first step is not implemented (run lorafold eval)", &["false"])),
+    ("eval_use_evalscope", Noted("ms-swift's evalscope benchmarks are not run")),
+    ("eval_use_gather_object", Noted(EVAL_LOOP)),
+    ("extra_eval_args", Noted("ms-swift's evalscope benchmarks are not run")),
+    ("fp16", Noted("precision follows --torch_dtype (f16 base weights with --torch_dtype float16); there is no autocast")),
+    ("fp16_full_eval", Noted("precision follows --torch_dtype")),
+    ("freeze_aligner", Noted(MULTIMODAL)),
+    ("freeze_llm", Refused("the base is always frozen and only the adapters train; freeze_llm false (full training) is not implemented", &["true"])),
+    ("freeze_parameters_regex", Refused("freezing parts of the base is not needed: only the adapters train", &["none"])),
+    ("generation_config", Noted(GENERATION)),
+    ("generation_max_length", Noted(GENERATION)),
+    ("generation_num_beams", Noted(GENERATION)),
+    ("gradient_checkpointing_kwargs", Noted("--gradient_checkpointing recomputes each decoder block; it takes no options")),
+    ("greater_is_better", Noted("best-checkpoint selection is not done")),
+    ("hub_always_push", Noted(HUB)),
+    ("hub_revision", Noted(HUB)),
+    ("include_for_metrics", Noted(EVAL_LOOP)),
+    ("init_strategy", Refused("re-initialising base weights is not implemented", &["none"])),
+    ("interleave_prob", Refused("interleaving datasets is not implemented: files given to --dataset are concatenated", &["none"])),
+    ("label_names", Noted(EVAL_LOOP)),
+    ("label_smoothing_factor", Refused("use --label_smoothing (TRL's robust/cDPO smoothing of the DPO loss)", &["0", "0.0"])),
+    ("length_column_name", Noted("lengths are counted from the tokenised pairs")),
+    ("liger_kernel_config", Noted("lorafold's fused kernels are built in")),
+    ("load_args", Noted("settings are read from --recipe, not from a previous run's args.json")),
+    ("load_best_model_at_end", Refused("keeping the best checkpoint by an eval metric is not implemented", &["false"])),
+    ("load_data_args", Noted("settings are read from --recipe, not from a previous run's args.json")),
+    ("load_from_cache_file", Noted("datasets are tokenised once per run")),
+    ("local_rank", Noted("ranks come from the MPI launcher")),
+    ("log_level", Noted(PYTHON_RUNTIME)),
+    ("log_level_replica", Noted(PYTHON_RUNTIME)),
+    ("log_on_each_node", Noted("rank 0 writes the logs")),
+    ("logging_first_step", Noted("lorafold logs every --logging_steps and the last step")),
+    ("logging_nan_inf_filter", Noted("steps with a NaN/Inf loss are skipped and counted (--max_nonfinite_steps)")),
+    ("logging_strategy", Refused("logging is every --logging_steps", &["steps"])),
+    ("lora_bias", Refused("LoRA biases are not trained (PEFT's bias='none')", &["none"])),
+    ("lora_modules", Refused("use --adapters to continue an adapter, or --ref_adapters for the reference", &["", "[]"])),
+    ("loss_scale", Refused("per-token loss scales are not implemented", &["default", "last_round", "none"])),
+    ("max_epochs", Refused("use --num_train_epochs", &["none"])),
+    ("max_memory", Noted(PLACEMENT)),
+    ("max_pixels", Noted(MULTIMODAL)),
+    ("metric", Noted(EVAL_LOOP)),
+    ("metric_for_best_model", Noted("best-checkpoint selection is not done")),
+    ("new_special_tokens", Refused("adding tokens is not implemented (trainable_token_indices trains existing ones)", &["", "[]"])),
+    ("norm_bbox", Noted(MULTIMODAL)),
+    ("num_labels", Noted("sequence classification heads are not trained")),
+    ("offload_optimizer", Noted(PLACEMENT)),
+    ("optim_args", Refused("optimizer arguments come from --adam_beta1/--adam_beta2/--adam_epsilon/--weight_decay", &["none"])),
+    ("optim_target_modules", Refused("GaLore/APOLLO-style optimizer targets are not implemented", &["none"])),
+    ("optimizer", Refused("ms-swift's optimizer plugins are not implemented; LoRA+ is --lorap_lr_ratio", &["none"])),
+    ("packing_length", Noted("packing is off (--packing is refused)")),
+    ("packing_num_proc", Noted("packing is off (--packing is refused)")),
+    ("padding_free", Refused("padding-free batches are not implemented; pairs are padded per batch with the prompt shared", &["false"])),
+    ("padding_side", Refused("batches are right-padded, as TRL pads", &["right"])),
+    ("parallelism_config", Noted(PLACEMENT)),
+    ("prediction_loss_only", Noted(EVAL_LOOP)),
+    ("problem_type", Noted("sequence classification heads are not trained")),
+    ("project", Noted(TRACKER)),
+    ("quant_bits", Refused(QUANT, &["none", "0"])),
+    ("ref_model", Refused("the reference is the base model with the adapters off (or --ref_adapters); a separate reference model is not loaded", &["none"])),
+    ("remove_unused_columns", Noted("unused keys are reported when the data is read")),
+    ("response_prefix", Refused("a response prefix is not implemented", &["none"])),
+    ("restore_callback_states_from_checkpoint", Noted("there are no callbacks")),
+    ("router_aux_loss_coef", Refused("mixture-of-experts models are not supported", &["0", "0.0"])),
+    ("run_name", Noted("the output folder names the run")),
+    ("shuffle_buffer_size", Noted("datasets are read whole")),
+    ("skip_memory_metrics", Noted("metrics.jsonl logs peak_rss_mib")),
+    ("sortish_sampler", Refused("use --group_by_length", &["false"])),
+    ("stopping_strategy", Refused("interleaving datasets is not implemented: files given to --dataset are concatenated", &["first_exhausted"])),
+    ("stream", Noted(GENERATION)),
+    ("strict", Refused("rows that fail to convert are errors; --skip_bad_rows skips them", &["false"])),
+    ("target_parameters", Refused("LoRA on raw parameters (PEFT's target_parameters) is not implemented", &["none", "", "[]"])),
+    ("task_type", Refused("only causal language modelling (causal_lm) is trained", &["causal_lm", "none"])),
+    ("template_backend", Noted("the model's own chat template is rendered (minijinja)")),
+    ("tf32", Noted("CPU products are f32; TF32 only applies to NVIDIA GPUs")),
+    ("torch_empty_cache_steps", Noted(PYTHON_RUNTIME)),
+    ("train_dataloader_shuffle", Refused("the data order follows --seed and --shuffle", &["true"])),
+    ("train_sampling_strategy", Refused("the data order follows --seed, --shuffle and --group_by_length", &["random"])),
+    ("trainable_parameters", Refused("training extra tensors by name is not implemented; --modules_to_save trains embed_tokens or lm_head in full", &["", "[]"])),
+    ("trainable_parameters_regex", Refused("training extra tensors by name is not implemented; --modules_to_save trains embed_tokens or lm_head in full", &["none"])),
+    ("use_cache", Noted("training never uses the KV cache; inference always does")),
+    ("use_chat_template", Refused("rows are rendered with a chat template; --template raw trains on the text as it is", &["true"])),
+    ("use_cpu", Noted("lorafold runs on the CPU unless built with cuda or metal")),
+    ("use_flash_ckpt", Noted("checkpoints are written atomically")),
+    ("use_hf", Noted("models and datasets are fetched from the Hugging Face hub")),
+    ("use_liger_kernel", Noted("lorafold's fused kernels are built in")),
+    ("use_logits_to_keep", Noted("the lm_head is applied at scored positions only")),
+    ("use_swift_lora", Noted("lorafold writes PEFT adapters, which peft and ms-swift both load")),
+    ("val_dataset_shuffle", Noted("evaluation scores every pair, in any order")),
+    ("vit_gradient_checkpointing", Noted(MULTIMODAL)),
+    ("vit_lr", Noted(MULTIMODAL)),
+    ("zero_hpz_partition_size", Noted(PLACEMENT)),
 ];
 
 /// The treatment of `name` (underscore or dash spelling), if it is a foreign flag.
@@ -172,6 +393,12 @@ pub fn treatment(name: &str) -> Option<Treatment> {
     let name = name.replace('-', "_");
     if let Some((_, t)) = FLAGS.iter().find(|(n, _)| *n == name) {
         return Some(*t);
+    }
+    if ONLINE_RL_FLAGS.contains(&name.as_str()) {
+        return Some(Noted(ONLINE_RL));
+    }
+    if let Some((_, why)) = FAMILY_PREFIXES.iter().find(|(p, _)| name.starts_with(p)) {
+        return Some(Noted(why));
     }
     TUNER_PREFIXES
         .iter()
@@ -191,8 +418,9 @@ pub struct Stripped {
 }
 
 /// Take the foreign flags (and their values: every argument up to the next `--flag`) out of
-/// `args` (`lorafold <command> …`), with a note or a refusal for each.
-pub fn strip(args: &[String]) -> Stripped {
+/// `args` (`lorafold <command> …`), with a note or a refusal for each. Flags for which `own`
+/// is true are lorafold's and stay.
+pub fn strip(args: &[String], own: impl Fn(&str) -> bool) -> Stripped {
     let mut out = Stripped::default();
     let mut i = 0;
     while i < args.len() {
@@ -203,7 +431,7 @@ pub fn strip(args: &[String]) -> Stripped {
             i += 1;
             continue;
         };
-        let Some(t) = treatment(name) else {
+        let Some(t) = treatment(name).filter(|_| !own(name)) else {
             out.args.push(a.clone());
             i += 1;
             continue;
@@ -225,7 +453,7 @@ pub fn strip(args: &[String]) -> Stripped {
                 .notes
                 .push(format!("note: --{name} {shown} is accepted and has no effect: {why}")),
             Refused(_, harmless) if harmless.contains(&value.as_str()) => out.notes.push(format!(
-                "note: --{name} {shown} is ms-swift's default and changes nothing here"
+                "note: --{name} {shown} is accepted: at this value it changes nothing here"
             )),
             Refused(why, _) => out.refused.push(format!("--{name} {shown}: {why}")),
         }
@@ -245,7 +473,7 @@ mod tests {
     fn notes_refuses_and_keeps_the_rest() {
         let s = strip(&args(
             "lorafold dpo --model m --kl_coef 0.1 --quantization_bit 4 --packing false --adalora_init_r 4 --dataset a b --push_to_hub=true",
-        ));
+        ), |_| false);
         assert_eq!(s.args, args("lorafold dpo --model m --dataset a b"));
         assert_eq!(s.notes.len(), 3, "{:?}", s.notes);
         assert_eq!(s.refused.len(), 2, "{:?}", s.refused);
@@ -259,7 +487,7 @@ mod tests {
 
     #[test]
     fn dash_spelling_and_bare_flags() {
-        let s = strip(&args("lorafold dpo --use-galore --disable-tqdm"));
+        let s = strip(&args("lorafold dpo --use-galore --disable-tqdm"), |_| false);
         assert_eq!(s.args, args("lorafold dpo"));
         assert_eq!(s.refused.len(), 1);
         assert_eq!(s.notes.len(), 1);

@@ -29,7 +29,8 @@ fn main() -> ExitCode {
     let mut raw: Vec<String> = std::env::args().collect();
     if matches!(raw.get(1).map(String::as_str), Some("dpo" | "rlhf")) {
         // ms-swift flags lorafold does not implement: noted, or refused with the reason (all at once).
-        let foreign = lorafold::foreign_flags::strip(&raw);
+        let command = raw[1].clone();
+        let foreign = lorafold::foreign_flags::strip(&raw, |name| cli::is_known_flag(&command, name));
         if !foreign.refused.is_empty() {
             for line in &foreign.refused {
                 eprintln!("error: {line}");

@@ -158,15 +158,7 @@ pub fn run_dpo_on(s: &Settings, quiet: bool, dist: Rc<dyn Collective>) -> Result
     let main = dist.rank() == 0;
     let quiet = quiet || !main;
     // The output folder first: a bad one fails before the model is fetched or loaded.
-    let (out_dir, resume_from, created) = if main {
-        open_output(s, quiet)?
-    } else {
-        let resume = match &s.resume_from_checkpoint {
-            Some(spec) => Some(crate::train::checkpoint::resolve(spec, &s.output_dir)?),
-            None => None,
-        };
-        (s.output_dir.clone(), resume, false)
-    };
+    let (out_dir, resume_from, created) = open_output_on(s, quiet, main)?;
     let files = resolve_model(&s.model, s.revision.as_deref()).inspect_err(|_| {
         if created {
             let _ = std::fs::remove_dir(&out_dir);
@@ -195,17 +187,7 @@ pub fn run_dpo_on(s: &Settings, quiet: bool, dist: Rc<dyn Collective>) -> Result
     }
     if !quiet {
         print_run_header(&files.name, &model, &adapter, (data.train.len(), data.eval.len()));
-        if dist.size() > 1 {
-            eprintln!(
-                "data-parallel over {} ranks ({}): {} pairs per step ({} per micro-batch × {} accumulation × {} ranks)",
-                dist.size(),
-                dist.backend(),
-                s.batch_size * s.gradient_accumulation_steps * dist.size(),
-                s.batch_size,
-                s.gradient_accumulation_steps,
-                dist.size()
-            );
-        }
+        print_ranks(s, &*dist);
     }
 
     // Train, then write the final adapter (an interrupted run leaves its checkpoint) and the plot.
@@ -223,22 +205,8 @@ pub fn run_dpo_on(s: &Settings, quiet: bool, dist: Rc<dyn Collective>) -> Result
         resume_from,
     };
     let outcome = train(&run, &data.train, &data.eval, &cfg, &output)?;
-    if let (Some(a), false, true) = (&run.adapter, outcome.interrupted, main) {
-        // PiSSA / OLoRA: converted to a plain LoRA of the untouched base (the unconverted form
-        // too with --save_unconverted, as PEFT keeps both).
-        a.save_converted(&out_dir, Some(&base_model))?;
-        if a.is_principal() && s.lora_extra.save_unconverted {
-            a.save(&out_dir.join("unconverted"), Some(&base_model))?;
-        }
-    }
-    let plotted = match main {
-        true => crate::train::plot::write_plot(&out_dir.join("metrics.jsonl"), &out_dir.join("metrics.png")),
-        false => Ok(()),
-    };
-    if let Err(e) = plotted {
-        if !quiet {
-            eprintln!("warning: could not draw metrics.png: {e}");
-        }
+    if main {
+        write_results(s, &run, &outcome, &out_dir, &base_model, quiet)?;
     }
     Ok(DpoSummary {
         output_dir: out_dir,
@@ -246,6 +214,59 @@ pub fn run_dpo_on(s: &Settings, quiet: bool, dist: Rc<dyn Collective>) -> Result
         train_pairs: data.train.len(),
         eval_pairs: data.eval.len(),
     })
+}
+
+/// The output folder, the checkpoint to resume from and whether this call created the folder:
+/// rank 0 opens it (see [`open_output`]); the other ranks only find the checkpoint.
+fn open_output_on(s: &Settings, quiet: bool, main: bool) -> Result<(PathBuf, Option<PathBuf>, bool)> {
+    if main {
+        return open_output(s, quiet);
+    }
+    let resume = match &s.resume_from_checkpoint {
+        Some(spec) => Some(crate::train::checkpoint::resolve(spec, &s.output_dir)?),
+        None => None,
+    };
+    Ok((s.output_dir.clone(), resume, false))
+}
+
+fn print_ranks(s: &Settings, dist: &dyn Collective) {
+    if dist.size() > 1 {
+        eprintln!(
+            "data-parallel over {} ranks ({}): {} pairs per step ({} per micro-batch × {} accumulation × {} ranks)",
+            dist.size(),
+            dist.backend(),
+            s.batch_size * s.gradient_accumulation_steps * dist.size(),
+            s.batch_size,
+            s.gradient_accumulation_steps,
+            dist.size()
+        );
+    }
+}
+
+/// After training (rank 0): the final adapter, unless the run was interrupted (its checkpoint
+/// stands), and the plot.
+fn write_results(
+    s: &Settings,
+    run: &DpoRun,
+    outcome: &Outcome,
+    out_dir: &Path,
+    base_model: &str,
+    quiet: bool,
+) -> Result<()> {
+    if let (Some(a), false) = (&run.adapter, outcome.interrupted) {
+        // PiSSA / OLoRA: converted to a plain LoRA of the untouched base (the unconverted form
+        // too with --save_unconverted, as PEFT keeps both).
+        a.save_converted(out_dir, Some(base_model))?;
+        if a.is_principal() && s.lora_extra.save_unconverted {
+            a.save(&out_dir.join("unconverted"), Some(base_model))?;
+        }
+    }
+    if let Err(e) = crate::train::plot::write_plot(&out_dir.join("metrics.jsonl"), &out_dir.join("metrics.png")) {
+        if !quiet {
+            eprintln!("warning: could not draw metrics.png: {e}");
+        }
+    }
+    Ok(())
 }
 
 /// The base model as adapter_config.json records it: the hub id, or a local folder's absolute
