@@ -73,3 +73,29 @@ pub fn clear(flag: Option<&std::sync::Arc<std::sync::atomic::AtomicBool>>) {
         f.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// FNV-1a, fed one word at a time (a byte is a word): the hash behind data fingerprints, the
+/// ranks' agreement check and merge's random streams.
+#[derive(Debug, Clone, Copy)]
+pub struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Fnv1a {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv1a {
+    pub fn eat(&mut self, x: u64) {
+        self.0 ^= x;
+        self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+
+    pub fn eat_bytes(&mut self, bytes: &[u8]) {
+        bytes.iter().for_each(|&b| self.eat(b as u64));
+    }
+
+    pub fn finish(self) -> u64 {
+        self.0
+    }
+}

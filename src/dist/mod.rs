@@ -75,7 +75,7 @@ pub fn single() -> Rc<dyn Collective> {
 /// The world size an MPI launcher (`mpirun`, `mpiexec`, `srun`) announces in the environment, if
 /// this process was started by one.
 pub fn launcher_world_size() -> Option<usize> {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"]
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
         .iter()
         .find_map(|k| std::env::var(k).ok()?.trim().parse::<usize>().ok())
 }
@@ -165,9 +165,9 @@ pub fn check_agreement(dist: &dyn Collective, items: &[(&str, u64)]) -> Result<(
 
 /// FNV-1a of a string (settings, as YAML).
 pub fn hash_str(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    let mut h = crate::util::Fnv1a::default();
+    h.eat_bytes(text.as_bytes());
+    h.finish()
 }
 
 /// The chunks of `n` items, `chunk` at a time, that `rank` of `size` handles: chunk `c` goes to

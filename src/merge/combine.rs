@@ -475,14 +475,12 @@ struct StreamKey {
 impl StreamKey {
     fn new(seed: u64, path: &str, half: char, ids: &[usize]) -> StreamKey {
         // FNV-1a over the module path and the half.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in path.bytes().chain([b'|', half as u8]) {
-            h ^= byte as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+        let mut h = crate::util::Fnv1a::default();
+        h.eat_bytes(path.as_bytes());
+        h.eat_bytes(&[b'|', half as u8]);
         StreamKey {
             seed,
-            base: h,
+            base: h.finish(),
             ids: ids.to_vec(),
         }
     }

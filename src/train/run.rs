@@ -222,11 +222,15 @@ fn open_output_on(s: &Settings, quiet: bool, main: bool) -> Result<(PathBuf, Opt
     if main {
         return open_output(s, quiet);
     }
-    let resume = match &s.resume_from_checkpoint {
-        Some(spec) => Some(crate::train::checkpoint::resolve(spec, &s.output_dir)?),
-        None => None,
-    };
-    Ok((s.output_dir.clone(), resume, false))
+    Ok((s.output_dir.clone(), resume_checkpoint(s)?, false))
+}
+
+/// The checkpoint `--resume_from_checkpoint` names (resolved in `--output_dir`), if any.
+fn resume_checkpoint(s: &Settings) -> Result<Option<PathBuf>> {
+    s.resume_from_checkpoint
+        .as_deref()
+        .map(|spec| crate::train::checkpoint::resolve(spec, &s.output_dir))
+        .transpose()
 }
 
 fn print_ranks(s: &Settings, dist: &dyn Collective) {
@@ -285,10 +289,7 @@ fn base_to_record(files: &ModelFiles) -> String {
 /// removed.
 fn open_output(s: &Settings, quiet: bool) -> Result<(PathBuf, Option<PathBuf>, bool)> {
     let mut out_dir = s.output_dir.clone();
-    let resume_from = match &s.resume_from_checkpoint {
-        Some(spec) => Some(crate::train::checkpoint::resolve(spec, &out_dir)?),
-        None => None,
-    };
+    let resume_from = resume_checkpoint(s)?;
     let rerun = out_dir.join(crate::lora::io::WEIGHTS_FILE).exists();
     let version = s.add_version.unwrap_or(rerun && !s.overwrite_output_dir);
     if version && resume_from.is_none() {

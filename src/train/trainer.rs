@@ -357,11 +357,8 @@ pub fn length_grouped_order(
 
 /// FNV-1a over the token ids of all pairs.
 pub fn fingerprint(pairs: &[PairIds]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |x: u64| {
-        h ^= x;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    };
+    let mut h = crate::util::Fnv1a::default();
+    let mut eat = |x: u64| h.eat(x);
     for p in pairs {
         for part in [&p.prompt, &p.chosen, &p.rejected] {
             part.iter().for_each(|&t| eat(t as u64));
@@ -372,7 +369,7 @@ pub fn fingerprint(pairs: &[PairIds]) -> String {
         }
         eat(u64::MAX - 1);
     }
-    format!("{h:016x}")
+    format!("{:016x}", h.finish())
 }
 
 /// What a training run produced.
@@ -634,17 +631,19 @@ impl<'a> Trainer<'a> {
     /// The training loop.
     pub fn train(mut self) -> Result<Outcome> {
         // Every rank must hold the same data and settings (refused at start, not found later).
-        crate::dist::check_agreement(
-            &*self.cfg.dist,
-            &[
-                (
-                    "training data fingerprint",
-                    u64::from_str_radix(&self.data_fp, 16).unwrap_or(0),
-                ),
-                ("evaluation data", crate::dist::hash_str(&fingerprint(self.eval))),
-                ("settings", crate::dist::hash_str(self.out.recipe_yaml)),
-            ],
-        )?;
+        if self.cfg.dist.size() > 1 {
+            crate::dist::check_agreement(
+                &*self.cfg.dist,
+                &[
+                    (
+                        "training data fingerprint",
+                        u64::from_str_radix(&self.data_fp, 16).unwrap_or(0),
+                    ),
+                    ("evaluation data", crate::dist::hash_str(&fingerprint(self.eval))),
+                    ("settings", crate::dist::hash_str(self.out.recipe_yaml)),
+                ],
+            )?;
+        }
         // Pick up where a checkpoint left off: weights, optimizer moments, data position, logs.
         if let Some(dir) = &self.out.resume_from {
             self.resume(dir)?;
