@@ -1,6 +1,6 @@
 """The lorafold benchmark's DPO step in TRL + PEFT, for a side-by-side comparison.
 
-Same model (the ~30M Llama written by `lorafold bench --model_dir DIR`), same preference batch
+Same model (the random model written by `lorafold bench [--preset NAME] --model_dir DIR`), same preference batch
 (`--dump_pairs DIR/pairs.json`), same settings: LoRA r 8, alpha 16, all linear layers, fp32,
 batch 4 pairs, online reference (the base with the adapter disabled), 2 threads. Reports the median
 seconds per step after warm-up, tokens/s (real tokens, chosen + rejected) and peak RSS; then greedy
@@ -30,11 +30,12 @@ def main():
     ap.add_argument("--model_dir", required=True)
     ap.add_argument("--pairs", default=None, help="default: MODEL_DIR/pairs.json")
     ap.add_argument("--tokenizer", default="tests/fixtures/models/llama", help="any tokenizer with pad id 0")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10, help="0: decode (and merge) only, with an untrained adapter")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precompute_ref_log_probs", action="store_true")
     ap.add_argument("--gradient_checkpointing", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="TRL's default mixed precision (bf16 autocast, fp32 master weights)")
     ap.add_argument("--decode_tokens", type=int, default=128, help="0 skips the decode measurement")
     ap.add_argument("--skip_merge", action="store_true")
     ap.add_argument("--json", action="store_true")
@@ -75,25 +76,31 @@ def main():
     args = DPOConfig(
         output_dir="/tmp/trl-bench-out", per_device_train_batch_size=n_pairs, gradient_accumulation_steps=1,
         max_steps=total, learning_rate=1e-4, beta=0.1, loss_type="sigmoid", max_length=4096,
-        precompute_ref_log_probs=a.precompute_ref_log_probs, gradient_checkpointing=a.gradient_checkpointing, bf16=False, fp16=False,
+        precompute_ref_log_probs=a.precompute_ref_log_probs, gradient_checkpointing=a.gradient_checkpointing, bf16=a.bf16, fp16=False,
         use_cpu=True, logging_steps=1000, save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=True, train_sampling_strategy="sequential", dataloader_num_workers=0, seed=0,
     )
-    trainer = Pretokenized(
-        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(a.tokenizer),
-        peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
-        callbacks=[timer],
-    )
-    trainer.train()
-    step = statistics.median(timer.times[a.warmup:])
-    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    out = {
-        "variant": "TRL+PEFT " + ("precomputed reference" if a.precompute_ref_log_probs else "online reference"),
-        "params": params, "tokens_per_step": tokens, "median_step_s": step, "tokens_per_s": tokens / step,
-        "peak_rss_mib": rss_mib, "threads": a.threads,
-        "versions": {"torch": torch.__version__, "trl": __import__("trl").__version__, "peft": __import__("peft").__version__},
-    }
-    peft_model = trainer.model
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    if a.steps == 0:
+        # Decode (and merge) only, as `lorafold bench --steps 0`: the untrained adapter on the model.
+        from peft import get_peft_model
+        peft_model = get_peft_model(model, lora)
+        out = {"variant": "PEFT, no training", "params": params, "threads": a.threads}
+    else:
+        trainer = Pretokenized(
+            model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(a.tokenizer),
+            peft_config=lora, callbacks=[timer],
+        )
+        trainer.train()
+        step = statistics.median(timer.times[a.warmup:])
+        rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        out = {
+            "variant": "TRL+PEFT " + ("precomputed reference" if a.precompute_ref_log_probs else "online reference") + (", bf16 autocast" if a.bf16 else ""),
+            "params": params, "tokens_per_step": tokens, "median_step_s": step, "tokens_per_s": tokens / step,
+            "peak_rss_mib": rss_mib, "threads": a.threads,
+            "versions": {"torch": torch.__version__, "trl": __import__("trl").__version__, "peft": __import__("peft").__version__},
+        }
+        peft_model = trainer.model
     peft_model.eval()
     if a.decode_tokens > 0:
         prompt = torch.tensor([pairs[0]["prompt"]])
@@ -127,7 +134,8 @@ def main():
         print(json.dumps(out, indent=2))
     else:
         print(f"{out['variant']}: {params} parameters, {tokens} real tokens/step, {a.threads} threads")
-        print(f"  median {step:.3f} s/step, {tokens / step:.1f} tokens/s, peak RSS {rss_mib:.0f} MiB")
+        if "median_step_s" in out:
+            print(f"  median {out['median_step_s']:.3f} s/step, {out['tokens_per_s']:.1f} tokens/s, peak RSS {out['peak_rss_mib']:.0f} MiB")
         if "decode" in out:
             d = out["decode"]
             print(f"  decode (greedy, KV cache, adapter on): prompt {d['prompt_tokens']} tokens prefilled in {d['prefill_s']:.3f}s;"

@@ -582,21 +582,32 @@ pub struct InferArgs {
 /// `lorafold bench`: the fixed benchmark workload and what to measure.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// Measured steps (after warm-up).
+    /// The workload: `bench` (a ~33M Llama, 4 pairs of ~150 + 2 × ~100 tokens) or
+    /// `qwen2.5-0.5b` (Qwen2.5-0.5B-Instruct's shape with random weights, 2 pairs of
+    /// ~250 + 2 × ~100 tokens). The model is written to --model_dir unless --model is given.
+    #[arg(long, default_value = "bench")]
+    pub preset: String,
+    /// Benchmark this model folder (a hub snapshot's layout) instead of the preset's random model.
+    #[arg(long, conflicts_with = "model_dir")]
+    pub model: Option<std::path::PathBuf>,
+    /// Measured steps (after warm-up); 0 measures only decoding and merging.
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
     /// Warm-up steps, not measured.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
-    /// Pairs in the batch.
-    #[arg(long, default_value_t = 4)]
-    pub pairs: usize,
-    /// Prompt tokens per pair (±10%).
-    #[arg(long, default_value_t = 150)]
-    pub prompt_len: usize,
-    /// Tokens per chosen and per rejected response (±10%).
-    #[arg(long, default_value_t = 100)]
-    pub response_len: usize,
+    /// Pairs in the batch (default: the preset's).
+    #[arg(long)]
+    pub pairs: Option<usize>,
+    /// Prompt tokens per pair, ±10% (default: the preset's).
+    #[arg(long)]
+    pub prompt_len: Option<usize>,
+    /// Tokens per chosen and per rejected response, ±10% (default: the preset's).
+    #[arg(long)]
+    pub response_len: Option<usize>,
+    /// Longest sequence (prompt + response) before truncation.
+    #[arg(long, default_value_t = 1024)]
+    pub max_length: usize,
     /// Also measure with precomputed reference log-probs (one forward + backward per step).
     #[arg(long)]
     pub precomputed_ref: bool,

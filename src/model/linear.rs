@@ -173,10 +173,13 @@ impl LoraLinear {
         let n: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((n, in_f))?;
         let ad = ctx.adapter.and_then(|s| self.adapter(s));
-        if ctx.no_grad && self.bias.is_none() && ad.is_none_or(|a| a.magnitude.is_none()) {
-            if let Some(y) =
-                crate::model::ops::frozen::lora_product_no_grad(&x2, &self.weight, ad.map(|a| (&a.a, &a.b, a.scale)))?
-            {
+        if ctx.no_grad && ad.is_none_or(|a| a.magnitude.is_none()) {
+            let lin = crate::model::ops::frozen::NoGradLinear {
+                weight: &self.weight,
+                bias: self.bias.as_ref(),
+                adapter: ad.map(|a| (&a.a, &a.b, a.scale)),
+            };
+            if let Some(y) = crate::model::ops::frozen::lora_product_no_grad(&x2, &lin)? {
                 let mut out_dims = dims;
                 if let Some(last) = out_dims.last_mut() {
                     *last = self.out_features();

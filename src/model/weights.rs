@@ -12,6 +12,11 @@ use crate::error::{read_json, Error, Result};
 pub struct WeightSource {
     files: Vec<(PathBuf, MmapedSafetensors)>,
     routing: HashMap<String, usize>,
+    /// Per file: the open file and where its data section starts; per tensor: its byte span in
+    /// that section. Tensors are read from here into memory lorafold owns, so that the mapped
+    /// pages never count in the process's resident memory next to the copy.
+    readers: Vec<(std::fs::File, u64)>,
+    spans: HashMap<String, (u64, u64)>,
 }
 
 impl WeightSource {
@@ -20,11 +25,16 @@ impl WeightSource {
     pub fn open(paths: &[PathBuf]) -> Result<WeightSource> {
         let mut files = Vec::with_capacity(paths.len());
         let mut routing = HashMap::new();
+        let (mut readers, mut spans) = (Vec::new(), HashMap::new());
         for (i, p) in paths.iter().enumerate() {
             if !p.exists() {
                 return Err(Error::MissingFile { path: p.clone() });
             }
-            check_header(p)?;
+            let (data_start, file_spans) = check_header(p)?;
+            readers.push((std::fs::File::open(p).map_err(|e| Error::io(p, e))?, data_start));
+            for (name, span) in file_spans {
+                spans.insert(name, span);
+            }
             // SAFETY: the file is mapped read-only; lorafold never writes to a loaded checkpoint.
             let st = unsafe { MmapedSafetensors::new(p) }.map_err(|e| Error::Safetensors {
                 path: p.clone(),
@@ -35,7 +45,12 @@ impl WeightSource {
             }
             files.push((p.clone(), st));
         }
-        Ok(WeightSource { files, routing })
+        Ok(WeightSource {
+            files,
+            routing,
+            readers,
+            spans,
+        })
     }
 
     /// Weight files of a model folder: `model.safetensors.index.json` (sharded) or
@@ -98,11 +113,45 @@ impl WeightSource {
                 got,
             });
         }
+        if let Some(t) = self.read_owned(name, shape, device)? {
+            return Ok(t.to_dtype(dtype)?);
+        }
         let t = st.load(name, device).map_err(|e| Error::Safetensors {
             path: path.clone(),
             msg: format!("tensor {name:?}: {e}"),
         })?;
         Ok(t.to_dtype(dtype)?)
+    }
+
+    /// `name` read from its file into a vector of its own (f32, bf16, f16 on the CPU of a
+    /// little-endian Unix machine); `None` elsewhere, where the mapped file is used.
+    fn read_owned(&self, name: &str, shape: &[usize], device: &Device) -> Result<Option<Tensor>> {
+        #[cfg(all(unix, target_endian = "little"))]
+        {
+            let (Some(&i), Some(&(start, _))) = (self.routing.get(name), self.spans.get(name)) else {
+                return Ok(None);
+            };
+            if !device.is_cpu() {
+                return Ok(None);
+            }
+            let (file, data_start) = &self.readers[i];
+            let at = data_start + start;
+            let n: usize = shape.iter().product();
+            let path = &self.files[i].0;
+            let io = |e| Error::io(path, e);
+            let t = match self.stored_dtype(name)? {
+                DType::F32 => Tensor::from_vec(read_vec::<f32>(file, at, n).map_err(io)?, shape, device)?,
+                DType::BF16 => Tensor::from_vec(read_vec::<half::bf16>(file, at, n).map_err(io)?, shape, device)?,
+                DType::F16 => Tensor::from_vec(read_vec::<half::f16>(file, at, n).map_err(io)?, shape, device)?,
+                _ => return Ok(None),
+            };
+            Ok(Some(t))
+        }
+        #[cfg(not(all(unix, target_endian = "little")))]
+        {
+            let _ = (name, shape, device);
+            Ok(None)
+        }
     }
 
     /// The dtype a tensor is stored in.
@@ -119,6 +168,29 @@ impl WeightSource {
                 msg: format!("tensor {name:?}: {e}"),
             })
     }
+}
+
+/// Marks the element types [`read_vec`] may fill from raw bytes.
+#[cfg(all(unix, target_endian = "little"))]
+trait PlainNumber: Copy + Default {}
+#[cfg(all(unix, target_endian = "little"))]
+impl PlainNumber for f32 {}
+#[cfg(all(unix, target_endian = "little"))]
+impl PlainNumber for half::bf16 {}
+#[cfg(all(unix, target_endian = "little"))]
+impl PlainNumber for half::f16 {}
+
+/// `n` little-endian values of `T` read from `file` at byte `at`.
+#[cfg(all(unix, target_endian = "little"))]
+fn read_vec<T: PlainNumber>(file: &std::fs::File, at: u64, n: usize) -> std::io::Result<Vec<T>> {
+    use std::os::unix::fs::FileExt;
+    let mut v = vec![T::default(); n];
+    // SAFETY: T is f32, bf16 or f16 (PlainNumber), for which every bit pattern is a valid value,
+    // and the byte slice covers exactly the vector's initialised elements.
+    let bytes =
+        unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v.as_slice())) };
+    file.read_exact_at(bytes, at)?;
+    Ok(v)
 }
 
 /// The unique shard files named by an index, in order of first appearance.
@@ -154,6 +226,9 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
+/// Each tensor's byte span [start, end) in its file's data section, by name.
+type Spans = HashMap<String, (u64, u64)>;
+
 /// Largest safetensors header lorafold reads (the safetensors format's own limit).
 const MAX_HEADER_BYTES: u64 = 100 << 20;
 
@@ -175,9 +250,12 @@ fn dtype_bits(name: &str) -> Option<usize> {
 /// be a JSON object of `{dtype, shape, data_offsets}` entries with known dtypes; each tensor's
 /// offsets must lie inside the data section and hold exactly `shape × dtype` bytes; tensors must
 /// not overlap, and together they must cover the data section (as the format requires).
-fn check_header(path: &Path) -> Result<()> {
+///
+/// Returns the byte where the data section starts and each tensor's span in it.
+fn check_header(path: &Path) -> Result<(u64, Spans)> {
     let bad = |msg: String| Error::Safetensors { path: path.into(), msg };
     let (entries, data_len) = read_header(path)?;
+    let file_len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
     // (start, end, name) of every tensor.
     let mut spans: Vec<(u64, u64, &str)> = Vec::with_capacity(entries.len());
     for (name, entry) in &entries {
@@ -191,7 +269,9 @@ fn check_header(path: &Path) -> Result<()> {
         let (start, end) = tensor_span(entry, data_len).map_err(|msg| bad(format!("tensor {name:?}: {msg}")))?;
         spans.push((start, end, name.as_str()));
     }
-    check_packed(spans, data_len).map_err(bad)
+    let by_name = spans.iter().map(|&(s, e, n)| (n.to_string(), (s, e))).collect();
+    check_packed(spans, data_len).map_err(bad)?;
+    Ok((file_len - data_len, by_name))
 }
 
 /// The header's entries and the length of the data section after it.

@@ -9,6 +9,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor};
 
+use super::matvec::{rows_times_wt, Weights};
+
 enum Const {
     /// x [N, in] · Wᵀ with W [out, in].
     MatmulT(Tensor),
@@ -97,39 +99,52 @@ pub(crate) fn into_cpu_storage(t: Tensor) -> Result<(CpuStorage, Shape)> {
     Ok((out, shape))
 }
 
-/// x [m, k] · Wᵀ + scale · (x Aᵀ) Bᵀ computed straight on the CPU storages, with no autograd
-/// node: for decoding, where a linear layer with an adapter is otherwise five tensor ops, each
-/// dispatched to the thread pool for a single row. `None` where it does not apply (not CPU,
-/// not f32, not 2-D).
-pub fn lora_product_no_grad(
-    x: &Tensor,
-    w: &Tensor,
-    adapter: Option<(&Tensor, &Tensor, f64)>,
-) -> Result<Option<Tensor>> {
-    let all_f32_cpu = std::iter::once(x)
-        .chain([w])
-        .chain(adapter.iter().flat_map(|(a, b, _)| [*a, *b]))
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 2);
-    if !all_f32_cpu {
+/// A linear layer with its adapter, for [`lora_product_no_grad`]: the frozen weight [n, k], its
+/// bias [n] and (A [r, k], B [n, r], scale).
+pub struct NoGradLinear<'a> {
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub adapter: Option<(&'a Tensor, &'a Tensor, f64)>,
+}
+
+/// x [m, k] · Wᵀ (+ bias) + scale · (x Aᵀ) Bᵀ computed straight on the CPU storages, with no
+/// autograd node: for decoding, where a linear layer with an adapter is otherwise five tensor
+/// ops, each dispatched to the thread pool for a single row. A few rows (decoding) stream the
+/// weight once ([`super::matvec`]); more (a prompt's prefill) go through the GEMM, on f32 only.
+/// `None` where it does not apply (not CPU, not 2-D, not f32 or bf16, adapter not f32).
+pub fn lora_product_no_grad(x: &Tensor, lin: &NoGradLinear) -> Result<Option<Tensor>> {
+    let dt = x.dtype();
+    let cpu2 = |t: &Tensor| t.device().is_cpu() && t.rank() == 2;
+    let base_ok = cpu2(x) && cpu2(lin.weight) && lin.weight.dtype() == dt && matches!(dt, DType::F32 | DType::BF16);
+    let bias_ok = lin
+        .bias
+        .is_none_or(|b| b.device().is_cpu() && b.rank() == 1 && b.dtype() == dt);
+    let ad_ok = lin
+        .adapter
+        .is_none_or(|(a, b, _)| [a, b].iter().all(|t| cpu2(t) && t.dtype() == DType::F32));
+    let (m, k) = x.dims2()?;
+    let few = m <= super::matvec::MAX_ROWS;
+    if !(base_ok && bias_ok && ad_ok) || (!few && dt != DType::F32) {
         return Ok(None);
     }
-    let m = x.dims2()?.0;
-    let n = w.dim(0)?;
-    let mm = |lhs: &Tensor, rhs: &Tensor| -> Result<CpuStorage> {
-        let (ls, ll) = lhs.storage_and_layout();
-        let (rs, rl) = rhs.storage_and_layout();
+    let n = lin.weight.dim(0)?;
+    let xf = x.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let mut y = if few {
+        few_rows_times(&xf, m, k, lin.weight)?
+    } else {
+        let (ls, ll) = x.storage_and_layout();
+        let (rs, rl) = lin.weight.storage_and_layout();
         let (Storage::Cpu(lc), Storage::Cpu(rc)) = (&*ls, &*rs) else {
             candle_core::bail!("expected CPU storage")
         };
-        storage_matmul_t(lc, ll, rc, rl)
-    };
-    let base = mm(x, w)?;
-    let CpuStorage::F32(mut y) = base else { return Ok(None) };
-    if let Some((a, b, scale)) = adapter {
-        let r = a.dim(0)?;
-        let CpuStorage::F32(xa) = mm(x, a)? else {
+        let CpuStorage::F32(y) = storage_matmul_t(lc, ll, rc, rl)? else {
             return Ok(None);
         };
+        y
+    };
+    if let Some((a, b, scale)) = lin.adapter {
+        let r = a.dim(0)?;
+        let xa = few_rows_or_gemm(&xf, m, k, a)?;
         let bv = b.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         for i in 0..m {
             let xr = &xa[i * r..(i + 1) * r];
@@ -140,13 +155,63 @@ pub fn lora_product_no_grad(
             }
         }
     }
-    Ok(Some(Tensor::from_vec(y, (m, n), x.device())?))
+    if let Some(bias) = lin.bias {
+        let bv = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        for row in y.chunks_exact_mut(n) {
+            for (o, b) in row.iter_mut().zip(&bv) {
+                *o += b;
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(y, (m, n), x.device())?.to_dtype(dt)?))
 }
 
-/// x [m, k] · Wᵀ for W [n, k], both 2-D, on CPU storages: W is read transposed in place.
+/// x [m, k] (f32, m ≤ [`super::matvec::MAX_ROWS`]) · Wᵀ for a contiguous f32 or bf16 W [n, k].
+fn few_rows_times(x: &[f32], m: usize, k: usize, w: &Tensor) -> Result<Vec<f32>> {
+    let n = w.dim(0)?;
+    let (ws, wl) = w.storage_and_layout();
+    let Some((s, e)) = wl.contiguous_offsets() else {
+        drop(ws);
+        return few_rows_times(x, m, k, &w.contiguous()?);
+    };
+    Ok(match &*ws {
+        Storage::Cpu(CpuStorage::F32(v)) => rows_times_wt(x, m, Weights::F32(&v[s..e]), n, k),
+        Storage::Cpu(CpuStorage::BF16(v)) => rows_times_wt(x, m, Weights::Bf16(&v[s..e]), n, k),
+        _ => candle_core::bail!("few_rows_times: expected an f32 or bf16 CPU weight"),
+    })
+}
+
+/// x [m, k] · Wᵀ for an f32 W, streamed for a few rows, through the GEMM for more.
+fn few_rows_or_gemm(x: &[f32], m: usize, k: usize, w: &Tensor) -> Result<Vec<f32>> {
+    if m <= super::matvec::MAX_ROWS {
+        return few_rows_times(x, m, k, w);
+    }
+    let xt = Tensor::from_slice(x, (m, k), w.device())?;
+    xt.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// x [m, k] · Wᵀ for W [n, k], both 2-D, on CPU storages: W is read transposed in place. A few
+/// rows of x stream W once ([`super::matvec`]) instead of going through the GEMM.
 fn storage_matmul_t(x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout) -> Result<CpuStorage> {
     let (m, k) = (xl.dims()[0], xl.dims()[1]);
-    x.matmul(w, (1, m, wl.dims()[0], k), xl, &wl.transpose(0, 1)?)
+    let n = wl.dims()[0];
+    if m <= super::matvec::MAX_ROWS {
+        if let (Some((xs, xe)), Some((ws, we))) = (xl.contiguous_offsets(), wl.contiguous_offsets()) {
+            match (x, w) {
+                (CpuStorage::F32(xv), CpuStorage::F32(wv)) => {
+                    let y = rows_times_wt(&xv[xs..xe], m, Weights::F32(&wv[ws..we]), n, k);
+                    return Ok(CpuStorage::F32(y));
+                }
+                (CpuStorage::BF16(xv), CpuStorage::BF16(wv)) => {
+                    let xf: Vec<f32> = xv[xs..xe].iter().map(|v| v.to_f32()).collect();
+                    let y = rows_times_wt(&xf, m, Weights::Bf16(&wv[ws..we]), n, k);
+                    return Ok(CpuStorage::BF16(y.into_iter().map(half::bf16::from_f32).collect()));
+                }
+                _ => {}
+            }
+        }
+    }
+    x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)
 }
 
 impl CustomOp1 for Const {
