@@ -359,7 +359,9 @@ impl Inference<'_> {
         let t0 = Instant::now();
         let stop = &opts.stop_tokens;
         let interrupted = || crate::util::is_set(self.stop.as_ref());
+        let mut first: Option<Instant> = None;
         let g = session.generate(ids, opts, |tok| {
+            first.get_or_insert_with(Instant::now);
             if interrupted() {
                 return Err(Error::Interrupted {
                     what: "answering".into(),
@@ -382,14 +384,17 @@ impl Inference<'_> {
             w.flush().map_err(console)?;
         }
         let text = generate::decode(self.pre.tokenizer(), answer_tokens(&g, stop))?;
-        let secs = t0.elapsed().as_secs_f64();
         if out.is_some() {
+            // The prompt's prefill ends with the first new token; the rate is of the tokens after it.
+            let first = first.unwrap_or_else(Instant::now);
+            let decode_s = first.elapsed().as_secs_f64();
             eprintln!(
-                "[{} prompt + {} new tokens, {}, {:.1} tokens/s]",
+                "[{} prompt + {} new tokens, {}; prefill {:.2}s, then {:.1} tokens/s]",
                 ids.len(),
                 g.tokens.len(),
                 g.finish.as_str(),
-                g.tokens.len() as f64 / secs.max(1e-9)
+                (first - t0).as_secs_f64(),
+                g.tokens.len().saturating_sub(1) as f64 / decode_s.max(1e-9)
             );
         }
         Ok((g, text))
