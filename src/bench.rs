@@ -683,3 +683,48 @@ fn measure_merge(run: &DpoRun, model_dir: &Path) -> Result<MergeResult> {
         bytes: summary.bytes,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_preset_is_refused_naming_the_known_ones() {
+        assert_eq!(preset("qwen2.5-0.5b").map(|p| p.vocab).ok(), Some(151936));
+        let e = preset("qwen-7b").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("--preset") && e.contains("bench, qwen2.5-0.5b"), "{e}");
+    }
+
+    /// One layer, hidden 4, 2 heads of 2, intermediate 8, vocab 10; one pair of prompt 2,
+    /// chosen 1, rejected 2, rank 1, counted by hand.
+    #[test]
+    fn needed_flops_count_the_step_by_hand() {
+        let v = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4,
+            "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "vocab_size": 10, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": true, "max_position_embeddings": 64
+        });
+        let cfg = crate::model::config::ModelConfig::from_value(&v, Path::new("config.json"));
+        let Ok(cfg) = cfg else {
+            panic!("config: {:?}", cfg.err())
+        };
+        let pairs = [PairIds {
+            prompt: vec![5, 6],
+            chosen: vec![7],
+            rejected: vec![8, 9],
+            rejected_prompt: None,
+        }];
+        // Linear weights per token: q, k, v, o 4·4 each, gate, up 8·4, down 4·8 → 160 MACs.
+        let tokens = 5.0; // prompt once + both responses
+        let linear = 2.0 * 160.0 * tokens + 2.0 * 4.0 * 10.0 * 3.0; // lm_head at 3 scored positions
+                                                                    // Causal (query, key) pairs: prompt 3, chosen 1·2 + 1, rejected 2·2 + 3 → 13.
+        let attention = 4.0 * 4.0 * 13.0;
+        // Rank-1 adapters: r·(in + out) per layer: q, k, v, o 8 each, gate, up, down 12 each →
+        // 68, two FLOPs each.
+        let adapters = 2.0 * 68.0 * tokens;
+        let online = 3.0 * linear + 4.0 * attention + 4.0 * adapters;
+        assert_eq!(needed_flops(&cfg, &pairs, 1, true), online);
+        assert_eq!(needed_flops(&cfg, &pairs, 1, false), online - linear - attention);
+    }
+}
