@@ -24,22 +24,13 @@ fn main() {
     let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.1).collect();
     let wb: Vec<half::bf16> = w.iter().map(|v| half::bf16::from_f32(*v)).collect();
     let x: Vec<f32> = (0..k).map(|i| (i % 5) as f32).collect();
-    let t = best(|| {
-        std::hint::black_box(rows_times_wt(&x, 1, Weights::F32(&w), n, k));
-    });
-    println!(
-        "f32  [{n} x {k}] one row: {:.2} ms, {:.1} GB/s",
-        t * 1e3,
-        (n * k * 4) as f64 / t / 1e9
-    );
-    let t = best(|| {
-        std::hint::black_box(rows_times_wt(&x, 1, Weights::Bf16(&wb), n, k));
-    });
-    println!(
-        "bf16 [{n} x {k}] one row: {:.2} ms, {:.1} GB/s",
-        t * 1e3,
-        (n * k * 2) as f64 / t / 1e9
-    );
+    for (name, weights, bytes) in [("f32 ", Weights::F32(&w), 4), ("bf16", Weights::Bf16(&wb), 2)] {
+        let t = best(|| {
+            std::hint::black_box(rows_times_wt(&x, 1, weights, n, k));
+        });
+        let gbs = (n * k * bytes) as f64 / t / 1e9;
+        println!("{name} [{n} x {k}] one row: {:.2} ms, {gbs:.1} GB/s", t * 1e3);
+    }
     println!(
         "read bandwidth (parallel sum): {:.1} GB/s",
         lorafold::bench::read_bandwidth() / 1e9

@@ -273,12 +273,7 @@ fn model_folder(a: &BenchArgs, shape: &BenchModel) -> Result<(std::path::PathBuf
     };
     let config = dir.join("config.json");
     if config.exists() {
-        let text = crate::error::read_to_string(&config)?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
-            path: config.clone(),
-            key: "(file)".into(),
-            msg: e.to_string(),
-        })?;
+        let v: serde_json::Value = crate::error::read_json(&config)?;
         let same = v["model_type"] == shape.model_type
             && v["hidden_size"] == shape.hidden
             && v["num_hidden_layers"] == shape.layers
@@ -717,8 +712,9 @@ mod tests {
         }];
         // Linear weights per token: q, k, v, o 4·4 each, gate, up 8·4, down 4·8 → 160 MACs.
         let tokens = 5.0; // prompt once + both responses
-        let linear = 2.0 * 160.0 * tokens + 2.0 * 4.0 * 10.0 * 3.0; // lm_head at 3 scored positions
-                                                                    // Causal (query, key) pairs: prompt 3, chosen 1·2 + 1, rejected 2·2 + 3 → 13.
+                          // lm_head at the 3 scored positions.
+        let linear = 2.0 * 160.0 * tokens + 2.0 * 4.0 * 10.0 * 3.0;
+        // Causal (query, key) pairs: prompt 3, chosen 1·2 + 1, rejected 2·2 + 3 → 13.
         let attention = 4.0 * 4.0 * 13.0;
         // Rank-1 adapters: r·(in + out) per layer: q, k, v, o 8 each, gate, up, down 12 each →
         // 68, two FLOPs each.

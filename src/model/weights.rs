@@ -11,12 +11,12 @@ use crate::error::{read_json, Error, Result};
 
 pub struct WeightSource {
     files: Vec<(PathBuf, MmapedSafetensors)>,
-    routing: HashMap<String, usize>,
-    /// Per file: the open file and where its data section starts; per tensor: its byte span in
-    /// that section. Tensors are read from here into memory lorafold owns, so that the mapped
+    /// Per tensor name: its file (an index into `files` and `readers`) and the byte of that file
+    /// where its data starts.
+    routing: HashMap<String, (usize, u64)>,
+    /// The open files, which tensors are read from into memory lorafold owns, so that the mapped
     /// pages never count in the process's resident memory next to the copy.
-    readers: Vec<(std::fs::File, u64)>,
-    spans: HashMap<String, (u64, u64)>,
+    readers: Vec<std::fs::File>,
 }
 
 impl WeightSource {
@@ -25,31 +25,26 @@ impl WeightSource {
     pub fn open(paths: &[PathBuf]) -> Result<WeightSource> {
         let mut files = Vec::with_capacity(paths.len());
         let mut routing = HashMap::new();
-        let (mut readers, mut spans) = (Vec::new(), HashMap::new());
+        let mut readers = Vec::with_capacity(paths.len());
         for (i, p) in paths.iter().enumerate() {
             if !p.exists() {
                 return Err(Error::MissingFile { path: p.clone() });
             }
-            let (data_start, file_spans) = check_header(p)?;
-            readers.push((std::fs::File::open(p).map_err(|e| Error::io(p, e))?, data_start));
-            for (name, span) in file_spans {
-                spans.insert(name, span);
+            for (name, at) in check_header(p)? {
+                routing.insert(name, (i, at));
             }
+            readers.push(std::fs::File::open(p).map_err(|e| Error::io(p, e))?);
             // SAFETY: the file is mapped read-only; lorafold never writes to a loaded checkpoint.
             let st = unsafe { MmapedSafetensors::new(p) }.map_err(|e| Error::Safetensors {
                 path: p.clone(),
                 msg: e.to_string(),
             })?;
-            for (name, _) in st.tensors() {
-                routing.insert(name, i);
-            }
             files.push((p.clone(), st));
         }
         Ok(WeightSource {
             files,
             routing,
             readers,
-            spans,
         })
     }
 
@@ -80,7 +75,7 @@ impl WeightSource {
 
     fn locate(&self, name: &str) -> Result<&(PathBuf, MmapedSafetensors)> {
         match self.routing.get(name) {
-            Some(&i) => Ok(&self.files[i]),
+            Some(&(i, _)) => Ok(&self.files[i]),
             None => Err(Error::MissingTensor {
                 path: self
                     .files
@@ -128,14 +123,13 @@ impl WeightSource {
     fn read_owned(&self, name: &str, shape: &[usize], device: &Device) -> Result<Option<Tensor>> {
         #[cfg(all(unix, target_endian = "little"))]
         {
-            let (Some(&i), Some(&(start, _))) = (self.routing.get(name), self.spans.get(name)) else {
+            let Some(&(i, at)) = self.routing.get(name) else {
                 return Ok(None);
             };
             if !device.is_cpu() {
                 return Ok(None);
             }
-            let (file, data_start) = &self.readers[i];
-            let at = data_start + start;
+            let file = &self.readers[i];
             let n: usize = shape.iter().product();
             let path = &self.files[i].0;
             let io = |e| Error::io(path, e);
@@ -226,8 +220,8 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
-/// Each tensor's byte span [start, end) in its file's data section, by name.
-type Spans = HashMap<String, (u64, u64)>;
+/// Each tensor's first byte in its file, by name.
+type Starts = HashMap<String, u64>;
 
 /// Largest safetensors header lorafold reads (the safetensors format's own limit).
 const MAX_HEADER_BYTES: u64 = 100 << 20;
@@ -251,11 +245,10 @@ fn dtype_bits(name: &str) -> Option<usize> {
 /// offsets must lie inside the data section and hold exactly `shape × dtype` bytes; tensors must
 /// not overlap, and together they must cover the data section (as the format requires).
 ///
-/// Returns the byte where the data section starts and each tensor's span in it.
-fn check_header(path: &Path) -> Result<(u64, Spans)> {
+/// Returns the byte of the file where each tensor's data starts.
+fn check_header(path: &Path) -> Result<Starts> {
     let bad = |msg: String| Error::Safetensors { path: path.into(), msg };
-    let (entries, data_len) = read_header(path)?;
-    let file_len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    let (entries, data_start, data_len) = read_header(path)?;
     // (start, end, name) of every tensor.
     let mut spans: Vec<(u64, u64, &str)> = Vec::with_capacity(entries.len());
     for (name, entry) in &entries {
@@ -269,13 +262,13 @@ fn check_header(path: &Path) -> Result<(u64, Spans)> {
         let (start, end) = tensor_span(entry, data_len).map_err(|msg| bad(format!("tensor {name:?}: {msg}")))?;
         spans.push((start, end, name.as_str()));
     }
-    let by_name = spans.iter().map(|&(s, e, n)| (n.to_string(), (s, e))).collect();
+    let starts = spans.iter().map(|&(s, _, n)| (n.to_string(), data_start + s)).collect();
     check_packed(spans, data_len).map_err(bad)?;
-    Ok((file_len - data_len, by_name))
+    Ok(starts)
 }
 
-/// The header's entries and the length of the data section after it.
-fn read_header(path: &Path) -> Result<(serde_json::Map<String, serde_json::Value>, u64)> {
+/// The header's entries, the byte where the data section after it starts, and its length.
+fn read_header(path: &Path) -> Result<(serde_json::Map<String, serde_json::Value>, u64, u64)> {
     use std::io::Read;
     let bad = |msg: String| Error::Safetensors { path: path.into(), msg };
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -309,7 +302,7 @@ fn read_header(path: &Path) -> Result<(serde_json::Map<String, serde_json::Value
             crate::error::json_kind(&value)
         )));
     };
-    Ok((entries, len - 8 - hlen))
+    Ok((entries, 8 + hlen, len - 8 - hlen))
 }
 
 /// The byte span [start, end) of one tensor entry in a data section of `data_len` bytes, checked

@@ -122,29 +122,26 @@ pub fn lora_product_no_grad(x: &Tensor, lin: &NoGradLinear) -> Result<Option<Ten
     let ad_ok = lin
         .adapter
         .is_none_or(|(a, b, _)| [a, b].iter().all(|t| cpu2(t) && t.dtype() == DType::F32));
-    let (m, k) = x.dims2()?;
+    let m = x.dims2()?.0;
     let few = m <= super::matvec::MAX_ROWS;
     if !(base_ok && bias_ok && ad_ok) || (!few && dt != DType::F32) {
         return Ok(None);
     }
     let n = lin.weight.dim(0)?;
-    let xf = x.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let mut y = if few {
-        few_rows_times(&xf, m, k, lin.weight)?
+    // A few rows are streamed from an f32 copy of x; more go through the GEMM on x itself.
+    let xf = if few {
+        Some(x.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?)
     } else {
-        let (ls, ll) = x.storage_and_layout();
-        let (rs, rl) = lin.weight.storage_and_layout();
-        let (Storage::Cpu(lc), Storage::Cpu(rc)) = (&*ls, &*rs) else {
-            candle_core::bail!("expected CPU storage")
-        };
-        let CpuStorage::F32(y) = storage_matmul_t(lc, ll, rc, rl)? else {
-            return Ok(None);
-        };
-        y
+        None
+    };
+    let Some(mut y) = product_f32(x, xf.as_deref(), lin.weight)? else {
+        return Ok(None);
     };
     if let Some((a, b, scale)) = lin.adapter {
         let r = a.dim(0)?;
-        let xa = few_rows_or_gemm(&xf, m, k, a)?;
+        let Some(xa) = product_f32(x, xf.as_deref(), a)? else {
+            return Ok(None);
+        };
         let bv = b.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         for i in 0..m {
             let xr = &xa[i * r..(i + 1) * r];
@@ -166,52 +163,61 @@ pub fn lora_product_no_grad(x: &Tensor, lin: &NoGradLinear) -> Result<Option<Ten
     Ok(Some(Tensor::from_vec(y, (m, n), x.device())?.to_dtype(dt)?))
 }
 
-/// x [m, k] (f32, m ≤ [`super::matvec::MAX_ROWS`]) · Wᵀ for a contiguous f32 or bf16 W [n, k].
-fn few_rows_times(x: &[f32], m: usize, k: usize, w: &Tensor) -> Result<Vec<f32>> {
-    let n = w.dim(0)?;
-    let (ws, wl) = w.storage_and_layout();
-    let Some((s, e)) = wl.contiguous_offsets() else {
-        drop(ws);
-        return few_rows_times(x, m, k, &w.contiguous()?);
+/// x [m, k] · Wᵀ in f32 for [`lora_product_no_grad`]: streamed from `xf`, x's f32 rows, when
+/// given (a few rows), else through the GEMM on the storages (x f32). `None` where the product
+/// does not come out in f32.
+fn product_f32(x: &Tensor, xf: Option<&[f32]>, w: &Tensor) -> Result<Option<Vec<f32>>> {
+    let (m, k) = x.dims2()?;
+    if let Some(xf) = xf {
+        let w = w.contiguous()?;
+        let (ws, wl) = w.storage_and_layout();
+        let Storage::Cpu(wc) = &*ws else { return Ok(None) };
+        return Ok(stream_rows(xf, m, k, wc, wl));
+    }
+    let (ls, ll) = x.storage_and_layout();
+    let (rs, rl) = w.storage_and_layout();
+    let (Storage::Cpu(lc), Storage::Cpu(rc)) = (&*ls, &*rs) else {
+        candle_core::bail!("expected CPU storage")
     };
-    Ok(match &*ws {
-        Storage::Cpu(CpuStorage::F32(v)) => rows_times_wt(x, m, Weights::F32(&v[s..e]), n, k),
-        Storage::Cpu(CpuStorage::BF16(v)) => rows_times_wt(x, m, Weights::Bf16(&v[s..e]), n, k),
-        _ => candle_core::bail!("few_rows_times: expected an f32 or bf16 CPU weight"),
+    Ok(match storage_matmul_t(lc, ll, rc, rl)? {
+        CpuStorage::F32(y) => Some(y),
+        _ => None,
     })
 }
 
-/// x [m, k] · Wᵀ for an f32 W, streamed for a few rows, through the GEMM for more.
-fn few_rows_or_gemm(x: &[f32], m: usize, k: usize, w: &Tensor) -> Result<Vec<f32>> {
-    if m <= super::matvec::MAX_ROWS {
-        return few_rows_times(x, m, k, w);
-    }
-    let xt = Tensor::from_slice(x, (m, k), w.device())?;
-    xt.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()
+/// x [m, k] (f32, m ≤ [`super::matvec::MAX_ROWS`]) · Wᵀ streamed from a contiguous f32 or bf16
+/// W [n, k]; `None` for other storages or a strided W.
+fn stream_rows(x: &[f32], m: usize, k: usize, w: &CpuStorage, wl: &Layout) -> Option<Vec<f32>> {
+    let (s, e) = wl.contiguous_offsets()?;
+    let n = wl.dims()[0];
+    Some(match w {
+        CpuStorage::F32(v) => rows_times_wt(x, m, Weights::F32(&v[s..e]), n, k),
+        CpuStorage::BF16(v) => rows_times_wt(x, m, Weights::Bf16(&v[s..e]), n, k),
+        _ => return None,
+    })
 }
 
 /// x [m, k] · Wᵀ for W [n, k], both 2-D, on CPU storages: W is read transposed in place. A few
-/// rows of x stream W once ([`super::matvec`]) instead of going through the GEMM.
+/// contiguous rows of x stream W once ([`super::matvec`]) instead of going through the GEMM.
 fn storage_matmul_t(x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout) -> Result<CpuStorage> {
     let (m, k) = (xl.dims()[0], xl.dims()[1]);
-    let n = wl.dims()[0];
-    if m <= super::matvec::MAX_ROWS {
-        if let (Some((xs, xe)), Some((ws, we))) = (xl.contiguous_offsets(), wl.contiguous_offsets()) {
-            match (x, w) {
-                (CpuStorage::F32(xv), CpuStorage::F32(wv)) => {
-                    let y = rows_times_wt(&xv[xs..xe], m, Weights::F32(&wv[ws..we]), n, k);
+    if let (true, Some((xs, xe))) = (m <= super::matvec::MAX_ROWS, xl.contiguous_offsets()) {
+        match (x, w) {
+            (CpuStorage::F32(xv), CpuStorage::F32(_)) => {
+                if let Some(y) = stream_rows(&xv[xs..xe], m, k, w, wl) {
                     return Ok(CpuStorage::F32(y));
                 }
-                (CpuStorage::BF16(xv), CpuStorage::BF16(wv)) => {
-                    let xf: Vec<f32> = xv[xs..xe].iter().map(|v| v.to_f32()).collect();
-                    let y = rows_times_wt(&xf, m, Weights::Bf16(&wv[ws..we]), n, k);
+            }
+            (CpuStorage::BF16(xv), CpuStorage::BF16(_)) => {
+                let xf: Vec<f32> = xv[xs..xe].iter().map(|v| v.to_f32()).collect();
+                if let Some(y) = stream_rows(&xf, m, k, w, wl) {
                     return Ok(CpuStorage::BF16(y.into_iter().map(half::bf16::from_f32).collect()));
                 }
-                _ => {}
             }
+            _ => {}
         }
     }
-    x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)
+    x.matmul(w, (1, m, wl.dims()[0], k), xl, &wl.transpose(0, 1)?)
 }
 
 impl CustomOp1 for Const {
