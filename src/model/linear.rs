@@ -9,6 +9,7 @@
 use candle_core::{DType, Result, Tensor};
 
 use crate::model::ops::frozen::{add_frozen, matmul_frozen_t};
+use crate::model::ops::lora_op::{lora_linear, LoraInputs};
 use crate::rng::Rng;
 
 /// Which adapter (if any) is active for a forward pass, and whether adapter dropout applies.
@@ -187,6 +188,13 @@ impl LoraLinear {
                 return y.reshape(out_dims);
             }
         }
+        if let Some(y) = self.fused_train(&x2, ad, ctx)? {
+            let mut out_dims = dims;
+            if let Some(last) = out_dims.last_mut() {
+                *last = self.out_features();
+            }
+            return y.reshape(out_dims);
+        }
         let base = matmul_frozen_t(&x2, &self.weight)?;
         let mut y = match &self.bias {
             Some(b) => add_frozen(&base, b)?,
@@ -233,6 +241,33 @@ impl LoraLinear {
             *last = self.out_features();
         }
         y.reshape(out_dims)
+    }
+}
+
+impl LoraLinear {
+    /// The layer with a plain (non-DoRA) adapter as one op with its own backward
+    /// ([`lora_linear`]), when the operands are f32 on the CPU; `None` otherwise.
+    fn fused_train(&self, x2: &Tensor, ad: Option<&LoraAdapter>, ctx: &Fwd) -> Result<Option<Tensor>> {
+        let Some(ad) = ad.filter(|a| a.magnitude.is_none()) else {
+            return Ok(None);
+        };
+        if !(x2.device().is_cpu() && x2.dtype() == DType::F32 && self.weight.dtype() == DType::F32) {
+            return Ok(None);
+        }
+        let (n, in_f) = x2.dims2()?;
+        let mask = match ctx.dropout_seed {
+            Some(seed) if ad.dropout > 0.0 => Some(dropout_mask(n, in_f, ad.dropout, seed, self.index, x2.device())?),
+            _ => None,
+        };
+        lora_linear(LoraInputs {
+            x: x2,
+            weight: &self.weight,
+            bias: self.bias.as_ref(),
+            a: &ad.a,
+            b: &ad.b,
+            scale: ad.scale,
+            mask,
+        })
     }
 }
 

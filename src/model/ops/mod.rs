@@ -7,6 +7,7 @@
 
 pub mod frozen;
 pub mod fused;
+pub mod lora_op;
 pub mod matvec;
 
 use candle_core::{DType, Device, Result, Tensor, D};
