@@ -1,11 +1,11 @@
 //! Collating preference pairs into one right-padded batch of [chosen; rejected] sequences, and
 //! computing per-sequence response log-probs (TRL's `concatenated_forward` + `get_batch_logps`).
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 use crate::error::Result;
 use crate::model::linear::Fwd;
-use crate::model::{token_logps, Model, Packing};
+use crate::model::{Model, Packing};
 
 /// Token ids of one pair: sequences are `prompt + chosen` and `(rejected_prompt or prompt) + rejected`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -223,11 +223,8 @@ pub fn sequence_logps(model: &Model, batch: &Batch, ctx: &Fwd) -> Result<SeqLogp
         Some(p) => model.forward_hidden_packed(&batch.input_ids, p, ctx)?,
         None => model.forward_hidden(&batch.input_ids, batch.attention_mask.as_ref(), ctx)?,
     };
-    let logits = model.logits_at_with(&hidden, &batch.positions, ctx)?;
-    let tok = token_logps(&logits, &batch.targets)?;
+    let (tok, per_pos) = model.scored_logps(&hidden, &batch.positions, &batch.targets, ctx)?;
     let logps = batch.select.matmul(&tok.unsqueeze(1)?)?.squeeze(1)?;
-    // Logit statistics, detached.
-    let per_pos = logits.detach().to_dtype(DType::F32)?.sum(D::Minus1)?;
     let per_seq = batch
         .select
         .matmul(&per_pos.unsqueeze(1)?)?

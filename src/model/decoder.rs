@@ -10,7 +10,9 @@ use candle_core::{DType, Device, Tensor, D};
 use super::cache::KvCache;
 use super::config::{module_path, Activation, ModelConfig};
 use super::ops::frozen::{into_cpu_storage, matmul_frozen_t, to_cpu_tensor};
-use super::ops::{apply_rope, attention_probs, rms_norm, rms_norm_f32_scale, silu_mul, soft_cap, Rope, MASK_VALUE};
+use super::ops::token_logps;
+use super::ops::vocab::vocab_logps;
+use super::ops::{apply_rope, attention_probs, rms_norm, rms_norm_f32_scale, soft_cap, Rope, MASK_VALUE};
 use super::weights::WeightSource;
 use crate::error::{Error, Result};
 use crate::model::linear::{Fwd, LoraLinear};
@@ -497,6 +499,32 @@ impl Model {
         self.project(&rows, ctx)
     }
 
+    /// At selected flat positions of hidden [B, T, H] (as [`Model::logits_at_with`]): the
+    /// log-prob of each target under the slot `ctx` selects, with its graph, and the logits'
+    /// sum, detached ([N] each). With the frozen output matrix on f32 CPU tensors one op that
+    /// never keeps the [N, V] logits ([`vocab_logps`]).
+    pub fn scored_logps(
+        &self,
+        hidden: &Tensor,
+        positions: &Tensor,
+        targets: &Tensor,
+        ctx: &Fwd,
+    ) -> Result<(Tensor, Tensor)> {
+        let trained = ctx.adapter.and_then(|s| self.extras(s)?.lm_head.as_ref());
+        if trained.is_none() && self.cfg.final_softcap.is_none() {
+            let (b, t, h) = hidden.dims3()?;
+            let rows = hidden.reshape((b * t, h))?.index_select(positions, 0)?;
+            if let Some(out) = vocab_logps(&rows, &self.lm_head, targets)? {
+                let column = |i| out.narrow(1, i, 1)?.squeeze(1);
+                return Ok((column(0)?, column(1)?.detach()));
+            }
+        }
+        let logits = self.logits_at_with(hidden, positions, ctx)?;
+        let tok = token_logps(&logits, targets)?;
+        let sums = logits.detach().to_dtype(DType::F32)?.sum(D::Minus1)?;
+        Ok((tok, sums))
+    }
+
     /// rows [N, H] -> capped logits [N, V]. Against the frozen [V, H] weight read transposed in
     /// place (a broadcast matmul against `lm_head.t()` would copy the whole vocabulary matrix
     /// on every call), or against a slot's trained output matrix with its gradient.
@@ -812,11 +840,10 @@ impl Geometry {
                 (y.narrow(D::Minus1, 0, i)?, y.narrow(D::Minus1, i, i)?)
             }
         };
-        let inner = match self.activation {
-            Activation::Silu => silu_mul(&g, &u)?,
-            Activation::GeluTanh => (g.gelu()? * u)?,
+        let mut d = match self.activation {
+            Activation::Silu => m.down.forward_silu_glu(&g, &u, ctx)?,
+            Activation::GeluTanh => m.down.forward(&(g.gelu()? * u)?, ctx)?,
         };
-        let mut d = m.down.forward(&inner, ctx)?;
         if let Some((_, post)) = &block.ff_norms {
             d = post.apply(&d, self.eps)?;
         }
@@ -873,6 +900,11 @@ impl Geometry {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let (q, k, v) = self.qkv(attn, x, cos, sin, ctx)?;
+        if cache.is_none() && self.attn_softcap.is_none() && self.dtype == DType::F32 {
+            if let Some(out) = super::ops::attention::attention(&q, &k, &v, mask, self.attn_scale)? {
+                return Ok(attn.o.forward(&out, ctx)?);
+            }
+        }
         let (k_t, v) = match cache {
             // k is then a view into the cache's buffer; the product reads it transposed in place.
             Some((cache, layer)) => {

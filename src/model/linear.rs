@@ -9,7 +9,7 @@
 use candle_core::{DType, Result, Tensor};
 
 use crate::model::ops::frozen::{add_frozen, matmul_frozen_t};
-use crate::model::ops::lora_op::{lora_linear, LoraInputs};
+use crate::model::ops::lora_op::{lora_linear, lora_linear_glu, LoraInputs};
 use crate::rng::Rng;
 
 /// Which adapter (if any) is active for a forward pass, and whether adapter dropout applies.
@@ -248,6 +248,19 @@ impl LoraLinear {
     /// The layer with a plain (non-DoRA) adapter as one op with its own backward
     /// ([`lora_linear`]), when the operands are f32 on the CPU; `None` otherwise.
     fn fused_train(&self, x2: &Tensor, ad: Option<&LoraAdapter>, ctx: &Fwd) -> Result<Option<Tensor>> {
+        match self.fused_inputs(x2, ad, ctx)? {
+            Some(p) => lora_linear(p),
+            None => Ok(None),
+        }
+    }
+
+    /// The operands of the fused op for input x2 [N, in], when it applies.
+    fn fused_inputs<'a>(
+        &'a self,
+        x2: &'a Tensor,
+        ad: Option<&'a LoraAdapter>,
+        ctx: &Fwd,
+    ) -> Result<Option<LoraInputs<'a>>> {
         let Some(ad) = ad.filter(|a| a.magnitude.is_none()) else {
             return Ok(None);
         };
@@ -259,7 +272,7 @@ impl LoraLinear {
             Some(seed) if ad.dropout > 0.0 => Some(dropout_mask(n, in_f, ad.dropout, seed, self.index, x2.device())?),
             _ => None,
         };
-        lora_linear(LoraInputs {
+        Ok(Some(LoraInputs {
             x: x2,
             weight: &self.weight,
             bias: self.bias.as_ref(),
@@ -267,7 +280,30 @@ impl LoraLinear {
             b: &ad.b,
             scale: ad.scale,
             mask,
-        })
+        }))
+    }
+
+    /// The layer applied to silu(g)·u for g, u [..., in] (the MLP's down projection): in training
+    /// with a plain adapter on f32 CPU tensors one op that never keeps the product
+    /// ([`lora_linear_glu`]), otherwise the fused or composed activation and then
+    /// [`LoraLinear::forward`].
+    pub fn forward_silu_glu(&self, g: &Tensor, u: &Tensor, ctx: &Fwd) -> Result<Tensor> {
+        let ad = ctx.adapter.and_then(|s| self.adapter(s));
+        if !ctx.no_grad && g.dims() == u.dims() {
+            let dims = g.dims().to_vec();
+            let n: usize = dims[..dims.len() - 1].iter().product();
+            let (g2, u2) = (g.reshape((n, self.in_features()))?, u.reshape((n, self.in_features()))?);
+            if let Some(p) = self.fused_inputs(&g2, ad, ctx)? {
+                if let Some(y) = lora_linear_glu(&u2, p)? {
+                    let mut out_dims = dims;
+                    if let Some(last) = out_dims.last_mut() {
+                        *last = self.out_features();
+                    }
+                    return y.reshape(out_dims);
+                }
+            }
+        }
+        self.forward(&crate::model::ops::silu_mul(g, u)?, ctx)
     }
 }
 

@@ -125,8 +125,8 @@ impl<'m> DpoRun<'m> {
             dropout_seed,
             no_grad: false,
         };
-        let pol = sequence_logps(self.model, &batch, &ctx)?;
-        let (chosen, rejected) = (pol.chosen(b)?, pol.rejected(b)?);
+        // The reference pass first: its transient activations and logits then never sit on top
+        // of the policy's graph, which lives until the backward pass.
         let (ref_c, ref_r) = if !self.needs_reference {
             (None, None)
         } else if let Some(r) = refs {
@@ -137,6 +137,8 @@ impl<'m> DpoRun<'m> {
             let lp = sequence_logps(self.model, &batch, &self.reference)?.logps.detach();
             (Some(lp.narrow(0, 0, b)?), Some(lp.narrow(0, b, b)?))
         };
+        let pol = sequence_logps(self.model, &batch, &ctx)?;
+        let (chosen, rejected) = (pol.chosen(b)?, pol.rejected(b)?);
         let lens_c = batch.lengths.narrow(0, 0, b)?;
         let lens_r = batch.lengths.narrow(0, b, b)?;
         let out = self.loss.compute(

@@ -7,32 +7,19 @@
 //! its input. They apply to f32 tensors on the CPU; other dtypes and devices use the composed
 //! versions in [`super`], which compute the same values.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::cpu::{storage_f32 as f32_view, with_f32};
 
 /// Rows per rayon task: enough work per task to amortise scheduling.
 fn chunk_rows(row_len: usize) -> usize {
     (16384 / row_len.max(1)).max(1)
 }
 
-/// The f32 elements of `s` under layout `l`, in row-major order: borrowed when contiguous.
-fn f32_view<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<'a, [f32]>> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("fused op: expected f32")
-    };
-    Ok(match l.contiguous_offsets() {
-        Some((a, b)) => std::borrow::Cow::Borrowed(&v[a..b]),
-        None => std::borrow::Cow::Owned(super::frozen::strided_offsets(l).into_iter().map(|i| v[i]).collect()),
-    })
-}
-
 /// The f32 elements of a (CPU) tensor in row-major order.
 fn tensor_f32(t: &Tensor) -> Result<Vec<f32>> {
-    let (st, l) = t.storage_and_layout();
-    match &*st {
-        Storage::Cpu(cs) => Ok(f32_view(cs, l)?.into_owned()),
-        _ => candle_core::bail!("fused op: expected a CPU tensor"),
-    }
+    with_f32(t, |v| Ok(v.to_vec()))
 }
 
 fn fused_ok(t: &Tensor) -> bool {
@@ -76,8 +63,14 @@ impl CustomOp1 for RmsNorm {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let x = tensor_f32(arg)?;
-        let g = tensor_f32(grad)?;
+        with_f32(arg, |x| with_f32(grad, |g| self.backward(x, g)))
+            .and_then(|dx| Tensor::from_vec(dx, arg.shape(), arg.device()))
+            .map(Some)
+    }
+}
+
+impl RmsNorm {
+    fn backward(&self, x: &[f32], g: &[f32]) -> Result<Vec<f32>> {
         let h = self.weight.len();
         let mut dx = vec![0f32; x.len()];
         let rows = h * chunk_rows(h);
@@ -98,7 +91,7 @@ impl CustomOp1 for RmsNorm {
                     }
                 }
             });
-        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+        Ok(dx)
     }
 }
 
@@ -182,11 +175,10 @@ impl CustomOp1 for Rope {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = tensor_f32(grad)?;
         let dims = grad.dims();
         let dims = [dims[0], dims[1], dims[2], dims[3]];
         let strides = [dims[1] * dims[2] * dims[3], dims[2] * dims[3], dims[3], 1];
-        let dx = self.apply(&g, dims, strides, -1.0);
+        let dx = with_f32(grad, |g| Ok(self.apply(g, dims, strides, -1.0)))?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
@@ -232,39 +224,51 @@ impl CustomOp2 for SiluMul {
         }
         let (g, u) = (f32_view(s1, l1)?, f32_view(s2, l2)?);
         let mut y = vec![0f32; g.len()];
-        const C: usize = 16384;
-        y.par_chunks_mut(C)
-            .zip(g.par_chunks(C).zip(u.par_chunks(C)))
-            .for_each(|(yc, (gc, uc))| {
-                for ((o, &gv), &uv) in yc.iter_mut().zip(gc).zip(uc) {
-                    *o = gv * sigmoid(gv) * uv;
-                }
-            });
+        silu_mul_into(&mut y, &g, &u);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
     fn bwd(&self, a1: &Tensor, a2: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (g, u, dy) = (tensor_f32(a1)?, tensor_f32(a2)?, tensor_f32(grad)?);
-        let mut dg = vec![0f32; g.len()];
-        let mut du = vec![0f32; g.len()];
-        const C: usize = 16384;
-        dg.par_chunks_mut(C)
-            .zip(du.par_chunks_mut(C))
-            .zip(g.par_chunks(C).zip(u.par_chunks(C)).zip(dy.par_chunks(C)))
-            .for_each(|((dgc, duc), ((gc, uc), dyc))| {
-                for i in 0..gc.len() {
-                    let (gv, uv, d) = (gc[i], uc[i], dyc[i]);
-                    let s = sigmoid(gv);
-                    duc[i] = d * gv * s;
-                    dgc[i] = d * uv * s * (1.0 + gv * (1.0 - s));
-                }
-            });
+        let (dg, du) = with_f32(a1, |g| {
+            with_f32(a2, |u| with_f32(grad, |dy| Ok(silu_mul_backward(g, u, dy))))
+        })?;
         let dev = a1.device();
         Ok((
             Some(Tensor::from_vec(dg, a1.shape(), dev)?),
             Some(Tensor::from_vec(du, a2.shape(), dev)?),
         ))
     }
+}
+
+/// y = silu(g) · u.
+pub(super) fn silu_mul_into(y: &mut [f32], g: &[f32], u: &[f32]) {
+    const C: usize = 16384;
+    y.par_chunks_mut(C)
+        .zip(g.par_chunks(C).zip(u.par_chunks(C)))
+        .for_each(|(yc, (gc, uc))| {
+            for ((o, &gv), &uv) in yc.iter_mut().zip(gc).zip(uc) {
+                *o = gv * sigmoid(gv) * uv;
+            }
+        });
+}
+
+/// dg, du of y = silu(g) · u given dy.
+pub(super) fn silu_mul_backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut dg = vec![0f32; g.len()];
+    let mut du = vec![0f32; g.len()];
+    const C: usize = 16384;
+    dg.par_chunks_mut(C)
+        .zip(du.par_chunks_mut(C))
+        .zip(g.par_chunks(C).zip(u.par_chunks(C)).zip(dy.par_chunks(C)))
+        .for_each(|((dgc, duc), ((gc, uc), dyc))| {
+            for i in 0..gc.len() {
+                let (gv, uv, d) = (gc[i], uc[i], dyc[i]);
+                let s = sigmoid(gv);
+                duc[i] = d * gv * s;
+                dgc[i] = d * uv * s * (1.0 + gv * (1.0 - s));
+            }
+        });
+    (dg, du)
 }
 
 /// silu(g) · u, fused when both are f32 on the CPU with the same shape.
@@ -284,7 +288,7 @@ struct TokenLogps {
     labels: Vec<u32>,
 }
 
-fn log_sum_exp(x: &[f32]) -> f32 {
+pub(super) fn log_sum_exp(x: &[f32]) -> f32 {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if !m.is_finite() {
         return m;
@@ -309,9 +313,14 @@ impl CustomOp1 for TokenLogps {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let x = tensor_f32(arg)?;
-        let g = tensor_f32(grad)?;
         let (n, v) = arg.dims2()?;
+        let dx = with_f32(arg, |x| with_f32(grad, |g| Ok(self.backward(x, g, n, v))))?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+impl TokenLogps {
+    fn backward(&self, x: &[f32], g: &[f32], n: usize, v: usize) -> Vec<f32> {
         let mut dx = vec![0f32; n * v];
         dx.par_chunks_mut(v).enumerate().for_each(|(i, d)| {
             let row = &x[i * v..(i + 1) * v];
@@ -321,8 +330,7 @@ impl CustomOp1 for TokenLogps {
             }
             d[self.labels[i] as usize] += g[i];
         });
-        let _ = n;
-        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+        dx
     }
 }
 
@@ -373,26 +381,21 @@ impl CustomOp1 for ScaledMaskedSoftmax {
                 let mb = if self.mask_b == 1 { 0 } else { b };
                 let mh = if self.mask_h == 1 { 0 } else { hh };
                 let m = &self.mask[((mb * self.mask_h + mh) * t + i) * k..][..k];
-                let mut max = f32::NEG_INFINITY;
-                for ((o, &xv), &mv) in yr.iter_mut().zip(xr).zip(m) {
-                    *o = xv * self.scale + mv;
-                    max = max.max(*o);
-                }
-                let mut sum = 0f32;
-                for o in yr.iter_mut() {
-                    *o = (*o - max).exp();
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                yr.iter_mut().for_each(|o| *o *= inv);
+                yr.copy_from_slice(xr);
+                softmax_row(yr, Some(m), self.scale);
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let y = tensor_f32(res)?;
-        let g = tensor_f32(grad)?;
         let k = arg.dim(candle_core::D::Minus1)?;
+        let dx = with_f32(res, |y| with_f32(grad, |g| Ok(self.backward(y, g, k))))?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+impl ScaledMaskedSoftmax {
+    fn backward(&self, y: &[f32], g: &[f32], k: usize) -> Vec<f32> {
         let mut dx = vec![0f32; y.len()];
         dx.par_chunks_mut(k)
             .zip(y.par_chunks(k).zip(g.par_chunks(k)))
@@ -402,8 +405,24 @@ impl CustomOp1 for ScaledMaskedSoftmax {
                     *d = self.scale * yv * (gv - dot);
                 }
             });
-        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+        dx
     }
+}
+
+/// row = softmax(scale · row + mask) in place (`None`: nothing masked).
+pub(super) fn softmax_row(row: &mut [f32], mask: Option<&[f32]>, scale: f32) {
+    let mut max = f32::NEG_INFINITY;
+    for (j, o) in row.iter_mut().enumerate() {
+        *o = *o * scale + mask.map_or(0.0, |m| m[j]);
+        max = max.max(*o);
+    }
+    let mut sum = 0f32;
+    for o in row.iter_mut() {
+        *o = (*o - max).exp();
+        sum += *o;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|o| *o *= inv);
 }
 
 /// softmax(scale · scores + mask) over the last dimension for scores [B, H, T, K] and a frozen
@@ -433,27 +452,13 @@ mod tests {
     use candle_core::{Device, Tensor, Var, D};
 
     use crate::model::ops;
+    use crate::model::ops::testing::max_diff;
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
         let mut rng = crate::rng::Rng::new(seed);
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| rng.next_normal() as f32).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let a = a.to_dtype(candle_core::DType::F64).unwrap();
-        let b = b.to_dtype(candle_core::DType::F64).unwrap();
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap() as f32
     }
 
     /// Run `f` on `inputs` in f32 (fused) and f64 (composed); compare outputs and the input

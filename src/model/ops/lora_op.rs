@@ -12,125 +12,9 @@
 //! so that a product can accumulate into an existing buffer. Other dtypes and devices, and DoRA,
 //! take the composed path in [`crate::model::linear`].
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::frozen::strided_offsets;
-
-/// A row-major view of a matrix inside a slice: element (i, j) at `i·rs + j·cs`.
-#[derive(Clone, Copy)]
-struct Mat<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> Mat<'a> {
-    /// The contiguous [rows, cols] matrix in `data`.
-    fn new(data: &'a [f32], rows: usize, cols: usize) -> Mat<'a> {
-        Mat {
-            data,
-            rows,
-            cols,
-            rs: cols,
-            cs: 1,
-        }
-    }
-
-    /// The same elements read as the transpose.
-    fn t(self) -> Mat<'a> {
-        Mat {
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-            ..self
-        }
-    }
-
-    fn fits(&self) -> bool {
-        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
-    }
-}
-
-/// dst [m, n] (contiguous) = (dst if `accumulate`) + beta · lhs [m, k] · rhs [k, n].
-fn gemm_into(dst: &mut [f32], lhs: Mat, rhs: Mat, beta: f32, accumulate: bool) -> Result<()> {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    if rhs.rows != k || dst.len() != m * n || !lhs.fits() || !rhs.fits() {
-        candle_core::bail!(
-            "lora linear: a [{m}, {k}]·[{}, {n}] product into {} elements",
-            rhs.rows,
-            dst.len()
-        );
-    }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        if !accumulate {
-            dst.fill(0.0);
-        }
-        return Ok(());
-    }
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: every index the product reads or writes lies inside its slice (checked above by
-    // `fits` and the length of dst), and dst does not alias lhs or rhs (it is borrowed mutably).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-    Ok(())
-}
-
-/// The f32 elements of a CPU tensor in row-major order, borrowed when contiguous, handed to `f`.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (st, l) = t.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(v)) = &*st else {
-        candle_core::bail!("lora linear: expected an f32 CPU tensor")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => f(&v[a..b]),
-        None => {
-            let owned: Vec<f32> = strided_offsets(l).into_iter().map(|i| v[i]).collect();
-            f(&owned)
-        }
-    }
-}
-
-fn storage_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<'a, [f32]>> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("lora linear: expected f32")
-    };
-    Ok(match l.contiguous_offsets() {
-        Some((a, b)) => std::borrow::Cow::Borrowed(&v[a..b]),
-        None => std::borrow::Cow::Owned(strided_offsets(l).into_iter().map(|i| v[i]).collect()),
-    })
-}
+use super::cpu::{gemm_into, storage_f32, with_f32, Mat};
 
 struct LoraLinearOp {
     /// [out, in], f32, contiguous.
@@ -154,87 +38,70 @@ impl LoraLinearOp {
     }
 }
 
-impl CustomOp3 for LoraLinearOp {
-    fn name(&self) -> &'static str {
-        "lora-linear"
-    }
+/// Which of A, B and x a backward pass asks gradients for.
+#[derive(Clone, Copy)]
+struct Wanted {
+    x: bool,
+    a: bool,
+    b: bool,
+}
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        as_: &CpuStorage,
-        al: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (n, k) = xl.shape().dims2()?;
-        let (r, out) = (al.dims()[0], bl.dims()[0]);
-        let x = storage_f32(xs, xl)?;
-        let (a, b) = (storage_f32(as_, al)?, storage_f32(bs, bl)?);
+impl LoraLinearOp {
+    /// y [N, out] for x [N, in], A [r, in], B [out, r].
+    fn forward(&self, x: &[f32], a: &[f32], b: &[f32], n: usize) -> Result<Vec<f32>> {
+        let k = x.len() / n.max(1);
+        let r = a.len() / k.max(1);
+        let out = b.len() / r.max(1);
         let mut y = vec![0f32; n * out];
         with_f32(&self.weight, |w| {
-            gemm_into(&mut y, Mat::new(&x, n, k), Mat::new(w, out, k).t(), 1.0, false)
+            gemm_into(&mut y, Mat::new(x, n, k), Mat::new(w, out, k).t(), 1.0, false)
         })?;
-        let xd = self.dropped(&x)?;
+        let xd = self.dropped(x)?;
         let mut xa = vec![0f32; n * r];
-        gemm_into(&mut xa, Mat::new(&xd, n, k), Mat::new(&a, r, k).t(), 1.0, false)?;
-        gemm_into(&mut y, Mat::new(&xa, n, r), Mat::new(&b, out, r).t(), self.scale, true)?;
+        gemm_into(&mut xa, Mat::new(&xd, n, k), Mat::new(a, r, k).t(), 1.0, false)?;
+        gemm_into(&mut y, Mat::new(&xa, n, r), Mat::new(b, out, r).t(), self.scale, true)?;
         if let Some(bias) = &self.bias {
             for row in y.chunks_exact_mut(out) {
                 row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
             }
         }
-        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+        Ok(y)
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, k) = x.dims2()?;
-        let (r, out) = (a.dim(0)?, b.dim(0)?);
-        let dev = x.device();
-        with_f32(x, |xv| {
-            with_f32(grad, |g| {
-                let (av, bv) = (a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
-                let xd = self.dropped(xv)?;
-                let gm = Mat::new(g, n, out);
-                // s·g·B [N, r]: the gradient of the rank-r intermediate.
-                let mut gb = vec![0f32; n * r];
-                gemm_into(&mut gb, gm, Mat::new(&bv, out, r), self.scale, false)?;
-                let db = if b.track_op() {
-                    let mut xa = vec![0f32; n * r];
-                    gemm_into(&mut xa, Mat::new(&xd, n, k), Mat::new(&av, r, k).t(), 1.0, false)?;
-                    let mut db = vec![0f32; out * r];
-                    gemm_into(&mut db, gm.t(), Mat::new(&xa, n, r), self.scale, false)?;
-                    Some(Tensor::from_vec(db, (out, r), dev)?)
-                } else {
-                    None
-                };
-                let da = if a.track_op() {
-                    let mut da = vec![0f32; r * k];
-                    gemm_into(&mut da, Mat::new(&gb, n, r).t(), Mat::new(&xd, n, k), 1.0, false)?;
-                    Some(Tensor::from_vec(da, (r, k), dev)?)
-                } else {
-                    None
-                };
-                let dx = if x.track_op() {
-                    Some(Tensor::from_vec(self.input_grad(gm, &gb, &av, r)?, (n, k), dev)?)
-                } else {
-                    None
-                };
-                Ok((dx, da, db))
-            })
-        })
+    /// (dx, dA, dB), each only where `want` asks, given the output gradient g [N, out].
+    fn backward(&self, x: &[f32], g: &[f32], (a, b): (&[f32], &[f32]), n: usize, want: Wanted) -> Result<Grads> {
+        let k = x.len() / n.max(1);
+        let r = a.len() / k.max(1);
+        let out = b.len() / r.max(1);
+        let xd = self.dropped(x)?;
+        let gm = Mat::new(g, n, out);
+        // s·g·B [N, r]: the gradient of the rank-r intermediate.
+        let mut gb = vec![0f32; n * r];
+        gemm_into(&mut gb, gm, Mat::new(b, out, r), self.scale, false)?;
+        let db = if want.b {
+            let mut xa = vec![0f32; n * r];
+            gemm_into(&mut xa, Mat::new(&xd, n, k), Mat::new(a, r, k).t(), 1.0, false)?;
+            let mut db = vec![0f32; out * r];
+            gemm_into(&mut db, gm.t(), Mat::new(&xa, n, r), self.scale, false)?;
+            Some(db)
+        } else {
+            None
+        };
+        let da = if want.a {
+            let mut da = vec![0f32; r * k];
+            gemm_into(&mut da, Mat::new(&gb, n, r).t(), Mat::new(&xd, n, k), 1.0, false)?;
+            Some(da)
+        } else {
+            None
+        };
+        let dx = if want.x {
+            Some(self.input_grad(gm, &gb, a, r)?)
+        } else {
+            None
+        };
+        Ok(Grads { dx, da, db })
     }
-}
 
-impl LoraLinearOp {
     /// dx = g·W + (gb·A)⊙mask for gb = s·g·B [N, r].
     fn input_grad(&self, g: Mat, gb: &[f32], a: &[f32], r: usize) -> Result<Vec<f32>> {
         let (n, out) = (g.rows, g.cols);
@@ -258,6 +125,149 @@ impl LoraLinearOp {
     }
 }
 
+struct Grads {
+    dx: Option<Vec<f32>>,
+    da: Option<Vec<f32>>,
+    db: Option<Vec<f32>>,
+}
+
+fn tensor_of(data: Option<Vec<f32>>, like: &Tensor) -> Result<Option<Tensor>> {
+    data.map(|d| Tensor::from_vec(d, like.shape(), like.device()))
+        .transpose()
+}
+
+impl CustomOp3 for LoraLinearOp {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = xl.shape().dims2()?.0;
+        let out = bl.dims()[0];
+        let x = storage_f32(xs, xl)?;
+        let y = self.forward(&x, &storage_f32(as_, al)?, &storage_f32(bs, bl)?, n)?;
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let n = x.dim(0)?;
+        let want = Wanted {
+            x: x.track_op(),
+            a: a.track_op(),
+            b: b.track_op(),
+        };
+        let gr = with_f32(x, |xv| {
+            with_f32(grad, |g| {
+                with_f32(a, |av| with_f32(b, |bv| self.backward(xv, g, (av, bv), n, want)))
+            })
+        })?;
+        Ok((tensor_of(gr.dx, x)?, tensor_of(gr.da, a)?, tensor_of(gr.db, b)?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The MLP's down projection with the gated activation folded in: y = lora(silu(g)⊙u), so that
+// the [N, intermediate] activation is never kept: the node keeps g and u (which the activation's
+// backward needs anyway), and the backward recomputes silu(g)⊙u.
+
+struct GluLoraOp {
+    lin: LoraLinearOp,
+    /// Elements of A [r, in] at the front of the packed adapter operand; B [out, r] follows.
+    a_len: usize,
+}
+
+/// silu(g)⊙u.
+fn glu(g: &[f32], u: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; g.len()];
+    super::fused::silu_mul_into(&mut y, g, u);
+    y
+}
+
+impl CustomOp3 for GluLoraOp {
+    fn name(&self) -> &'static str {
+        "lora-linear-glu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = gl.shape().dims2()?.0;
+        let x = glu(&storage_f32(gs, gl)?, &storage_f32(us, ul)?);
+        let packed = storage_f32(ps, pl)?;
+        let (a, b) = packed.split_at(self.a_len.min(packed.len()));
+        let y = self.lin.forward(&x, a, b, n)?;
+        let out = y.len() / n.max(1);
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        packed: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let n = g.dim(0)?;
+        let want = Wanted {
+            x: g.track_op() || u.track_op(),
+            a: packed.track_op(),
+            b: packed.track_op(),
+        };
+        let (dg, du, dp) = with_f32(g, |gv| {
+            with_f32(u, |uv| {
+                let x = glu(gv, uv);
+                let gr = with_f32(grad, |dy| {
+                    with_f32(packed, |p| {
+                        let (a, b) = p.split_at(self.a_len.min(p.len()));
+                        self.lin.backward(&x, dy, (a, b), n, want)
+                    })
+                })?;
+                drop(x);
+                let (dg, du) = match gr.dx {
+                    Some(dx) => {
+                        let (dg, du) = super::fused::silu_mul_backward(gv, uv, &dx);
+                        (Some(dg), Some(du))
+                    }
+                    None => (None, None),
+                };
+                let dp = match (gr.da, gr.db) {
+                    (Some(mut da), Some(db)) => {
+                        da.extend_from_slice(&db);
+                        Some(da)
+                    }
+                    _ => None,
+                };
+                Ok((dg, du, dp))
+            })
+        })?;
+        let dg = if g.track_op() { dg } else { None };
+        let du = if u.track_op() { du } else { None };
+        Ok((tensor_of(dg, g)?, tensor_of(du, u)?, tensor_of(dp, packed)?))
+    }
+}
+
 /// The inputs of one fused LoRA linear product.
 pub struct LoraInputs<'a> {
     /// x [N, in].
@@ -276,6 +286,14 @@ pub struct LoraInputs<'a> {
 /// y = x·Wᵀ (+ bias) + s·((x⊙mask)·Aᵀ)·Bᵀ as one op when every operand is an f32 CPU tensor and
 /// W is not itself tracked; `None` otherwise (the caller composes the product).
 pub fn lora_linear(p: LoraInputs) -> Result<Option<Tensor>> {
+    match checked_op(&p)? {
+        Some(op) => Ok(Some(p.x.apply_op3(p.a, p.b, op)?)),
+        None => Ok(None),
+    }
+}
+
+/// The op for `p`, or `None` where the fused path does not apply.
+fn checked_op(p: &LoraInputs) -> Result<Option<LoraLinearOp>> {
     let ok = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     let two = [p.x, p.weight, p.a, p.b].iter().all(|t| ok(t) && t.rank() == 2);
     let bias_ok = p.bias.is_none_or(|b| ok(b) && b.rank() == 1);
@@ -298,33 +316,37 @@ pub fn lora_linear(p: LoraInputs) -> Result<Option<Tensor>> {
         weight: p.weight.contiguous()?,
         bias: p.bias.map(|b| b.to_vec1::<f32>()).transpose()?,
         scale: p.scale as f32,
-        mask: p.mask,
+        mask: p.mask.clone(),
     };
-    Ok(Some(p.x.apply_op3(p.a, p.b, op)?))
+    Ok(Some(op))
+}
+
+/// y = lora(silu(g)⊙u) for the gate g = `p.x` and `u` [N, in] (the MLP's down projection over
+/// its gated activation) as one op that keeps g and u but not their product, under the same
+/// conditions as [`lora_linear`]; `None` otherwise.
+pub fn lora_linear_glu(u: &Tensor, p: LoraInputs) -> Result<Option<Tensor>> {
+    if u.dims() != p.x.dims() || !(u.device().is_cpu() && u.dtype() == DType::F32) {
+        return Ok(None);
+    }
+    let Some(op) = checked_op(&p)? else {
+        return Ok(None);
+    };
+    let packed = Tensor::cat(&[p.a.flatten_all()?, p.b.flatten_all()?], 0)?;
+    let op = GluLoraOp {
+        lin: op,
+        a_len: p.a.elem_count(),
+    };
+    Ok(Some(p.x.apply_op3(u, &packed, op)?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use crate::model::ops::testing::{max_diff, uniform};
+    use candle_core::Var;
 
     fn rand(shape: (usize, usize), seed: u64) -> Tensor {
-        let mut rng = crate::rng::Rng::new(seed);
-        let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        uniform(&[shape.0, shape.1], seed, 1.0)
     }
 
     /// Forward and every gradient against the same layer composed from tensor ops, with and
@@ -383,6 +405,60 @@ mod tests {
                 (Some(f), Some(c)) => assert!(max_diff(f, c) < 1e-4, "dx differs by {}", max_diff(f, c)),
                 (None, None) => assert!(!track_x),
                 _ => panic!("dx present in one backward only"),
+            }
+        }
+    }
+
+    /// The down projection over silu(g)⊙u against the activation and the layer composed: the
+    /// forward and the gradients of g, u, A and B, with and without dropout.
+    #[test]
+    fn glu_matches_activation_then_layer() {
+        let (n, k, out, r) = (11, 20, 9, 3);
+        for dropout in [false, true] {
+            let g = Var::from_tensor(&rand((n, k), 11)).unwrap();
+            let u = Var::from_tensor(&rand((n, k), 12)).unwrap();
+            let a = Var::from_tensor(&rand((r, k), 13)).unwrap();
+            let b = Var::from_tensor(&rand((out, r), 14)).unwrap();
+            let w = rand((out, k), 15);
+            let mask = dropout
+                .then(|| rand((n, k), 16).ge(-0.4).unwrap().to_dtype(DType::F32).unwrap() * 1.5)
+                .map(|m| m.unwrap());
+            let s = 0.6;
+            let fused = lora_linear_glu(
+                u.as_tensor(),
+                LoraInputs {
+                    x: g.as_tensor(),
+                    weight: &w,
+                    bias: None,
+                    a: a.as_tensor(),
+                    b: b.as_tensor(),
+                    scale: s,
+                    mask: mask.clone(),
+                },
+            )
+            .unwrap()
+            .unwrap();
+            let x = (g.as_tensor().silu().unwrap() * u.as_tensor()).unwrap();
+            let xd = match &mask {
+                Some(m) => (&x * m).unwrap(),
+                None => x.clone(),
+            };
+            let composed = (x.matmul(&w.t().unwrap()).unwrap()
+                + (xd.matmul(&a.t().unwrap()).unwrap() * s)
+                    .unwrap()
+                    .matmul(&b.t().unwrap())
+                    .unwrap())
+            .unwrap();
+            assert!(max_diff(&fused, &composed) < 1e-5, "forward");
+            let up = rand((n, out), 17);
+            let gf = (&fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (&composed * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("g", &g), ("u", &u), ("A", &a), ("B", &b)] {
+                let (f, c) = (
+                    gf.get(v).expect("fused gradient"),
+                    gc.get(v).expect("composed gradient"),
+                );
+                assert!(max_diff(f, c) < 1e-4, "d{name} differs by {}", max_diff(f, c));
             }
         }
     }

@@ -5,10 +5,15 @@
 //! primitive ops that all implement backward (other dtypes and devices). Ops against a frozen
 //! operand, whose backward flows only to the tracked input, are in [`frozen`].
 
+pub mod attention;
+pub mod cpu;
 pub mod frozen;
 pub mod fused;
 pub mod lora_op;
 pub mod matvec;
+#[cfg(test)]
+mod testing;
+pub mod vocab;
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
