@@ -494,9 +494,7 @@ impl Model {
 
     /// [`Model::logits_at`] with the output matrix of the slot `ctx` selects.
     pub fn logits_at_with(&self, hidden: &Tensor, positions: &Tensor, ctx: &Fwd) -> Result<Tensor> {
-        let (b, t, h) = hidden.dims3()?;
-        let rows = hidden.reshape((b * t, h))?.index_select(positions, 0)?;
-        self.project(&rows, ctx)
+        self.project(&scored_rows(hidden, positions)?, ctx)
     }
 
     /// At selected flat positions of hidden [B, T, H] (as [`Model::logits_at_with`]): the
@@ -510,27 +508,29 @@ impl Model {
         targets: &Tensor,
         ctx: &Fwd,
     ) -> Result<(Tensor, Tensor)> {
-        let trained = ctx.adapter.and_then(|s| self.extras(s)?.lm_head.as_ref());
-        if trained.is_none() && self.cfg.final_softcap.is_none() {
-            let (b, t, h) = hidden.dims3()?;
-            let rows = hidden.reshape((b * t, h))?.index_select(positions, 0)?;
+        let rows = scored_rows(hidden, positions)?;
+        if self.trained_lm_head(ctx).is_none() && self.cfg.final_softcap.is_none() {
             if let Some(out) = vocab_logps(&rows, &self.lm_head, targets)? {
                 let column = |i| out.narrow(1, i, 1)?.squeeze(1);
                 return Ok((column(0)?, column(1)?.detach()));
             }
         }
-        let logits = self.logits_at_with(hidden, positions, ctx)?;
+        let logits = self.project(&rows, ctx)?;
         let tok = token_logps(&logits, targets)?;
         let sums = logits.detach().to_dtype(DType::F32)?.sum(D::Minus1)?;
         Ok((tok, sums))
+    }
+
+    /// The trained output matrix of the slot `ctx` selects, if it has one.
+    fn trained_lm_head(&self, ctx: &Fwd) -> Option<&Tensor> {
+        ctx.adapter.and_then(|s| self.extras(s)?.lm_head.as_ref())
     }
 
     /// rows [N, H] -> capped logits [N, V]. Against the frozen [V, H] weight read transposed in
     /// place (a broadcast matmul against `lm_head.t()` would copy the whole vocabulary matrix
     /// on every call), or against a slot's trained output matrix with its gradient.
     fn project(&self, rows: &Tensor, ctx: &Fwd) -> Result<Tensor> {
-        let trained = ctx.adapter.and_then(|s| self.extras(s)?.lm_head.as_ref());
-        let out = match trained {
+        let out = match self.trained_lm_head(ctx) {
             Some(w) => rows.to_dtype(DType::F32)?.matmul(&w.t()?)?,
             None => matmul_frozen_t(rows, &self.lm_head)?,
         };
@@ -644,6 +644,12 @@ impl Token {
 /// The one attention visibility rule of every mask: query `q` sees key `k` when `k` is not after
 /// it, `k` is not padding, `k` is shared or in `q`'s segment, and (with a sliding window `w`)
 /// their positions are less than `w` apart.
+/// The rows of hidden [B, T, H] at `positions` (u32 indices into the B*T flattened positions).
+fn scored_rows(hidden: &Tensor, positions: &Tensor) -> Result<Tensor> {
+    let (b, t, h) = hidden.dims3()?;
+    Ok(hidden.reshape((b * t, h))?.index_select(positions, 0)?)
+}
+
 fn visible(q: Token, k: Token, window: Option<usize>) -> bool {
     k.index <= q.index
         && k.segment != Packing::PAD
@@ -900,7 +906,7 @@ impl Geometry {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let (q, k, v) = self.qkv(attn, x, cos, sin, ctx)?;
-        if cache.is_none() && self.attn_softcap.is_none() && self.dtype == DType::F32 {
+        if cache.is_none() && self.attn_softcap.is_none() {
             if let Some(out) = super::ops::attention::attention(&q, &k, &v, mask, self.attn_scale)? {
                 return Ok(attn.o.forward(&out, ctx)?);
             }

@@ -181,19 +181,11 @@ impl LoraLinear {
                 adapter: ad.map(|a| (&a.a, &a.b, a.scale)),
             };
             if let Some(y) = crate::model::ops::frozen::lora_product_no_grad(&x2, &lin)? {
-                let mut out_dims = dims;
-                if let Some(last) = out_dims.last_mut() {
-                    *last = self.out_features();
-                }
-                return y.reshape(out_dims);
+                return self.with_out_features(&y, dims);
             }
         }
         if let Some(y) = self.fused_train(&x2, ad, ctx)? {
-            let mut out_dims = dims;
-            if let Some(last) = out_dims.last_mut() {
-                *last = self.out_features();
-            }
-            return y.reshape(out_dims);
+            return self.with_out_features(&y, dims);
         }
         let base = matmul_frozen_t(&x2, &self.weight)?;
         let mut y = match &self.bias {
@@ -236,11 +228,7 @@ impl LoraLinear {
                 }
             }
         }
-        let mut out_dims = dims;
-        if let Some(last) = out_dims.last_mut() {
-            *last = self.out_features();
-        }
-        y.reshape(out_dims)
+        self.with_out_features(&y, dims)
     }
 }
 
@@ -252,6 +240,14 @@ impl LoraLinear {
             Some(p) => lora_linear(p),
             None => Ok(None),
         }
+    }
+
+    /// y [N, out] reshaped to the input's leading dims `dims` [..., in] with `out` last.
+    fn with_out_features(&self, y: &Tensor, mut dims: Vec<usize>) -> Result<Tensor> {
+        if let Some(last) = dims.last_mut() {
+            *last = self.out_features();
+        }
+        y.reshape(dims)
     }
 
     /// The operands of the fused op for input x2 [N, in], when it applies.
@@ -295,11 +291,7 @@ impl LoraLinear {
             let (g2, u2) = (g.reshape((n, self.in_features()))?, u.reshape((n, self.in_features()))?);
             if let Some(p) = self.fused_inputs(&g2, ad, ctx)? {
                 if let Some(y) = lora_linear_glu(&u2, p)? {
-                    let mut out_dims = dims;
-                    if let Some(last) = out_dims.last_mut() {
-                        *last = self.out_features();
-                    }
-                    return y.reshape(out_dims);
+                    return self.with_out_features(&y, dims);
                 }
             }
         }

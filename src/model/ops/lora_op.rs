@@ -349,6 +349,15 @@ mod tests {
         uniform(&[shape.0, shape.1], seed, 1.0)
     }
 
+    /// x·Wᵀ + s·(x̃·Aᵀ)·Bᵀ from tensor ops, x̃ the dropped-out input.
+    fn composed_layer(x: &Tensor, xd: &Tensor, w: &Tensor, (a, b): (&Tensor, &Tensor), s: f64) -> Tensor {
+        let adapter = (xd.matmul(&a.t().unwrap()).unwrap() * s)
+            .unwrap()
+            .matmul(&b.t().unwrap())
+            .unwrap();
+        (x.matmul(&w.t().unwrap()).unwrap() + adapter).unwrap()
+    }
+
     /// Forward and every gradient against the same layer composed from tensor ops, with and
     /// without bias and dropout, and with an untracked input (no dx asked for).
     #[test]
@@ -384,12 +393,7 @@ mod tests {
                 Some(m) => (&xin * m).unwrap(),
                 None => xin.clone(),
             };
-            let mut composed = (xin.matmul(&w.t().unwrap()).unwrap()
-                + (xd.matmul(&a.t().unwrap()).unwrap() * s)
-                    .unwrap()
-                    .matmul(&b.t().unwrap())
-                    .unwrap())
-            .unwrap();
+            let mut composed = composed_layer(&xin, &xd, &w, (a.as_tensor(), b.as_tensor()), s);
             if let Some(bv) = &bv {
                 composed = composed.broadcast_add(bv).unwrap();
             }
@@ -443,12 +447,7 @@ mod tests {
                 Some(m) => (&x * m).unwrap(),
                 None => x.clone(),
             };
-            let composed = (x.matmul(&w.t().unwrap()).unwrap()
-                + (xd.matmul(&a.t().unwrap()).unwrap() * s)
-                    .unwrap()
-                    .matmul(&b.t().unwrap())
-                    .unwrap())
-            .unwrap();
+            let composed = composed_layer(&x, &xd, &w, (a.as_tensor(), b.as_tensor()), s);
             assert!(max_diff(&fused, &composed) < 1e-5, "forward");
             let up = rand((n, out), 17);
             let gf = (&fused * &up).unwrap().sum_all().unwrap().backward().unwrap();

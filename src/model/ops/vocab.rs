@@ -29,7 +29,7 @@ struct VocabLogps {
 }
 
 impl VocabLogps {
-    /// The logits of rows `r0..r0 + rows.len() / h` into `logits`.
+    /// The logits of a block of rows [m, h] into `logits` [m, V].
     fn block_logits(&self, logits: &mut [f32], rows: &[f32], h: usize) -> Result<()> {
         let m = rows.len() / h.max(1);
         let v = logits.len() / m.max(1);
