@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 use super::cpu::{storage_f32 as f32_view, with_f32};
+use super::simd;
 
 /// Rows per rayon task: enough work per task to amortise scheduling.
 fn chunk_rows(row_len: usize) -> usize {
@@ -209,10 +210,6 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
 
 struct SiluMul;
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 impl CustomOp2 for SiluMul {
     fn name(&self) -> &'static str {
         "fused-silu-mul"
@@ -245,11 +242,7 @@ pub(super) fn silu_mul_into(y: &mut [f32], g: &[f32], u: &[f32]) {
     const C: usize = 16384;
     y.par_chunks_mut(C)
         .zip(g.par_chunks(C).zip(u.par_chunks(C)))
-        .for_each(|(yc, (gc, uc))| {
-            for ((o, &gv), &uv) in yc.iter_mut().zip(gc).zip(uc) {
-                *o = gv * sigmoid(gv) * uv;
-            }
-        });
+        .for_each(|(yc, (gc, uc))| simd::silu_mul(yc, gc, uc));
 }
 
 /// dg, du of y = silu(g) · u given dy.
@@ -260,14 +253,7 @@ pub(super) fn silu_mul_backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, 
     dg.par_chunks_mut(C)
         .zip(du.par_chunks_mut(C))
         .zip(g.par_chunks(C).zip(u.par_chunks(C)).zip(dy.par_chunks(C)))
-        .for_each(|((dgc, duc), ((gc, uc), dyc))| {
-            for i in 0..gc.len() {
-                let (gv, uv, d) = (gc[i], uc[i], dyc[i]);
-                let s = sigmoid(gv);
-                duc[i] = d * gv * s;
-                dgc[i] = d * uv * s * (1.0 + gv * (1.0 - s));
-            }
-        });
+        .for_each(|((dgc, duc), ((gc, uc), dyc))| simd::silu_mul_grad(dgc, duc, gc, uc, dyc));
     (dg, du)
 }
 
@@ -288,13 +274,7 @@ struct TokenLogps {
     labels: Vec<u32>,
 }
 
-pub(super) fn log_sum_exp(x: &[f32]) -> f32 {
-    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if !m.is_finite() {
-        return m;
-    }
-    m + x.iter().map(|v| (v - m).exp()).sum::<f32>().ln()
-}
+pub(super) use super::simd::log_sum_exp;
 
 impl CustomOp1 for TokenLogps {
     fn name(&self) -> &'static str {
@@ -324,10 +304,7 @@ impl TokenLogps {
         let mut dx = vec![0f32; n * v];
         dx.par_chunks_mut(v).enumerate().for_each(|(i, d)| {
             let row = &x[i * v..(i + 1) * v];
-            let lse = log_sum_exp(row);
-            for (o, &xv) in d.iter_mut().zip(row) {
-                *o = -g[i] * (xv - lse).exp();
-            }
+            simd::neg_softmax_grad(d, Some(row), log_sum_exp(row), g[i]);
             d[self.labels[i] as usize] += g[i];
         });
         dx
@@ -409,21 +386,7 @@ impl ScaledMaskedSoftmax {
     }
 }
 
-/// row = softmax(scale · row + mask) in place (`None`: nothing masked).
-pub(super) fn softmax_row(row: &mut [f32], mask: Option<&[f32]>, scale: f32) {
-    let mut max = f32::NEG_INFINITY;
-    for (j, o) in row.iter_mut().enumerate() {
-        *o = *o * scale + mask.map_or(0.0, |m| m[j]);
-        max = max.max(*o);
-    }
-    let mut sum = 0f32;
-    for o in row.iter_mut() {
-        *o = (*o - max).exp();
-        sum += *o;
-    }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|o| *o *= inv);
-}
+pub(super) use super::simd::softmax_row;
 
 /// softmax(scale · scores + mask) over the last dimension for scores [B, H, T, K] and a frozen
 /// additive mask [B or 1, H or 1, T, K], fused when both are f32 on the CPU.

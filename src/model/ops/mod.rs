@@ -11,6 +11,7 @@ pub mod frozen;
 pub mod fused;
 pub mod lora_op;
 pub mod matvec;
+pub mod simd;
 #[cfg(test)]
 mod testing;
 pub mod vocab;

@@ -79,10 +79,7 @@ impl CustomOp1 for VocabLogps {
                     block.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
                         let r = bi * BLOCK_ROWS + i;
                         let gi = g[r * 2];
-                        let lse = log_sum_exp(row);
-                        for o in row.iter_mut() {
-                            *o = -gi * (*o - lse).exp();
-                        }
+                        super::simd::neg_softmax_grad(row, None, log_sum_exp(row), gi);
                         row[self.labels[r] as usize] += gi;
                     });
                     with_f32(&self.weight, |w| {
