@@ -3,11 +3,6 @@
 //! The base model is loaded once. With an adapter slot switched on it is the policy; with all
 //! adapters off it is the frozen DPO reference.
 
-// Links the system OpenBLAS that `cblas_sgemm` resolves to (feature `blas`).
-#[cfg(feature = "blas")]
-#[link(name = "openblas")]
-extern "C" {}
-
 pub mod bench;
 pub mod cli;
 pub mod data;

@@ -1,8 +1,6 @@
 //! Shared pieces of the CPU kernels: f32 views of tensors and storages, and the `gemm` crate's
 //! product (the kernels candle's CPU matmul uses) called directly, so that a product can read
-//! strided operands and accumulate into an existing buffer. With the `blas` feature the
-//! multi-threaded products go to the system BLAS's `cblas_sgemm` instead (OpenBLAS), the
-//! single-threaded ones inside parallel loops stay on `gemm`.
+//! strided operands and accumulate into an existing buffer.
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
@@ -76,10 +74,6 @@ fn gemm_on(dst: &mut [f32], lhs: Mat, rhs: Mat, beta: f32, accumulate: bool, thr
         }
         return Ok(());
     }
-    #[cfg(feature = "blas")]
-    if threads > 1 && blas::sgemm(dst, lhs, rhs, beta, accumulate) {
-        return Ok(());
-    }
     let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -136,62 +130,4 @@ pub fn storage_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow
         Some((a, b)) => std::borrow::Cow::Borrowed(&v[a..b]),
         None => std::borrow::Cow::Owned(strided_offsets(l).into_iter().map(|i| v[i]).collect()),
     })
-}
-
-/// `cblas_sgemm` for the products whose operands it can read (one of each operand's strides 1).
-#[cfg(feature = "blas")]
-mod blas {
-    use super::Mat;
-    use cblas_sys::{cblas_sgemm, CBLAS_LAYOUT, CBLAS_TRANSPOSE};
-
-    /// How BLAS reads a row-major view: as stored or transposed, and its leading dimension.
-    fn layout(m: &Mat) -> Option<(CBLAS_TRANSPOSE, i32)> {
-        let (trans, ld) = if m.cs == 1 && (m.rows <= 1 || m.rs >= m.cols) {
-            (CBLAS_TRANSPOSE::CblasNoTrans, if m.rows <= 1 { m.cols } else { m.rs })
-        } else if m.rs == 1 && (m.cols <= 1 || m.cs >= m.rows) {
-            (CBLAS_TRANSPOSE::CblasTrans, if m.cols <= 1 { m.rows } else { m.cs })
-        } else {
-            return None;
-        };
-        Some((trans, i32::try_from(ld.max(1)).ok()?))
-    }
-
-    /// dst = (dst if accumulate) + beta·lhs·rhs through BLAS; false (nothing written) when BLAS
-    /// cannot read an operand or a dimension is beyond its 32-bit integers.
-    pub fn sgemm(dst: &mut [f32], lhs: Mat, rhs: Mat, beta: f32, accumulate: bool) -> bool {
-        let (Some((ta, lda)), Some((tb, ldb))) = (layout(&lhs), layout(&rhs)) else {
-            return false;
-        };
-        let dims = (
-            i32::try_from(lhs.rows),
-            i32::try_from(rhs.cols),
-            i32::try_from(lhs.cols),
-        );
-        let (Ok(m), Ok(n), Ok(k)) = dims else {
-            return false;
-        };
-        let keep = if accumulate { 1.0 } else { 0.0 };
-        // SAFETY: the caller checked that every element the views name lies inside their slices
-        // and that dst holds m·n elements; lda/ldb are the views' own strides (each at least the
-        // width BLAS reads), and dst is borrowed mutably, so it aliases neither operand.
-        unsafe {
-            cblas_sgemm(
-                CBLAS_LAYOUT::CblasRowMajor,
-                ta,
-                tb,
-                m,
-                n,
-                k,
-                beta,
-                lhs.data.as_ptr(),
-                lda,
-                rhs.data.as_ptr(),
-                ldb,
-                keep,
-                dst.as_mut_ptr(),
-                n.max(1),
-            );
-        }
-        true
-    }
 }
