@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{gemm_seq, storage_f32, with_f32, Mat};
-use super::fused::softmax_row;
+use super::simd::softmax_row;
 
 #[derive(Clone, Copy)]
 struct Dims {

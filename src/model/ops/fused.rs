@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 use super::cpu::{storage_f32 as f32_view, with_f32};
-use super::simd;
+use super::simd::{self, log_sum_exp, softmax_row};
 
 /// Rows per rayon task: enough work per task to amortise scheduling.
 fn chunk_rows(row_len: usize) -> usize {
@@ -274,8 +274,6 @@ struct TokenLogps {
     labels: Vec<u32>,
 }
 
-pub(super) use super::simd::log_sum_exp;
-
 impl CustomOp1 for TokenLogps {
     fn name(&self) -> &'static str {
         "fused-token-logps"
@@ -385,8 +383,6 @@ impl ScaledMaskedSoftmax {
         dx
     }
 }
-
-pub(super) use super::simd::softmax_row;
 
 /// softmax(scale · scores + mask) over the last dimension for scores [B, H, T, K] and a frozen
 /// additive mask [B or 1, H or 1, T, K], fused when both are f32 on the CPU.

@@ -17,7 +17,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{gemm_into, storage_f32, with_f32, Mat};
-use super::fused::log_sum_exp;
+use super::simd::{log_sum_exp, neg_softmax_grad};
 
 /// Rows whose logits exist at once: as many as fit in 128 MiB, within [64, 1024] (217 rows of
 /// a 152k vocabulary, 1024 of a 16k one). Products of fewer rows run well below the GEMM's
@@ -30,8 +30,6 @@ struct VocabLogps {
     /// [V, H], f32, contiguous.
     weight: Tensor,
     labels: Vec<u32>,
-    /// [`block_rows`] of the vocabulary.
-    block: usize,
 }
 
 impl VocabLogps {
@@ -54,9 +52,10 @@ impl CustomOp1 for VocabLogps {
         let x = storage_f32(s, l)?;
         let (n, h) = l.shape().dims2()?;
         let v = self.weight.dim(0)?;
+        let per = block_rows(v);
         let mut out = vec![0f32; n * 2];
-        let mut logits = vec![0f32; self.block.min(n) * v];
-        for (bi, (rows, o)) in x.chunks(self.block * h).zip(out.chunks_mut(self.block * 2)).enumerate() {
+        let mut logits = vec![0f32; per.min(n) * v];
+        for (bi, (rows, o)) in x.chunks(per * h).zip(out.chunks_mut(per * 2)).enumerate() {
             let m = rows.len() / h;
             let block = &mut logits[..m * v];
             self.block_logits(block, rows, h)?;
@@ -64,7 +63,7 @@ impl CustomOp1 for VocabLogps {
                 .zip(block.par_chunks(v))
                 .enumerate()
                 .for_each(|(i, (o, row))| {
-                    o[0] = row[self.labels[bi * self.block + i] as usize] - log_sum_exp(row);
+                    o[0] = row[self.labels[bi * per + i] as usize] - log_sum_exp(row);
                     o[1] = row.iter().sum();
                 });
         }
@@ -77,15 +76,16 @@ impl CustomOp1 for VocabLogps {
         let dx = with_f32(arg, |x| {
             with_f32(grad, |g| {
                 let mut dx = vec![0f32; n * h];
-                let mut logits = vec![0f32; self.block.min(n) * v];
-                for (bi, (rows, d)) in x.chunks(self.block * h).zip(dx.chunks_mut(self.block * h)).enumerate() {
+                let per = block_rows(v);
+                let mut logits = vec![0f32; per.min(n) * v];
+                for (bi, (rows, d)) in x.chunks(per * h).zip(dx.chunks_mut(per * h)).enumerate() {
                     let m = rows.len() / h;
                     let block = &mut logits[..m * v];
                     self.block_logits(block, rows, h)?;
                     block.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
-                        let r = bi * self.block + i;
+                        let r = bi * per + i;
                         let gi = g[r * 2];
-                        super::simd::neg_softmax_grad(row, None, log_sum_exp(row), gi);
+                        neg_softmax_grad(row, None, log_sum_exp(row), gi);
                         row[self.labels[r] as usize] += gi;
                     });
                     with_f32(&self.weight, |w| {
@@ -125,7 +125,6 @@ pub fn vocab_logps(rows: &Tensor, weight: &Tensor, labels: &Tensor) -> Result<Op
     let op = VocabLogps {
         weight: weight.contiguous()?,
         labels,
-        block: block_rows(v),
     };
     Ok(Some(rows.contiguous()?.apply_op1(op)?))
 }
