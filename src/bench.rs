@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::lora::config::{LoraConfig, TargetModules};
 use crate::lora::{attach_new, LoraInit};
 use crate::model::linear::Fwd;
+use crate::model::ops::cpu::{take_product_stats, ProductStats};
 use crate::model::{LoadOptions, Model};
 use crate::recipe::DpoOptions;
 use crate::rng::Rng;
@@ -219,16 +220,18 @@ pub struct BenchResult {
     /// (prompt once per pair) and per layer: what the step keeps for its backward pass, plus
     /// logits, gradients and optimizer state.
     pub activation_bytes_per_token_layer: f64,
+    /// The f32 matrix products of the median step, timed where they run (CPU).
+    pub products: ProductStats,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-/// Median seconds of a training step (the trainer's own step, one micro-batch of all pairs)
-/// and the real tokens it scores.
-fn measure(run: &DpoRun, pairs: &[PairIds], refs: Option<&[[f32; 2]]>, a: &BenchArgs) -> Result<(f64, usize)> {
+/// Median seconds of a training step (the trainer's own step, one micro-batch of all pairs),
+/// the real tokens it scores, and the time its matrix products took (of the median step).
+fn measure(
+    run: &DpoRun,
+    pairs: &[PairIds],
+    refs: Option<&[[f32; 2]]>,
+    a: &BenchArgs,
+) -> Result<(f64, usize, ProductStats)> {
     let adapter = run
         .adapter
         .as_ref()
@@ -249,16 +252,19 @@ fn measure(run: &DpoRun, pairs: &[PairIds], refs: Option<&[[f32; 2]]>, a: &Bench
             refs: refs.map(<[_]>::to_vec),
             dropout_seed: i as u64,
         };
+        take_product_stats();
         let t = Instant::now();
         let n = match updater.step(run, std::slice::from_ref(&micro), 1e-4, &mut state)? {
             StepOutcome::Updated { tokens, .. } | StepOutcome::Skipped { tokens } => tokens,
         };
         if i >= a.warmup {
-            times.push(t.elapsed().as_secs_f64());
+            times.push((t.elapsed().as_secs_f64(), take_product_stats()));
         }
         tokens = n;
     }
-    Ok((median(times), tokens))
+    times.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let (step_s, products) = times[times.len() / 2];
+    Ok((step_s, tokens, products))
 }
 
 /// A measured variant: its name, FLOPs per parameter and token, and precomputed reference log-probs.
@@ -433,7 +439,7 @@ fn measure_training(
     };
     let mut results = Vec::new();
     for (name, flops_per_param, refs) in variants {
-        let (step_s, tokens) = measure(run, pairs, refs.as_deref(), a)?;
+        let (step_s, tokens, products) = measure(run, pairs, refs.as_deref(), a)?;
         let tps = tokens as f64 / step_s;
         let model_flops = flops_per_param * params as f64 * tps;
         let needed = needed_flops(&run.model.cfg, pairs, 8, refs.is_none()) / step_s;
@@ -460,6 +466,7 @@ fn measure_training(
             needed_flops_per_s: needed,
             needed_fraction_of_peak: needed / reference,
             activation_bytes_per_token_layer: (peak_rss - loaded_rss_mib) * 1048576.0 / per_token_layer,
+            products,
         });
     }
     Ok(results)
@@ -521,6 +528,32 @@ fn print_training(results: &[BenchResult]) {
             r.activation_bytes_per_token_layer
         );
     }
+    for r in results {
+        print_products(r);
+    }
+}
+
+/// Where the median step's time went in matrix products.
+fn print_products(r: &BenchResult) {
+    let p = &r.products;
+    if p.threaded_flops + p.per_thread_flops == 0.0 {
+        return;
+    }
+    let rate = |f: f64, s: f64| f / s.max(1e-12) / 1e9;
+    println!(
+        "{}: products on all threads {:.1} GFLOP in {:.3} s ({:.1} GFLOP/s, {:.0}% of the step), of them rank ≤ 16 {:.1} GFLOP in {:.3} s ({:.1} GFLOP/s); per-head products {:.1} GFLOP in {:.3} thread-s ({:.1} GFLOP/s per thread)",
+        r.variant,
+        p.threaded_flops / 1e9,
+        p.threaded_s,
+        rate(p.threaded_flops, p.threaded_s),
+        100.0 * p.threaded_s / r.median_step_s,
+        p.skinny_flops / 1e9,
+        p.skinny_s,
+        rate(p.skinny_flops, p.skinny_s),
+        p.per_thread_flops / 1e9,
+        p.per_thread_s,
+        rate(p.per_thread_flops, p.per_thread_s)
+    );
 }
 
 fn print_decode_merge(decode: Option<&DecodeResult>, merge: Option<&MergeResult>) {

@@ -2,6 +2,8 @@
 //! product (the kernels candle's CPU matmul uses) called directly, so that a product can read
 //! strided operands and accumulate into an existing buffer.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
 use super::frozen::strided_offsets;
@@ -56,7 +58,53 @@ pub fn gemm_seq(dst: &mut [f32], lhs: Mat, rhs: Mat, beta: f32, accumulate: bool
     gemm_on(dst, lhs, rhs, beta, accumulate, 1)
 }
 
+/// Seconds and FLOPs of the products since the last [`take_product_stats`]: those on every
+/// thread (of them, those with a side of at most 16, the rank-r products of LoRA, again
+/// apart) and those on one thread inside a parallel loop (attention's per-head products),
+/// whose seconds add up over the threads.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct ProductStats {
+    pub threaded_s: f64,
+    pub threaded_flops: f64,
+    pub skinny_s: f64,
+    pub skinny_flops: f64,
+    pub per_thread_s: f64,
+    pub per_thread_flops: f64,
+}
+
+/// Nanoseconds and FLOPs, in [`ProductStats`]' order.
+static COUNTERS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
+
+/// The products' time and FLOPs since the last call, and starts counting again.
+pub fn take_product_stats() -> ProductStats {
+    let v: Vec<f64> = COUNTERS.iter().map(|c| c.swap(0, Ordering::Relaxed) as f64).collect();
+    ProductStats {
+        threaded_s: v[0] / 1e9,
+        threaded_flops: v[1],
+        skinny_s: v[2] / 1e9,
+        skinny_flops: v[3],
+        per_thread_s: v[4] / 1e9,
+        per_thread_flops: v[5],
+    }
+}
+
 fn gemm_on(dst: &mut [f32], lhs: Mat, rhs: Mat, beta: f32, accumulate: bool, threads: usize) -> Result<()> {
+    let start = std::time::Instant::now();
+    let out = gemm_uncounted(dst, lhs, rhs, beta, accumulate, threads);
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    let kind = if threads == 1 { 4 } else { 0 };
+    let ns = start.elapsed().as_nanos() as u64;
+    let flops = 2 * (m * k * n) as u64;
+    COUNTERS[kind].fetch_add(ns, Ordering::Relaxed);
+    COUNTERS[kind + 1].fetch_add(flops, Ordering::Relaxed);
+    if threads > 1 && m.min(k).min(n) <= 16 {
+        COUNTERS[2].fetch_add(ns, Ordering::Relaxed);
+        COUNTERS[3].fetch_add(flops, Ordering::Relaxed);
+    }
+    out
+}
+
+fn gemm_uncounted(dst: &mut [f32], lhs: Mat, rhs: Mat, beta: f32, accumulate: bool, threads: usize) -> Result<()> {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     if rhs.rows != k || dst.len() != m * n || !lhs.fits() || !rhs.fits() {
         candle_core::bail!(
